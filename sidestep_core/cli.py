@@ -1,0 +1,61 @@
+"""``sidestep`` command line: one subcommand per module in ``sidestep_core.commands``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Optional, Sequence
+
+from . import __version__
+
+# Subcommand name -> module in sidestep_core.commands exposing register(subparsers) and run(args) -> int.
+COMMANDS = {
+    "demo": "demo",
+    "make-tiny-checkpoint": "make_tiny",
+    "preprocess": "preprocess",
+    "train": "train",
+    "estimate": "estimate",
+    "export": "export",
+    "presets": "presets",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sidestep",
+        description="Train and apply ACE-Step 1.5 adapters (LoRA, DoRA, LoKR, LoHA, OFT).",
+    )
+    parser.add_argument("--version", action="version", version=f"sidestep {__version__}")
+    parser.add_argument("--plain", action="store_true", help="plain log lines instead of progress bars")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module in COMMANDS.items():
+        try:
+            mod = importlib.import_module(f"sidestep_core.commands.{module}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"sidestep_core.commands.{module}":
+                raise
+            continue  # subcommand not built yet
+        p = mod.register(sub, name)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except ValueError as exc:  # user-facing errors: bad files, bad settings
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Attention kernel dispatch: PyTorch SDPA by default, flash-attn when installed and usable.
+
+Masks are only built where they change the result: the bidirectional band of sliding layers when the
+sequence is longer than the window, and key padding in the lyric encoder. The DiT itself never masks
+padding (the pretrained model was trained without it).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+@functools.lru_cache(maxsize=1)
+def _flash_attn_func():
+    if os.environ.get("SIDESTEP_DISABLE_FLASH_ATTN"):
+        return None
+    try:
+        from flash_attn import flash_attn_func  # type: ignore
+    except Exception:  # not installed, or built for another torch/CUDA
+        return None
+    return flash_attn_func
+
+
+@functools.lru_cache(maxsize=64)
+def _band_cached(length: int, window: int, device: torch.device, inference: bool) -> torch.Tensor:
+    idx = torch.arange(length, device=device)
+    return (idx[:, None] - idx[None, :]).abs() <= window
+
+
+def _band(length: int, window: int, device: torch.device) -> torch.Tensor:
+    # Keyed by inference mode: a mask made under inference_mode cannot be saved for a later backward.
+    return _band_cached(length, window, device, torch.is_inference_mode_enabled())
+
+
+def _can_use_flash(q: torch.Tensor, key_padding: Optional[torch.Tensor]) -> bool:
+    return (
+        key_padding is None
+        and q.is_cuda
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and q.shape[-1] <= 256
+        and _flash_attn_func() is not None
+    )
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: Optional[int] = None,
+    key_padding: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """q: [B, H, Tq, D]; k, v: [B, Hkv, Tk, D] (Hkv divides H). Returns [B, H, Tq, D].
+
+    ``window``: keep only |i − j| ≤ window (self-attention only). ``key_padding``: [B, Tk], true = real token.
+    """
+    tq, tk = q.shape[2], k.shape[2]
+    use_band = window is not None and max(tq, tk) - 1 > window
+    if _can_use_flash(q, key_padding):
+        w = (window, window) if use_band else (-1, -1)
+        out = _flash_attn_func()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), window_size=w)
+        return out.transpose(1, 2)
+
+    mask = None
+    if use_band:
+        mask = _band(tq, window, q.device)[None, None]
+    if key_padding is not None:
+        pad = key_padding.bool()[:, None, None, :]
+        mask = pad if mask is None else mask & pad
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])

@@ -1,0 +1,111 @@
+"""The flow-matching DiT (``decoder`` in the checkpoint)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import AceStepConfig
+from .layers import Attention, RMSNorm, Rotary, SwiGLU, TimestepEmbedding
+
+
+class PatchIn(nn.Sequential):
+    """[B, T, C] → [B, T/p, H]. The Conv1d sits at index 1, where upstream's Sequential(Lambda, Conv, Lambda) keeps it."""
+
+    def __init__(self, cin: int, cout: int, patch: int):
+        super().__init__(nn.Identity(), nn.Conv1d(cin, cout, kernel_size=patch, stride=patch))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self[1](x.transpose(1, 2)).transpose(1, 2)
+
+
+class PatchOut(nn.Sequential):
+    """[B, T/p, H] → [B, T, C] through a ConvTranspose1d at index 1."""
+
+    def __init__(self, cin: int, cout: int, patch: int):
+        super().__init__(nn.Identity(), nn.ConvTranspose1d(cin, cout, kernel_size=patch, stride=patch))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self[1](x.transpose(1, 2)).transpose(1, 2)
+
+
+class DiTLayer(nn.Module):
+    """adaLN-single layer: modulated self-attn, plain cross-attn (no modulation or gate), modulated SwiGLU."""
+
+    def __init__(self, config: AceStepConfig, layer_idx: int):
+        super().__init__()
+        h = config.hidden_size
+        self.self_attn_norm = RMSNorm(h, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.cross_attn_norm = RMSNorm(h, config.rms_norm_eps)
+        self.cross_attn = Attention(config, layer_idx, cross=True)
+        self.mlp_norm = RMSNorm(h, config.rms_norm_eps)
+        self.mlp = SwiGLU(h, config.intermediate_size)
+        self.scale_shift_table = nn.Parameter(torch.zeros(1, 6, h))
+
+    def forward(self, x, rope, modulation, context):
+        shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table + modulation).chunk(6, dim=1)
+        h = (self.self_attn_norm(x) * (1 + scale) + shift).type_as(x)
+        x = (x + self.self_attn(h, rope=rope) * gate).type_as(x)
+        x = x + self.cross_attn(self.cross_attn_norm(x).type_as(x), context=context)
+        h = (self.mlp_norm(x) * (1 + c_scale) + c_shift).type_as(x)
+        return (x + self.mlp(h) * c_gate).type_as(x)
+
+
+class AceStepDiT(nn.Module):
+    def __init__(self, config: AceStepConfig):
+        super().__init__()
+        self.config = config
+        h = config.hidden_size
+        self.patch_size = config.patch_size
+        self.rotary = Rotary(config.head_dim, config.rope_theta)
+        self.layers = nn.ModuleList(DiTLayer(config, i) for i in range(config.num_hidden_layers))
+        self.proj_in = PatchIn(config.in_channels, h, config.patch_size)
+        self.time_embed = TimestepEmbedding(h)
+        self.time_embed_r = TimestepEmbedding(h)
+        self.condition_embedder = nn.Linear(config.enc_hidden, h)
+        self.norm_out = RMSNorm(h, config.rms_norm_eps)
+        self.proj_out = PatchOut(h, config.audio_acoustic_hidden_dim, config.patch_size)
+        self.scale_shift_table = nn.Parameter(torch.zeros(1, 2, h))
+        # Fraction of layers run under activation checkpointing while training (0 = off).
+        self.checkpoint_ratio = 0.0
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        timestep_r: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        context_latents: torch.Tensor,
+    ) -> torch.Tensor:
+        """x_t [B,T,64], t [B], r [B], condition states [B,L,Henc], context [B,T,128] → velocity [B,T,64]."""
+        param_dtype = self.time_embed.linear_1.weight.dtype
+        if not torch.is_autocast_enabled(timestep.device.type) and timestep.dtype != param_dtype:
+            timestep, timestep_r = timestep.to(param_dtype), timestep_r.to(param_dtype)
+        temb_t, mod_t = self.time_embed(timestep)
+        temb_r, mod_r = self.time_embed_r(timestep - timestep_r)
+        temb, modulation = temb_t + temb_r, mod_t + mod_r
+
+        x = torch.cat([context_latents, hidden_states], dim=-1)
+        length = x.shape[1]
+        pad = (-length) % self.patch_size
+        if pad:
+            x = F.pad(x, (0, 0, 0, pad))
+        x = self.proj_in(x)
+        context = self.condition_embedder(encoder_hidden_states)
+        rope = self.rotary(x.shape[1], x)
+
+        n_ckpt = round(self.checkpoint_ratio * len(self.layers)) if self.training and torch.is_grad_enabled() else 0
+        for i, layer in enumerate(self.layers):
+            if i < n_ckpt:
+                x = checkpoint(layer, x, rope, modulation, context, use_reentrant=False)
+            else:
+                x = layer(x, rope, modulation, context)
+
+        shift, scale = (self.scale_shift_table + temb[:, None, :]).chunk(2, dim=1)
+        x = (self.norm_out(x) * (1 + scale) + shift).type_as(x)
+        return self.proj_out(x)[:, :length]

@@ -1,0 +1,88 @@
+"""Architectures of the tiny checkpoints.
+
+``tiny`` builds and runs in seconds on CPU. ``comfyui-min`` is the smallest DiT that ComfyUI's own ACE-Step 1.5
+implementation loads: ComfyUI fixes head_dim 128, 8 KV heads, an encoder 2048 wide with 8 lyric / 4 timbre layers,
+a 1024-wide text input and 6144-wide tokenizer/detokenizer MLPs, so only the decoder and the encoder MLP shrink.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..model.config import AceStepConfig
+
+PROFILES = ("tiny", "comfyui-min")
+
+
+@dataclass(frozen=True)
+class TextEncoderShape:
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+
+
+@dataclass(frozen=True)
+class VaeShape:
+    # diffusers Oobleck ties the first conv's width to 2 × latent channels, so encoder_hidden_size stays 128.
+    encoder_hidden_size: int
+    decoder_channels: int
+    channel_multiples: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Profile:
+    dit: AceStepConfig
+    text_encoder: TextEncoderShape
+    vae: VaeShape
+    vocab_size: int  # BPE vocabulary of the tiny tokenizer (special tokens included)
+
+
+def get_profile(name: str) -> Profile:
+    if name == "tiny":
+        dit = AceStepConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            sliding_window=8,
+            text_hidden_dim=32,
+            num_lyric_encoder_hidden_layers=2,
+            num_timbre_encoder_hidden_layers=2,
+            num_attention_pooler_hidden_layers=1,
+            fsq_dim=64,
+            is_turbo=True,
+            model_version="turbo",
+        )
+        te = TextEncoderShape(32, 2, 4, 2, 8, 64)
+        return Profile(dit, te, VaeShape(128, 8, (1, 1, 1, 1, 1)), vocab_size=512)
+    if name == "comfyui-min":
+        dit = AceStepConfig(
+            hidden_size=256,
+            intermediate_size=512,
+            num_hidden_layers=2,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+            head_dim=128,
+            text_hidden_dim=1024,
+            num_lyric_encoder_hidden_layers=8,
+            num_timbre_encoder_hidden_layers=4,
+            num_attention_pooler_hidden_layers=2,
+            fsq_dim=2048,
+            encoder_hidden_size=2048,
+            encoder_intermediate_size=256,
+            encoder_num_attention_heads=8,
+            encoder_num_key_value_heads=8,
+            tokenizer_intermediate_size=6144,
+            tokenizer_num_attention_heads=16,
+            is_turbo=True,
+            model_version="turbo",
+        )
+        te = TextEncoderShape(1024, 2, 8, 4, 128, 256)
+        # ComfyUI builds the VAE from fixed sizes, so this one is the full-size Oobleck.
+        return Profile(dit, te, VaeShape(128, 128, (1, 2, 4, 8, 16)), vocab_size=1024)
+    raise ValueError(f"unknown profile {name!r}; choose one of {', '.join(PROFILES)}")

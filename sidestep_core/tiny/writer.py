@@ -1,0 +1,132 @@
+"""Write a tiny ACE-Step 1.5 checkpoint in one of the real on-disk layouts.
+
+* ``original``: ``acestep-v15-turbo/{config.json, model.safetensors, silence_latent.pt}``, ``vae/`` (diffusers),
+  ``Qwen3-Embedding-0.6B/`` (transformers + tokenizer.json) — the folder tree upstream downloads.
+* ``comfyui-split``: ``models/diffusion_models/acestep_v1.5_turbo.safetensors``,
+  ``models/text_encoders/qwen_0.6b_ace15.safetensors``, ``models/vae/ace_1.5_vae.safetensors``.
+* ``comfyui-aio``: ``models/checkpoints/ace_step_1.5_turbo_aio.safetensors`` holding ``model.diffusion_model.*``,
+  ``text_encoders.qwen3_06b.*`` and ``vae.*``.
+
+ComfyUI files carry no tokenizer; the original text-encoder folder (with tokenizer.json) is written beside them
+under ``tokenizer/`` so headless tools can find one. Every layout is built from the same seeded tensors.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import save_file
+
+from ..model.model import AceStepModel
+from .components import build_vae, write_text_encoder_folder, write_vae_folder
+from .profiles import Profile, get_profile
+from .weights import bf16_exact, seeded_state_dict
+
+LAYOUTS = ("original", "comfyui-split", "comfyui-aio")
+DIT_FOLDER = "acestep-v15-turbo"
+TEXT_FOLDER = "Qwen3-Embedding-0.6B"
+COMFY_DIT = "acestep_v1.5_turbo.safetensors"
+COMFY_TE = "qwen_0.6b_ace15.safetensors"
+COMFY_VAE = "ace_1.5_vae.safetensors"
+COMFY_AIO = "ace_step_1.5_turbo_aio.safetensors"
+AIO_TE_PREFIX = "text_encoders.qwen3_06b."
+
+
+@dataclass
+class TinyCheckpoint:
+    """Where the parts of a written tiny checkpoint are."""
+
+    root: Path
+    layout: str
+    dit: Path  # folder (original) or file (ComfyUI layouts)
+    vae: Path
+    text_encoder: Path
+    tokenizer_dir: Path  # a folder holding tokenizer.json
+
+
+def dit_state(profile: Profile, seed: int) -> dict[str, torch.Tensor]:
+    with torch.device("meta"):
+        model = AceStepModel(profile.dit)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return bf16_exact(seeded_state_dict(seed, shapes, transposed=("proj_out.1.weight",)))
+
+
+def _bf16(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.to(torch.bfloat16).contiguous() for k, v in state.items()}
+
+
+def make_tiny_checkpoint(
+    out: str | Path, layout: str = "original", profile: str = "tiny", seed: int = 0
+) -> TinyCheckpoint:
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    prof = get_profile(profile)
+    root = Path(out).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    dit = dit_state(prof, seed)
+    config = prof.dit.to_dict()
+    text_dir = root / TEXT_FOLDER if layout == "original" else root / "tokenizer"
+
+    if layout == "original":
+        dit_dir = root / DIT_FOLDER
+        dit_dir.mkdir(exist_ok=True)
+        (dit_dir / "config.json").write_text(json.dumps(config, indent=2))
+        save_file(_bf16(dit), str(dit_dir / "model.safetensors"), metadata={"format": "pt"})
+        write_text_encoder_folder(text_dir, prof, seed)
+        vae = build_vae(prof, seed)
+        write_vae_folder(root / "vae", vae)
+        from ..vae import silence_latent_from_vae
+
+        silence = silence_latent_from_vae(vae)  # [1, T, 64]
+        torch.save(silence.transpose(1, 2).contiguous().float(), dit_dir / "silence_latent.pt")
+        return TinyCheckpoint(root, layout, dit_dir, root / "vae", text_dir, text_dir)
+
+    from ..text.encoder import qwen_state_dict_to_comfy
+    from ..vae import vae_state_dict_to_comfy
+
+    te_state = write_text_encoder_folder(text_dir, prof, seed)
+    vae = build_vae(prof, seed)
+    vae_comfy = vae_state_dict_to_comfy({k: v.detach() for k, v in vae.state_dict().items()})
+    te_comfy = qwen_state_dict_to_comfy(te_state)
+    meta = {"config": json.dumps(config)}
+    models = root / "models"
+    if layout == "comfyui-split":
+        paths = {
+            "dit": models / "diffusion_models" / COMFY_DIT,
+            "te": models / "text_encoders" / COMFY_TE,
+            "vae": models / "vae" / COMFY_VAE,
+        }
+        for p in paths.values():
+            p.parent.mkdir(parents=True, exist_ok=True)
+        save_file(_bf16(dit), str(paths["dit"]), metadata=meta)
+        save_file(_bf16(te_comfy), str(paths["te"]))
+        save_file(_bf16(vae_comfy), str(paths["vae"]))
+        return TinyCheckpoint(root, layout, paths["dit"], paths["vae"], paths["te"], text_dir)
+
+    aio = models / "checkpoints" / COMFY_AIO
+    aio.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.diffusion_model.{k}": v for k, v in dit.items()}
+    tensors.update({AIO_TE_PREFIX + k: v for k, v in te_comfy.items()})
+    tensors.update({f"vae.{k}": v for k, v in vae_comfy.items()})
+    save_file(_bf16(tensors), str(aio), metadata=meta)
+    return TinyCheckpoint(root, layout, aio, aio, aio, text_dir)
+
+
+def describe(ckpt: TinyCheckpoint) -> str:
+    return (
+        f"layout {ckpt.layout} at {ckpt.root}\n  DiT: {ckpt.dit}\n  VAE: {ckpt.vae}\n"
+        f"  text encoder: {ckpt.text_encoder}\n  tokenizer: {ckpt.tokenizer_dir}"
+    )
+
+
+def default_demo_checkpoint(cache_dir: Optional[Path] = None) -> TinyCheckpoint:
+    """The embedded default model of ``sidestep demo``: written once, reused afterwards."""
+    root = (cache_dir or Path.home() / ".cache" / "sidestep") / "tiny-original-seed0"
+    dit_dir = root / DIT_FOLDER
+    if (dit_dir / "model.safetensors").is_file() and (root / "vae" / "config.json").is_file():
+        return TinyCheckpoint(root, "original", dit_dir, root / "vae", root / TEXT_FOLDER, root / TEXT_FOLDER)
+    return make_tiny_checkpoint(root, "original", "tiny", 0)
