@@ -111,7 +111,9 @@ class AceStepConfig:
         )
 
     def window_for(self, layer_idx: int) -> Optional[int]:
-        if self.use_sliding_window and self.layer_types[layer_idx] == SLIDING:
+        """Encoders index the DiT's layer_types by their own layer index; past its end the default rule holds."""
+        types = self.layer_types if layer_idx < len(self.layer_types) else default_layer_types(layer_idx + 1)
+        if self.use_sliding_window and types[layer_idx] == SLIDING:
             return self.sliding_window
         return None
 
