@@ -10,9 +10,11 @@ from .layers import EncoderStack
 
 
 class FSQ(nn.Module):
-    """Finite scalar quantisation with one residual stage, projected to and from ``len(levels)`` dims.
+    """Finite scalar quantisation, one residual stage, projected to and from ``len(levels)`` dims.
 
-    Parameter names follow the released checkpoints (``project_in``/``project_out``).
+    Matches the quantiser upstream runs (vector-quantize-pytorch ≥ 1.27, which upstream requires): the projected
+    input is soft-clamped to ±(1 + 1/(L−1)) with tanh, hard-clamped to [−1, 1] and mapped onto the L symmetric
+    levels ``2·k/(L−1) − 1``. Parameter names follow the released checkpoints (``project_in``/``project_out``).
     """
 
     def __init__(self, dim: int, levels: list[int], num_quantizers: int = 1):
@@ -25,26 +27,28 @@ class FSQ(nn.Module):
         self.register_buffer("levels", lv, persistent=False)
         self.register_buffer("basis", torch.cumprod(torch.cat([lv.new_ones(1), lv[:-1]]), 0), persistent=False)
 
-    def _codes(self, z: torch.Tensor) -> torch.Tensor:
-        levels = self.levels.to(z.device).float()
-        half_l = (levels - 1) * (1 + 1e-3) / 2
-        offset = torch.where(self.levels.to(z.device) % 2 == 0, 0.5, 0.0)
-        bounded = torch.tanh(z + torch.atanh(offset / half_l)) * half_l - offset
-        rounded = bounded + (bounded.round() - bounded).detach()  # straight-through estimator
-        return rounded / (self.levels.to(z.device) // 2)
+    def _level_indices(self, z: torch.Tensor) -> torch.Tensor:
+        """Continuous z → level index k in [0, L−1], with straight-through gradients."""
+        steps = (self.levels.to(z.device) - 1).float()
+        clamp = 1 + 1 / steps
+        z = torch.tanh(z / clamp) * clamp
+        bracket = steps * (z.clamp(-1.0, 1.0) + 1) / 2 + 0.5
+        return bracket + (bracket.floor() - bracket).detach()
+
+    def _codes(self, k: torch.Tensor) -> torch.Tensor:
+        return k * (2.0 / (self.levels.to(k.device) - 1).float()) - 1.0
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        codes = self._codes(self.project_in(x).float())
-        half = self.levels.to(x.device) // 2
-        indices = ((codes * half + half).round().long() * self.basis.to(x.device)).sum(-1, keepdim=True)
-        return self.project_out(codes.to(x.dtype)), indices
+        z = self.project_in(x)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            k = self._level_indices(z.float())
+        indices = (k * self.basis.to(x.device)).sum(-1, keepdim=True).round().to(torch.int32)
+        return self.project_out(self._codes(k).to(x.dtype)), indices
 
     def from_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """Codebook indices [..., 1] → projected codes [..., dim]."""
-        half = self.levels.to(indices.device) // 2
-        digits = (indices // self.basis.to(indices.device)) % self.levels.to(indices.device)
-        codes = (digits - half).float() / half
-        return self.project_out(codes.to(self.project_out.weight.dtype))
+        k = (indices.long() // self.basis.to(indices.device)) % self.levels.to(indices.device)
+        return self.project_out(self._codes(k.float()).to(self.project_out.weight.dtype))
 
 
 class AttentionPooler(EncoderStack):
