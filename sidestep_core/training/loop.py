@@ -1,0 +1,615 @@
+"""The training loop: ``train(config, …) -> TrainResult``.
+
+Setup: load only the decoder and ``null_condition_emb`` (conditions come from the cache), freeze it in the chosen
+precision, add the adapter (fp32), build optimizer and schedule, resume if asked, print a plan from a measured
+warm-up, then train. Randomness per micro-batch (t, CFG drop, noise) comes from a generator seeded with
+(seed, rank, step, micro-batch) and the data order from (seed, epoch), so a resumed run repeats the uninterrupted
+one; the global RNG (adapter dropout) is saved and restored with every checkpoint.
+
+Multi-GPU: ``accelerate launch -m sidestep_core train …``; each rank trains on its share of every epoch's
+batches, DDP averages the gradients, and only rank 0 writes files, logs and reports progress.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..config import TrainConfig
+from ..fsutil import atomic_write_json
+from . import state as st
+from .adapters import Adapter, AdapterMismatchError, inject_adapter, load_adapter_weights, metadata_json
+from .data import FRAMES_PER_SECOND, LatentDataset, load_batch, open_dataset, plan_epoch, split_validation, \
+    validation_items
+from .logs import CsvLog, LossSmoother, Speed, TensorBoard
+from .objective import Objective
+from .optim import build_optimizer, build_scheduler, effective_warmup
+
+log = logging.getLogger("sidestep.train")
+
+Progress = Callable[[dict], None]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Optimizer-state bytes per trainable parameter, for the memory estimate (fp32 master weights + grads are extra).
+OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "adafactor": 1, "prodigy": 16}
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped because the loss (or the gradient norm) became NaN or infinite."""
+
+
+@dataclass
+class TrainResult:
+    status: str  # "complete" or "stopped"
+    step: int
+    total_steps: int
+    out_dir: Path
+    final_dir: Optional[Path]
+    checkpoint: Optional[Path]
+    loss: Optional[float] = None
+    smoothed_loss: Optional[float] = None
+    val_loss: Optional[float] = None
+    losses: list[float] = field(default_factory=list)  # per optimizer step, this run only
+    interrupted: bool = False  # stopped by KeyboardInterrupt rather than a stop request
+    is_main: bool = True  # False on the other ranks of a multi-process run (they write nothing)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# processes
+# ----------------------------------------------------------------------------------------------------------
+
+
+class Dist:
+    """Single process (plain torch) or data parallel through accelerate when launched with several processes."""
+
+    def __init__(self, device: str):
+        self.acc = None
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from accelerate import Accelerator
+
+            self.acc = Accelerator(cpu=device == "cpu")
+            self.device, self.rank, self.world = self.acc.device, self.acc.process_index, self.acc.num_processes
+        else:
+            self.rank, self.world = 0, 1
+            if device == "auto":
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+            self.device = torch.device(device)
+            if self.device.type == "cuda" and self.device.index is None:
+                self.device = torch.device("cuda", torch.cuda.current_device())
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
+        return self.acc.prepare_model(module) if self.acc else module
+
+    def no_sync(self, module):
+        return self.acc.no_sync(module) if self.acc else contextlib.nullcontext()
+
+    def mean(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.acc:
+            return x
+        return self.acc.reduce(x.to(self.device), reduction="mean")
+
+    def any(self, flag: bool) -> bool:
+        if not self.acc:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        return bool(self.acc.reduce(t, reduction="sum").item() > 0)
+
+    def gather(self, obj: Any) -> list:
+        if not self.acc:
+            return [obj]
+        out: list = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.acc:
+            self.acc.wait_for_everyone()
+
+
+def _seed_for(*key: int) -> int:
+    return int(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in key]).generate_state(1, dtype=np.uint64)[0]
+               & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+def _seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# train
+# ----------------------------------------------------------------------------------------------------------
+
+
+def train(
+    config: TrainConfig,
+    checkpoint_path: Optional[str | Path] = None,
+    dataset_path: Optional[str | Path] = None,
+    out_dir: Optional[str | Path] = None,
+    progress: Optional[Progress] = None,
+    should_stop: Optional[Callable[[], bool]] = None,
+) -> TrainResult:
+    """Train an adapter; see the module docstring. Path arguments override the config's run fields.
+
+    ``progress(event)`` receives dicts with ``event`` in plan | step | validation | checkpoint | log | done (rank 0
+    only). ``should_stop()`` is polled after every optimizer step; returning True saves a checkpoint and the current
+    adapter (``final/``) and returns a result with ``status == "stopped"``. Raises ``ValueError`` for bad settings or
+    files, ``NonFiniteLossError`` when the loss diverges (nothing is saved then; earlier checkpoints stay).
+    """
+    overrides = {k: str(v) for k, v in (("checkpoint", checkpoint_path), ("dataset", dataset_path),
+                                          ("out", out_dir)) if v is not None}
+    cfg = config.replace(**overrides).validate()
+    for name in ("checkpoint", "dataset", "out"):
+        if not getattr(cfg, name):
+            raise ValueError(f"{name}: required")
+    return _Trainer(cfg, progress, should_stop).run()
+
+
+class _Trainer:
+    def __init__(self, cfg: TrainConfig, progress: Optional[Progress], should_stop: Optional[Callable[[], bool]]):
+        self.cfg = cfg
+        self._progress = progress
+        self.should_stop = should_stop or (lambda: False)
+        self.out = Path(cfg.out).expanduser()
+        self.dist = Dist(cfg.device)
+        self.device = self.dist.device
+
+    # ----- reporting -----
+    def emit(self, event: str, **data) -> None:
+        if self.dist.main and self._progress is not None:
+            self._progress({"event": event, **data})
+
+    def say(self, message: str, level: int = logging.INFO) -> None:
+        if self.dist.main:
+            log.log(level, message)
+            self.emit("log", message=message, level=logging.getLevelName(level).lower())
+
+    # ----- setup -----
+    def setup(self) -> None:
+        from ..model import load_acestep
+
+        cfg = self.cfg
+        self.dtype = DTYPES[cfg.precision]
+        if cfg.precision == "fp16" and self.device.type != "cuda":
+            raise ValueError("precision: fp16 needs a CUDA device; use bf16 or fp32")
+        self._check_out_dir()
+
+        loaded = load_acestep(cfg.checkpoint, variant=cfg.base_variant or None, dtype=self.dtype,
+                              device=self.device, parts={"decoder", "null_condition_emb"})
+        self.info = loaded.info
+        self.model_config = loaded.config
+        decoder = loaded.model.decoder
+        decoder.requires_grad_(False)
+        self.null = loaded.model.null_condition_emb.detach()
+
+        self.dataset = open_dataset(cfg.dataset)
+        self._check_dataset_fits(decoder)
+        train_idx, val_idx = split_validation(len(self.dataset), cfg.val_split, cfg.seed)
+        self.train_ds = self.dataset.subset(train_idx)
+        self.val_ds: Optional[LatentDataset] = self.dataset.subset(val_idx) if val_idx else None
+        self.crop = int(round(cfg.crop_seconds * FRAMES_PER_SECOND))
+        self.frames = [c.frames for c in self.train_ds.clips]
+
+        _seed_everything(cfg.seed)  # adapter initialisation
+        self.adapter: Adapter = inject_adapter(decoder, cfg)
+        decoder.checkpoint_ratio = cfg.checkpointing_ratio if cfg.gradient_checkpointing else 0.0
+        self.adapter.module.train()
+        self.model = self.dist.wrap(self.adapter.module)
+        self.params = self.adapter.parameters()
+
+        self.repeats = [c.repeat for c in self.train_ds.clips]
+        self.batches_per_epoch = len(self._epoch_plan(0))
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.gradient_accumulation)
+        self.total = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * self.steps_per_epoch
+        self.optimizer = build_optimizer(self.params, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg, self.total)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
+        mu = cfg.timestep_mu if cfg.timestep_mu is not None else self.info.timestep_mu
+        sigma = cfg.timestep_sigma if cfg.timestep_sigma is not None else self.info.timestep_sigma
+        self.objective = Objective(cfg.timestep_mode, mu, sigma, cfg.cfg_ratio, self.null,
+                                   None if cfg.precision == "fp32" else self.dtype)
+        self.trigger = cfg.trigger_tag or self.dataset.trigger_tag
+
+        self.step, self.epoch, self.batch_pos = 0, 0, 0
+        self.elapsed_before = 0.0
+        self.smoother = LossSmoother()
+        self.last_checkpoint: Optional[Path] = None
+        self.best_val: Optional[float] = None
+        self.last_val: Optional[float] = None
+        self._resume()
+
+    def _epoch_plan(self, epoch: int):
+        return plan_epoch(self.frames, self.crop, self.cfg.batch_size, self.cfg.seed, epoch, self.dist.world,
+                          self.dist.rank, self.repeats)
+
+    def _check_out_dir(self) -> None:
+        cfg = self.cfg
+        if cfg.resume == "none" and (st.list_checkpoints(self.out) or (self.out / "final").exists()):
+            raise ValueError(
+                f"{self.out}: already holds a training run; pass --resume auto to continue it, or choose another --out"
+            )
+
+    def _check_dataset_fits(self, decoder) -> None:
+        clip = self.dataset.clips[0]
+        from safetensors import safe_open
+
+        with safe_open(str(clip.path), framework="pt", device="cpu") as f:
+            lat = f.get_slice("target_latents").get_shape()
+            ctx = f.get_slice("context_latents").get_shape()
+            cond = f.get_slice("encoder_hidden_states").get_shape()
+        want_lat = self.model_config.audio_acoustic_hidden_dim
+        want_ctx = self.model_config.in_channels - want_lat
+        want_cond = decoder.condition_embedder.in_features
+        if lat[1] != want_lat or ctx[1] != want_ctx or cond[1] != want_cond:
+            raise ValueError(
+                f"{clip.path}: preprocessed for a different model (latents {lat[1]}, context {ctx[1]}, condition "
+                f"width {cond[1]}; this model needs {want_lat}, {want_ctx}, {want_cond})"
+            )
+
+    # ----- resume -----
+    def _resume(self) -> None:
+        cfg = self.cfg
+        if cfg.resume == "none":
+            return
+        if cfg.resume == "auto":
+            folder = st.latest_valid_checkpoint(self.out)
+            if folder is None:
+                bad = st.list_checkpoints(self.out)
+                if bad:
+                    raise ValueError(f"{self.out / 'checkpoints'}: holds only incomplete checkpoints; move them away "
+                                     "or choose another --out")
+                self.say("resume auto: no checkpoint yet, starting from scratch")
+                return
+        else:
+            folder = Path(cfg.resume).expanduser()
+            if not (folder / st.STATE_JSON).exists() and (folder / "checkpoints").is_dir():
+                folder = st.latest_valid_checkpoint(folder) or folder
+        state = st.read_checkpoint(folder)
+        a = state["adapter"]
+        if a["kind"] != cfg.adapter or list(a["targets"]) != list(self.adapter.targets):
+            raise AdapterMismatchError(
+                f"{folder}: checkpoint holds a {a['kind']} adapter on {len(a['targets'])} modules; these settings "
+                f"train a {cfg.adapter} adapter on {len(self.adapter.targets)} modules"
+            )
+        load_adapter_weights(self.adapter, folder)
+        if state["optimizer_name"] != cfg.optimizer:
+            raise st.CheckpointStateError(
+                f"{folder}: was trained with optimizer {state['optimizer_name']}; resume with the same optimizer"
+            )
+        st.load_optimizer_state(self.optimizer, state["optimizer"], str(folder))
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch, self.batch_pos = state["step"], state["epoch"], state["batch_pos"]
+        self.elapsed_before = float(state.get("elapsed_s", 0.0))
+        self.smoother = LossSmoother(**state["smoother"])
+        self.best_val, self.last_val = state.get("best_val"), state.get("val_loss")
+        rngs = state["rng"]
+        if len(rngs) != self.dist.world:
+            self.say(f"checkpoint was written by {len(rngs)} process(es), now {self.dist.world}: the data order and "
+                     "noise continue, but the run will not repeat an uninterrupted one exactly", logging.WARNING)
+        st.set_rng_state(rngs[self.dist.rank % len(rngs)])
+        old = state.get("config", {})
+        changed = [k for k in ("seed", "batch_size", "gradient_accumulation", "crop_seconds", "timestep_mode",
+                               "cfg_ratio", "learning_rate", "scheduler", "max_steps", "epochs")
+                   if k in old and old[k] != getattr(cfg, k)]
+        if changed:
+            self.say(f"resuming with changed settings: {', '.join(changed)}", logging.WARNING)
+        self.last_checkpoint = folder
+        self.say(f"resumed from {folder} at step {self.step} (epoch {self.epoch})")
+
+    # ----- plan -----
+    def _plan(self) -> dict[str, Any]:
+        cfg = self.cfg
+        n_params = self.adapter.num_parameters()
+        plan: dict[str, Any] = {
+            "adapter": cfg.adapter, "targets": len(self.adapter.targets), "trainable_params": n_params,
+            "base_variant": self.info.variant, "precision": cfg.precision, "device": str(self.device),
+            "processes": self.dist.world, "clips": len(self.train_ds), "val_clips": len(self.val_ds or []),
+            "batch_size": cfg.batch_size, "gradient_accumulation": cfg.gradient_accumulation,
+            "crop_frames": self.crop, "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total,
+            "start_step": self.step, "warmup_steps": effective_warmup(cfg, self.total),
+            "timestep_mode": cfg.timestep_mode, "timestep_mu": self.objective.mu,
+            "timestep_sigma": self.objective.sigma, "cfg_ratio": cfg.cfg_ratio,
+        }
+        if cfg.estimate_steps and self.step < self.total:
+            plan.update(self._measure(cfg.estimate_steps, n_params))
+        return plan
+
+    def _measure(self, n: int, n_params: int) -> dict[str, Any]:
+        """Time forward+backward on the epoch's longest micro-batch without changing any training state."""
+        batches = self._epoch_plan(self.epoch)
+        items = max(batches, key=lambda b: (max(it.length for it in b), len(b)))
+        batch = load_batch(self.train_ds, items).to(self.device)
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        times = []
+        devices = [self.device.index or 0] if cuda else []
+        with torch.random.fork_rng(devices=devices):
+            for i in range(n):
+                t0 = time.perf_counter()
+                gen = torch.Generator().manual_seed(_seed_for(self.cfg.seed, 77, i))
+                with self.dist.no_sync(self.model):
+                    loss, _ = self.objective(self.model, batch, gen)
+                    self.scaler.scale(loss).backward()
+                if cuda:
+                    torch.cuda.synchronize(self.device)
+                times.append(time.perf_counter() - t0)
+        self.optimizer.zero_grad(set_to_none=True)
+        per_micro = min(times[1:]) if len(times) > 1 else times[0]
+        per_step = per_micro * self.cfg.gradient_accumulation
+        out = {"seconds_per_step": per_step, "estimated_seconds": per_step * (self.total - self.step)}
+        if cuda:
+            opt_bytes = OPTIMIZER_BYTES.get(self.cfg.optimizer, 8) * n_params
+            out["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(self.device) + opt_bytes)
+            out["memory_kind"] = "cuda"
+        else:
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            out["peak_memory_bytes"] = int(rss if sys.platform == "darwin" else rss * 1024)
+            out["memory_kind"] = "process peak RSS"
+        return out
+
+    # ----- one optimizer step -----
+    def _train_step(self, group) -> tuple[float, float, list[float]]:
+        losses, ts = [], []
+        n = len(group)
+        for j, items in enumerate(group):
+            batch = load_batch(self.train_ds, items).to(self.device)
+            gen = torch.Generator().manual_seed(_seed_for(self.cfg.seed, self.dist.rank, self.step, j))
+            ctx = self.dist.no_sync(self.model) if j < n - 1 else contextlib.nullcontext()
+            with ctx:
+                loss, t = self.objective(self.model, batch, gen)
+                self.scaler.scale(loss / n).backward()
+            losses.append(loss.detach())
+            ts.extend(t.tolist())
+        mean_loss = float(self.dist.mean(torch.stack(losses).mean()).item())
+        if not math.isfinite(mean_loss):
+            raise NonFiniteLossError(self._nan_message("loss", mean_loss))
+        self.scaler.unscale_(self.optimizer)
+        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        if not math.isfinite(grad_norm) and not self.scaler.is_enabled():
+            raise NonFiniteLossError(self._nan_message("gradient norm", grad_norm))
+        self._in_update = True
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self._in_update = False
+        self.optimizer.zero_grad(set_to_none=True)
+        return mean_loss, grad_norm, ts
+
+    def _nan_message(self, what: str, value: float) -> str:
+        keep = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else \
+            "no checkpoint was saved yet"
+        return (f"step {self.step + 1}: {what} is {value}; training stopped and nothing was saved ({keep}). "
+                "Try a lower learning rate, --max-grad-norm, or check the dataset")
+
+    # ----- validation -----
+    def _validate(self) -> Optional[float]:
+        """Deterministic: every held-out clip's centre crop, a fixed t and noise per clip, no CFG dropout."""
+        if self.val_ds is None or not self.dist.main:
+            return None
+        module = self.adapter.module
+        module.eval()
+        total = 0.0
+        items = validation_items([c.frames for c in self.val_ds.clips], self.crop)
+        with torch.no_grad():
+            for i, item in enumerate(items):
+                batch = load_batch(self.val_ds, [item]).to(self.device)
+                gen = torch.Generator().manual_seed(_seed_for(self.cfg.seed, 99, i))
+                loss, _ = self.objective(module, batch, gen, cfg_ratio=0.0)
+                total += float(loss)
+        module.train()
+        return total / len(items)
+
+    # ----- saving -----
+    def _metadata(self, status: str) -> dict[str, str]:
+        info = self.info
+        return metadata_json({
+            "sidestep_format": "1",
+            "sidestep_version": __version__,
+            "sidestep_adapter": self.adapter.kind,
+            "sidestep_adapter_options": {**self.adapter.options, **self.adapter.extra},
+            "sidestep_targets": self.adapter.targets,
+            "sidestep_base_variant": info.variant,
+            "sidestep_base_identity": info.identity,
+            "sidestep_base_is_turbo": info.is_turbo,
+            "sidestep_recommended_shift": info.shift,
+            "sidestep_recommended_steps": info.steps,
+            "sidestep_recommended_guidance": info.guidance,
+            "sidestep_trigger_tag": self.trigger,
+            "sidestep_steps": self.step,
+            "sidestep_epoch": self.epoch,
+            "sidestep_status": status,
+            "sidestep_training": self.cfg.to_dict(include_run=False),
+        })
+
+    def _save_checkpoint(self, elapsed: float) -> Optional[Path]:
+        rngs = self.dist.gather(st.rng_state())  # every rank's RNG, so each resumes its own stream
+        folder = None
+        if self.dist.main:
+            state = {
+                "step": self.step, "epoch": self.epoch, "batch_pos": self.batch_pos, "total_steps": self.total,
+                "elapsed_s": elapsed, "world_size": self.dist.world,
+                "adapter": {"kind": self.adapter.kind, "targets": self.adapter.targets,
+                            "options": self.adapter.options},
+                "optimizer_name": self.cfg.optimizer,
+                "optimizer": st.optimizer_state(self.optimizer),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                "smoother": self.smoother.state(),
+                "best_val": self.best_val, "val_loss": self.last_val,
+                "rng": rngs,
+                "config": self.cfg.to_dict(include_run=False),
+                "version": __version__,
+            }
+            meta = self._metadata("checkpoint")
+            folder = st.write_checkpoint(st.step_dir(self.out, self.step), lambda d: self.adapter.save(d, meta),
+                                         state)
+            st.prune_checkpoints(self.out, self.cfg.keep_checkpoints, protect=folder)
+            self.last_checkpoint = folder
+            self.emit("checkpoint", step=self.step, path=str(folder))
+        self.dist.barrier()
+        return folder
+
+    def _save_final(self, status: str) -> Optional[Path]:
+        final = None
+        if self.dist.main:
+            meta = self._metadata(status)
+            final = st.write_dir_atomically(self.out / "final", lambda d: self.adapter.save(d, meta))
+        self.dist.barrier()
+        return final
+
+    def _write_run_files(self, plan: dict[str, Any]) -> None:
+        if not self.dist.main:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.out / "training_config.json", {
+            "version": __version__,
+            "config": self.cfg.to_dict(),
+            "model": self.info.to_dict(),
+            "adapter": {"kind": self.adapter.kind, "options": self.adapter.options, "targets": self.adapter.targets,
+                        **self.adapter.extra},
+            "dataset": {"clips": [c.name for c in self.train_ds.clips],
+                        "val_clips": [c.name for c in (self.val_ds.clips if self.val_ds else [])],
+                        "trigger_tag": self.trigger},
+            "plan": plan,
+        })
+
+    # ----- main -----
+    def run(self) -> TrainResult:
+        self.setup()
+        cfg = self.cfg
+        plan = self._plan()
+        self._write_run_files(plan)
+        self.emit("plan", **plan)
+        self.say(_plan_text(plan))
+        csv = tb = None
+        if self.dist.main:
+            csv = CsvLog(self.out / "loss.csv", self.step)
+            tb = TensorBoard(self.out / "runs", self.step, cfg.tensorboard)
+        result = TrainResult("complete", self.step, self.total, self.out, None, self.last_checkpoint,
+                             is_main=self.dist.main)
+        speed = Speed()
+        t_start = time.perf_counter()
+        t_hist: list[float] = []
+        saved_at = self.step if self.last_checkpoint else -1
+        self._in_update = False
+        stop = False
+        try:
+            while self.step < self.total and not stop:
+                batches = self._epoch_plan(self.epoch)
+                if self.batch_pos >= len(batches):
+                    self.epoch, self.batch_pos = self.epoch + 1, 0
+                    continue
+                group = batches[self.batch_pos:self.batch_pos + cfg.gradient_accumulation]
+                lr = self.scheduler.get_last_lr()[0]
+                loss, grad_norm, ts = self._train_step(group)
+                self.step += 1
+                self.batch_pos += len(group)
+                if self.batch_pos >= len(batches):
+                    self.epoch, self.batch_pos = self.epoch + 1, 0
+                smoothed = self.smoother.update(loss)
+                result.losses.append(loss)
+                speed.tick()
+                t_hist.extend(ts)
+                elapsed = self.elapsed_before + time.perf_counter() - t_start
+
+                stop = self.dist.any(bool(self.should_stop()) if self.dist.main else False)
+                save = stop or self.step == self.total or (cfg.save_every and self.step % cfg.save_every == 0)
+                val = None
+                if self.val_ds is not None and (
+                    (cfg.val_every and self.step % cfg.val_every == 0) or (not cfg.val_every and save)
+                ):
+                    val = self._validate()
+                    if val is not None:
+                        self.last_val = val
+                        self.best_val = val if self.best_val is None else min(self.best_val, val)
+                        self.emit("validation", step=self.step, val_loss=val)
+                if self.dist.main:
+                    csv.write(step=self.step, epoch=self.epoch, loss=loss, smoothed_loss=smoothed, lr=lr,
+                              grad_norm=grad_norm, val_loss=val, elapsed_s=elapsed)
+                    if cfg.log_every and self.step % cfg.log_every == 0:
+                        tb.scalars(self.step, {"train/loss": loss, "train/loss_smoothed": smoothed, "train/lr": lr,
+                                               "train/grad_norm": grad_norm, "train/epoch": self.epoch})
+                    if val is not None:
+                        tb.scalars(self.step, {"val/loss": val})
+                    if cfg.histogram_every and self.step % cfg.histogram_every == 0 and t_hist:
+                        tb.histogram("train/timesteps", t_hist, self.step)
+                        t_hist = []
+                self.emit("step", step=self.step, total=self.total, epoch=self.epoch, loss=loss,
+                          smoothed_loss=smoothed, lr=lr, grad_norm=grad_norm, steps_per_s=speed.steps_per_s(),
+                          eta_s=speed.eta_s(self.total - self.step))
+                if save:
+                    self._save_checkpoint(elapsed)
+                    saved_at = self.step
+                result.loss, result.smoothed_loss = loss, smoothed
+        except KeyboardInterrupt:
+            if self._in_update or self.dist.world > 1:
+                raise  # parameters half-updated, or other ranks cannot follow: keep the last checkpoint as it is
+            self.optimizer.zero_grad(set_to_none=True)
+            stop, result.interrupted = True, True
+            self.say(f"interrupted at step {self.step}: saving")
+            if self.step != saved_at:
+                self._save_checkpoint(self.elapsed_before + time.perf_counter() - t_start)
+        finally:
+            if tb is not None:
+                tb.close()
+            if csv is not None:
+                csv.close()
+
+        if self.step == self.total and self.step != saved_at:
+            self._save_checkpoint(self.elapsed_before + time.perf_counter() - t_start)
+        result.status = "stopped" if stop and self.step < self.total else "complete"
+        result.final_dir = self._save_final(result.status)
+        result.step, result.checkpoint, result.val_loss = self.step, self.last_checkpoint, self.last_val
+        self.say(f"{result.status} at step {self.step}/{self.total}; adapter in {result.final_dir}")
+        self.emit("done", status=result.status, step=self.step, total=self.total,
+                  final=str(result.final_dir) if result.final_dir else None,
+                  checkpoint=str(result.checkpoint) if result.checkpoint else None)
+        return result
+
+
+def _plan_text(plan: dict[str, Any]) -> str:
+    lines = [
+        f"plan: {plan['adapter']} on {plan['targets']} modules ({plan['trainable_params']:,} trainable parameters), "
+        f"base {plan['base_variant']}, {plan['precision']} on {plan['device']} x{plan['processes']}",
+        f"      {plan['clips']} clips ({plan['val_clips']} held out), batch {plan['batch_size']} x accumulation "
+        f"{plan['gradient_accumulation']}, crop {plan['crop_frames']} frames; {plan['steps_per_epoch']} steps per "
+        f"epoch, steps {plan['start_step']} -> {plan['total_steps']} (warmup {plan['warmup_steps']})",
+        f"      timesteps {plan['timestep_mode']} (mu {plan['timestep_mu']:.3g}, sigma {plan['timestep_sigma']:.3g}),"
+        f" CFG dropout {plan['cfg_ratio']}",
+    ]
+    if "seconds_per_step" in plan:
+        lines.append(
+            f"      estimate: {plan['seconds_per_step']:.3g} s/step, about {_duration(plan['estimated_seconds'])} "
+            f"to go; peak memory about {plan['peak_memory_bytes'] / 2**30:.2f} GiB ({plan['memory_kind']})"
+        )
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"

@@ -1,0 +1,261 @@
+"""Checkpoints: the inference-ready adapter plus the full training state, in safetensors + JSON (no pickle).
+
+A checkpoint folder ``checkpoints/step_N/`` holds the adapter files, ``training_state.safetensors`` (optimizer
+tensors, RNG states) and ``training_state.json`` (step, epoch, data position, optimizer/scheduler scalars, python
+and numpy RNG, …). The folder is assembled under a temporary name and renamed into place, so a crash leaves either
+the previous checkpoint set or the complete new one; ``training_state.json`` is written last and marks it valid.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from ..fsutil import atomic_save_file, atomic_write_json
+
+STATE_TENSORS = "training_state.safetensors"
+STATE_JSON = "training_state.json"
+FORMAT = 1
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointStateError(ValueError):
+    """A training checkpoint that cannot be resumed from (message starts with its path)."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# JSON-safe encoding of nested state (tensors go to safetensors under a dotted key)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _encode(value: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, torch.Tensor):
+        tensors[key] = value.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(value, np.ndarray):
+        tensors[key] = torch.from_numpy(np.ascontiguousarray(value).astype(np.int64) if value.dtype == np.uint32
+                                        else np.ascontiguousarray(value))
+        return {"__ndarray__": key, "dtype": str(value.dtype)}
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode(v, f"{key}.{i}", tensors) for i, v in enumerate(value)]}
+    if isinstance(value, list):
+        return [_encode(v, f"{key}.{i}", tensors) for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        if all(isinstance(k, str) for k in value):
+            return {k: _encode(v, f"{key}.{k}", tensors) for k, v in value.items()}
+        return {"__intdict__": [[k, _encode(v, f"{key}.{k}", tensors)] for k, v in value.items()]}
+    if isinstance(value, float) and not np.isfinite(value):
+        return {"__float__": repr(value)}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    raise TypeError(f"cannot store a {type(value).__name__} in the training state ({key})")
+
+
+def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, list):
+        return [_decode(v, tensors) for v in value]
+    if isinstance(value, dict):
+        if "__tensor__" in value:
+            return tensors[value["__tensor__"]]
+        if "__ndarray__" in value:
+            return tensors[value["__ndarray__"]].numpy().astype(value["dtype"])
+        if "__tuple__" in value:
+            return tuple(_decode(v, tensors) for v in value["__tuple__"])
+        if "__intdict__" in value:
+            return {k: _decode(v, tensors) for k, v in value["__intdict__"]}
+        if "__float__" in value:
+            return float(value["__float__"])
+        return {k: _decode(v, tensors) for k, v in value.items()}
+    return value
+
+
+# ----------------------------------------------------------------------------------------------------------
+# RNG
+# ----------------------------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch_cpu": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_to_python_state(state["python"]))
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch_cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = state["cuda"]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def _to_python_state(s: Any) -> tuple:
+    version, internal, gauss = s
+    return (version, tuple(internal), gauss)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# save / load
+# ----------------------------------------------------------------------------------------------------------
+
+
+def step_dir(out: Path, step: int) -> Path:
+    return Path(out) / "checkpoints" / f"step_{step}"
+
+
+def write_dir_atomically(final: Path, fill) -> Path:
+    """Create folder ``final`` atomically: ``fill(tmp)`` writes everything into a hidden sibling folder that is then
+    renamed into place (an existing ``final`` is replaced as a whole, never mixed with new files)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        fill(tmp)
+        _fsync_dir(tmp)
+        old = None
+        if final.exists():
+            old = final.parent / f".{final.name}.old-{os.getpid()}"
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def write_checkpoint(final: Path, write_adapter, state: dict[str, Any]) -> Path:
+    """A checkpoint folder: ``write_adapter(folder)`` writes the inference-ready adapter, then the training state
+    (tensors first, the JSON that marks the checkpoint complete last)."""
+
+    def fill(tmp: Path) -> None:
+        write_adapter(tmp)
+        tensors: dict[str, torch.Tensor] = {}
+        encoded = _encode(state, "state", tensors)
+        atomic_save_file(tensors, tmp / STATE_TENSORS, {"format": "sidestep-training-state"})
+        atomic_write_json(tmp / STATE_JSON, {"format": FORMAT, "complete": True, "state": encoded})
+
+    return write_dir_atomically(final, fill)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # not supported (Windows)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_checkpoint(folder: Path) -> dict[str, Any]:
+    """The decoded training state of a checkpoint folder; raises ``CheckpointStateError`` if it is unusable."""
+    import json
+
+    folder = Path(folder)
+    jpath, tpath = folder / STATE_JSON, folder / STATE_TENSORS
+    try:
+        doc = json.loads(jpath.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointStateError(f"{jpath}: missing or unreadable training state ({exc})") from exc
+    if not isinstance(doc, dict) or not doc.get("complete") or doc.get("format") != FORMAT:
+        raise CheckpointStateError(f"{jpath}: incomplete or unknown training-state format")
+    try:
+        with safe_open(str(tpath), framework="pt", device="cpu") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:
+        raise CheckpointStateError(f"{tpath}: unreadable training tensors ({exc})") from exc
+    try:
+        return _decode(doc["state"], tensors)
+    except KeyError as exc:
+        raise CheckpointStateError(f"{tpath}: tensor {exc} referenced by {jpath.name} is missing") from exc
+
+
+def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
+    """``(step, folder)`` of every checkpoint folder under ``OUT/checkpoints`` (valid or not), by step."""
+    root = Path(out) / "checkpoints"
+    found = []
+    if root.is_dir():
+        for p in root.iterdir():
+            m = _STEP_DIR.match(p.name)
+            if m and p.is_dir():
+                found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def is_valid(folder: Path) -> bool:
+    try:
+        read_checkpoint(folder)
+    except CheckpointStateError:
+        return False
+    return True
+
+
+def latest_valid_checkpoint(out: Path) -> Optional[Path]:
+    for _, folder in reversed(list_checkpoints(out)):
+        if is_valid(folder):
+            return folder
+    return None
+
+
+def prune_checkpoints(out: Path, keep: int, protect: Path) -> list[Path]:
+    """Delete all but the newest ``keep`` checkpoints (never ``protect``); returns what was removed."""
+    if keep <= 0:
+        return []
+    ckpts = list_checkpoints(out)
+    removed = []
+    for _, folder in ckpts[:-keep]:
+        if folder.resolve() != Path(protect).resolve():
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+# ----------------------------------------------------------------------------------------------------------
+# optimizer
+# ----------------------------------------------------------------------------------------------------------
+
+
+def optimizer_state(opt: torch.optim.Optimizer) -> dict[str, Any]:
+    sd = opt.state_dict()
+    return {"state": {str(k): v for k, v in sd["state"].items()}, "param_groups": sd["param_groups"]}
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, saved: dict[str, Any], source: str) -> None:
+    sd = {"state": {int(k): v for k, v in saved["state"].items()}, "param_groups": saved["param_groups"]}
+    n_saved = [len(g["params"]) for g in sd["param_groups"]]
+    n_now = [len(g["params"]) for g in opt.param_groups]
+    if n_saved != n_now:
+        raise CheckpointStateError(
+            f"{source}: optimizer state is for parameter groups of sizes {n_saved}, the model has {n_now}"
+        )
+    try:
+        opt.load_state_dict(sd)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise CheckpointStateError(f"{source}: optimizer state does not fit ({exc})") from exc
