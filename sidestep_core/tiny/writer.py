@@ -5,7 +5,7 @@
 * ``comfyui-split``: ``models/diffusion_models/acestep_v1.5_turbo.safetensors``,
   ``models/text_encoders/qwen_0.6b_ace15.safetensors``, ``models/vae/ace_1.5_vae.safetensors``.
 * ``comfyui-aio``: ``models/checkpoints/ace_step_1.5_turbo_aio.safetensors`` holding ``model.diffusion_model.*``,
-  ``text_encoders.qwen3_06b.*`` and ``vae.*``.
+  ``text_encoders.qwen3_06b.transformer.model.*`` and ``vae.*``.
 
 ComfyUI files carry no tokenizer; the original text-encoder folder (with tokenizer.json) is written beside them
 under ``tokenizer/`` so headless tools can find one. Every layout is built from the same seeded tensors.
@@ -33,7 +33,6 @@ COMFY_DIT = "acestep_v1.5_turbo.safetensors"
 COMFY_TE = "qwen_0.6b_ace15.safetensors"
 COMFY_VAE = "ace_1.5_vae.safetensors"
 COMFY_AIO = "ace_step_1.5_turbo_aio.safetensors"
-AIO_TE_PREFIX = "text_encoders.qwen3_06b."
 
 
 @dataclass
@@ -91,7 +90,6 @@ def make_tiny_checkpoint(
     te_state = write_text_encoder_folder(text_dir, prof, seed)
     vae = build_vae(prof, seed)
     vae_comfy = vae_state_dict_to_comfy({k: v.detach() for k, v in vae.state_dict().items()})
-    te_comfy = qwen_state_dict_to_comfy(te_state)
     meta = {"config": json.dumps(config)}
     models = root / "models"
     if layout == "comfyui-split":
@@ -103,14 +101,14 @@ def make_tiny_checkpoint(
         for p in paths.values():
             p.parent.mkdir(parents=True, exist_ok=True)
         save_file(_bf16(dit), str(paths["dit"]), metadata=meta)
-        save_file(_bf16(te_comfy), str(paths["te"]))
+        save_file(_bf16(qwen_state_dict_to_comfy(te_state)), str(paths["te"]))
         save_file(_bf16(vae_comfy), str(paths["vae"]))
         return TinyCheckpoint(root, layout, paths["dit"], paths["vae"], paths["te"], text_dir)
 
     aio = models / "checkpoints" / COMFY_AIO
     aio.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"model.diffusion_model.{k}": v for k, v in dit.items()}
-    tensors.update({AIO_TE_PREFIX + k: v for k, v in te_comfy.items()})
+    tensors.update(qwen_state_dict_to_comfy(te_state, aio=True))
     tensors.update({f"vae.{k}": v for k, v in vae_comfy.items()})
     save_file(_bf16(tensors), str(aio), metadata=meta)
     return TinyCheckpoint(root, layout, aio, aio, aio, text_dir)

@@ -1,0 +1,155 @@
+"""``sidestep preprocess``: encode an audio folder into cached training tensors (two low-memory passes)."""
+
+from __future__ import annotations
+
+import sys
+
+from ..audio.loudness import MODES as LOUDNESS_MODES
+from ..data.preprocess import MODEL_MAX_SECONDS, PreprocessConfig, preprocess
+from ..text.prompts import PROMPT_STYLES
+
+
+def register(sub, name):
+    p = sub.add_parser(
+        name,
+        help="encode an audio folder into cached training tensors",
+        description="Decode every audio file of a folder, encode it with the VAE, the Qwen3 text encoder and the "
+        "model's condition encoder, and cache the tensors (one safetensors file per sample + manifest.json). "
+        "Re-running re-encodes only new or changed files.",
+    )
+    p.add_argument("--checkpoint", required=True,
+                   help="ACE-Step 1.5 model: original folder, ComfyUI diffusion model file or all-in-one checkpoint")
+    p.add_argument("--audio-dir", required=True, help="folder of audio files (scanned recursively)")
+    p.add_argument("--out", required=True, help="output folder for the tensor cache")
+    p.add_argument("--dataset-json", help="ACE-Step / Side-Step dataset JSON describing the samples")
+    p.add_argument("--vae", help="VAE to use instead of the one found beside the checkpoint")
+    p.add_argument("--text-encoder", help="Qwen3-Embedding-0.6B folder or qwen_0.6b_ace15.safetensors")
+    p.add_argument("--tokenizer", help="tokenizer folder (needed for ComfyUI files outside a ComfyUI installation)")
+    p.add_argument("--prompt-style", choices=PROMPT_STYLES, default="acestep",
+                   help="acestep: the official pipeline's prompts; comfyui: TextEncodeAceStepAudio1.5's (default: acestep)")
+    p.add_argument("--max-duration", type=float, default=MODEL_MAX_SECONDS,
+                   help=f"trim longer files to this many seconds (default: {MODEL_MAX_SECONDS:g}, the model maximum)")
+    p.add_argument("--normalize", choices=LOUDNESS_MODES, default="none",
+                   help="loudness normalisation: none, peak (-1 dBFS) or lufs (-14 LUFS) (default: none)")
+    p.add_argument("--peak-db", type=float, default=-1.0, help="peak target / ceiling in dBFS (default: -1)")
+    p.add_argument("--target-lufs", type=float, default=-14.0, help="LUFS target (default: -14)")
+    p.add_argument("--chunk-seconds", type=float, default=30.0, help="VAE tile length (default: 30)")
+    p.add_argument("--overlap-seconds", type=float, default=2.0, help="VAE tile overlap each side (default: 2)")
+    p.add_argument("--default-caption", default="", help="caption for files without metadata (default: empty)")
+    p.add_argument("--default-language", help="lyric language for files without one (default: unknown / en)")
+    p.add_argument("--allow-outside-paths", action="store_true",
+                   help="let dataset-JSON paths point outside the audio folder")
+    p.add_argument("--posterior-mean", action="store_true",
+                   help="encode with the VAE posterior mean instead of a seeded sample")
+    p.add_argument("--seed", type=int, default=0, help="seed of the posterior samples (default: 0)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    p.add_argument("--vae-dtype", choices=("float32", "bfloat16", "float16"),
+                   help="VAE precision (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--text-encoder-dtype", choices=("float32", "bfloat16", "float16"),
+                   help="text encoder precision (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--variant", help="base variant when names do not tell (turbo, base, sft, xl-...)")
+    return p
+
+
+def _config(args) -> PreprocessConfig:
+    return PreprocessConfig(
+        prompt_style=args.prompt_style,
+        max_duration=args.max_duration,
+        normalize=args.normalize,
+        peak_db=args.peak_db,
+        target_lufs=args.target_lufs,
+        chunk_seconds=args.chunk_seconds,
+        overlap_seconds=args.overlap_seconds,
+        default_caption=args.default_caption,
+        default_language=args.default_language,
+        allow_outside_paths=args.allow_outside_paths,
+        sample_posterior=not args.posterior_mean,
+        seed=args.seed,
+        device=args.device,
+        vae_dtype=args.vae_dtype,
+        text_encoder_dtype=args.text_encoder_dtype,
+        variant=args.variant,
+        vae=args.vae,
+        text_encoder=args.text_encoder,
+        tokenizer=args.tokenizer,
+    )
+
+
+class _Renderer:
+    """tqdm bars per stage, or plain lines with ``--plain`` / when tqdm is missing."""
+
+    def __init__(self, plain: bool):
+        self.plain = plain
+        self.bar = None
+        self.stage = None
+        if not plain:
+            try:
+                import tqdm  # noqa: F401
+            except ImportError:
+                self.plain = True
+
+    def __call__(self, event: dict) -> None:
+        if "message" in event and "done" not in event:
+            self._write(f"{event.get('current') or ''}: {event['message']}".lstrip(": "))
+            return
+        stage, done, total = event["stage"], event["done"], event["total"]
+        if stage == "done":
+            self.close()
+            return
+        if self.plain:
+            if done < total:
+                eta = event.get("eta_s")
+                eta_text = f", ~{eta:.0f} s left" if eta is not None else ""
+                print(f"[{stage}] {done + 1}/{total} {event.get('current', '')}{eta_text}", flush=True)
+            return
+        from tqdm import tqdm
+
+        if stage != self.stage:
+            self.close()
+            self.stage = stage
+            self.bar = tqdm(total=total, desc=stage, unit="file", file=sys.stderr)
+        self.bar.n = done
+        self.bar.set_postfix_str(event.get("current", ""), refresh=True)
+
+    def _write(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+            self.stage = None
+
+
+def _mib(n) -> str:
+    return "n/a" if n is None else f"{n / 2**20:.0f} MiB"
+
+
+def run(args) -> int:
+    render = _Renderer(getattr(args, "plain", False))
+    try:
+        result = preprocess(
+            args.checkpoint, args.audio_dir, args.out, dataset_json=args.dataset_json, config=_config(args),
+            progress=render,
+        )
+    finally:
+        render.close()
+    for f in result.failures:
+        print(f"skipped {f.path}: {f.reason}")
+    for rep in result.passes:
+        speed = rep.audio_seconds / rep.seconds if rep.seconds else 0.0
+        print(
+            f"{rep.name}: {rep.items} files, {rep.audio_seconds:.1f} s of audio in {rep.seconds:.1f} s "
+            f"({speed:.2f}x), peak RSS {_mib(rep.peak_rss_bytes)}, peak device {_mib(rep.peak_device_bytes)}"
+        )
+    print(
+        f"{result.samples} samples in {result.manifest_path} ({result.encoded} encoded, {result.reused} reused, "
+        f"{len(result.failures)} skipped)"
+    )
+    if not result.ok:
+        print("error: no usable samples", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,1 @@
+"""Text side of ACE-Step conditioning: prompt templates and the Qwen3 text encoder + tokenizer."""

@@ -1,0 +1,202 @@
+"""Metadata: dataset JSON shapes, sidecar conventions and aliases, defaults, tags, discovery and path safety."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sidestep_core.data import metadata as M
+from sidestep_core.data.discovery import collect_items, discover_audio
+
+
+def _touch(path, data=b"RIFF"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# dataset JSON
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", ["list", "samples", "metadata"])
+def test_dataset_json_shapes(tmp_path, shape):
+    samples = [{"audio_path": "a.wav", "caption": "rock", "bpm": 128.0, "timesignature": "3/4"}]
+    data = {"list": samples, "samples": {"samples": samples},
+            "metadata": {"metadata": {"custom_tag": "zx", "tag_position": "append", "genre_ratio": 30,
+                                      "all_instrumental": True}, "samples": samples}}[shape]
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(data))
+    settings, entries = M.load_dataset_json(path)
+    assert entries == samples
+    meta = M.json_entry_meta(entries[0])
+    assert (meta.caption, meta.bpm, meta.timesignature, meta.source) == ("rock", "128", "3", "dataset-json")
+    if shape == "metadata":
+        assert (settings.custom_tag, settings.tag_position, settings.genre_ratio, settings.all_instrumental) == (
+            "zx", "append", 30.0, True)
+    else:
+        assert settings == M.DatasetSettings()
+
+
+def test_dataset_json_fields_and_passthrough():
+    meta = M.json_entry_meta({
+        "filename": "x.wav", "caption": " c ", "genre": "jazz", "lyrics": "[verse]\nhi", "bpm": "n/a",
+        "keyscale": "F# minor", "language": "EN", "duration": 31.5, "is_instrumental": "false",
+        "custom_tag": "t", "prompt_override": "GENRE", "repeat": 3, "id": "abc", "labeled": True,
+    })
+    assert meta.caption == "c" and meta.bpm is None and meta.keyscale == "F# minor" and meta.language == "en"
+    assert meta.duration == 31.5 and meta.is_instrumental is False and meta.prompt_override == "genre"
+    assert meta.repeat == 3 and meta.extra == {"id": "abc", "labeled": True}
+
+
+@pytest.mark.parametrize("text,match", [
+    ("{not json", "not a readable dataset JSON"),
+    ('{"foo": 1}', "samples"),
+    ('{"metadata": {"tag_position": "middle"}, "samples": []}', "tag_position"),
+])
+def test_bad_dataset_json(tmp_path, text, match):
+    path = tmp_path / "ds.json"
+    path.write_text(text)
+    with pytest.raises(M.MetadataError, match=match) as info:
+        M.load_dataset_json(path)
+    assert str(info.value).startswith(str(path))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sidecars
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_key_value_sidecar_with_aliases_and_lyrics_block(tmp_path):
+    audio = _touch(tmp_path / "song.flac")
+    (tmp_path / "song.txt").write_text(
+        "Caption: warm lo-fi beat\n  with vinyl crackle\nTempo: 84\nKey: A minor\nTime Signature: 4/4\n"
+        "lang: JA\ninstrumental: no\ntrigger: zz_style\nLyrics:\n[verse]\nkey: not a field here\n\nsecond line\n"
+    )
+    meta = M.read_sidecars(audio)
+    assert meta.caption == "warm lo-fi beat\nwith vinyl crackle"
+    assert (meta.bpm, meta.keyscale, meta.timesignature, meta.language) == ("84", "A minor", "4", "ja")
+    assert meta.is_instrumental is False and meta.custom_tag == "zz_style"
+    assert meta.lyrics == "[verse]\nkey: not a field here\n\nsecond line"  # everything after lyrics: is lyrics
+    assert meta.source == "sidecar:song.txt"
+
+
+def test_caption_and_lyrics_pair(tmp_path):
+    audio = _touch(tmp_path / "a.wav")
+    (tmp_path / "a.caption.txt").write_text("ambient drone\n")
+    (tmp_path / "a.lyrics.txt").write_text("[Instrumental]\n")
+    meta = M.read_sidecars(audio)
+    assert (meta.caption, meta.lyrics) == ("ambient drone", "[Instrumental]")
+    assert meta.source == "sidecar:a.caption.txt+a.lyrics.txt"
+
+
+def test_plain_txt_is_lyrics(tmp_path):
+    audio = _touch(tmp_path / "b.mp3")
+    (tmp_path / "b.txt").write_text("Love: it is all you need\nla la la\n")  # "love" is no known key
+    meta = M.read_sidecars(audio)
+    assert meta.lyrics == "Love: it is all you need\nla la la" and meta.caption == ""
+
+
+def test_no_sidecar_and_unreadable_sidecar(tmp_path):
+    audio = _touch(tmp_path / "c.wav")
+    assert M.read_sidecars(audio) is None
+    (tmp_path / "c.txt").write_bytes(b"caption: \xff\xfe broken")
+    with pytest.raises(M.MetadataError, match="not UTF-8"):
+        M.read_sidecars(audio)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# resolution
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_defaults_tags_and_instrumental():
+    settings = M.DatasetSettings(custom_tag="zx")
+    r = M.resolve(M.SampleMeta(), settings, audio_sha256="0" * 64, default_caption="", default_language="unknown")
+    assert r.caption == "zx" and r.lyrics == "[Instrumental]" and r.is_instrumental and r.language == "unknown"
+    meta = M.SampleMeta(caption="rock", lyrics="[verse]\nyo", language="de")
+    for position, expected in (("prepend", "zx, rock"), ("append", "rock, zx"), ("replace", "zx")):
+        s = M.DatasetSettings(custom_tag="zx", tag_position=position)
+        r = M.resolve(meta, s, audio_sha256="0" * 64, default_caption="d", default_language="en")
+        assert r.caption == expected and r.lyrics == "[verse]\nyo" and r.language == "de"
+    forced = M.resolve(meta, M.DatasetSettings(all_instrumental=True), audio_sha256="0" * 64, default_caption="",
+                       default_language="en")
+    assert forced.lyrics == "[Instrumental]"
+    own_tag = M.resolve(M.SampleMeta(caption="c", custom_tag="mine"), settings, audio_sha256="0" * 64,
+                        default_caption="", default_language="en")
+    assert own_tag.caption == "mine, c"
+
+
+def test_genre_choice_is_per_sample_and_stable():
+    settings = M.DatasetSettings(genre_ratio=50)
+    shas = [f"{i:064x}" for i in range(200)]
+    picks = [M.uses_genre(M.SampleMeta(caption="c", genre="g"), settings, s) for s in shas]
+    assert 70 < sum(picks) < 130  # about half
+    assert picks == [M.uses_genre(M.SampleMeta(caption="c", genre="g"), settings, s) for s in shas]
+    assert not M.uses_genre(M.SampleMeta(caption="c"), settings, shas[0])  # nothing to switch to
+    assert M.uses_genre(M.SampleMeta(caption="c", genre="g", prompt_override="genre"), M.DatasetSettings(), shas[0])
+    assert not M.uses_genre(M.SampleMeta(caption="c", genre="g", prompt_override="caption"),
+                            M.DatasetSettings(genre_ratio=100), shas[0])
+
+
+def test_value_normalisation():
+    assert M.norm_bpm("120 BPM") == "120" and M.norm_bpm(98.5) == "98.5" and M.norm_bpm("fast") is None
+    assert M.norm_timesignature("6/8") == "6" and M.norm_timesignature(4) == "4" and M.norm_timesignature("") is None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# discovery
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_discovery_is_recursive_and_skips_hidden_and_output(tmp_path):
+    for rel in ("a.wav", "sub/b.FLAC", "sub/deeper/c.opus", ".hidden/d.wav", "sub/.e.mp3", "out/f.wav",
+                "notes.txt", "g.aiff", "h.m4a"):
+        _touch(tmp_path / rel)
+    found = [p.relative_to(tmp_path).as_posix() for p in discover_audio(tmp_path, exclude=[tmp_path / "out"])]
+    assert found == ["a.wav", "g.aiff", "h.m4a", "sub/b.FLAC", "sub/deeper/c.opus"]
+
+
+def test_folder_items_take_sidecars_and_report_bad_metadata(tmp_path):
+    _touch(tmp_path / "a.wav")
+    _touch(tmp_path / "b.wav")
+    (tmp_path / "a.txt").write_text("caption: hi\n")
+    (tmp_path / "b.txt").write_bytes(b"\xff\xfe\x00bad")
+    items, failures, settings = collect_items(tmp_path)
+    assert [i.id for i in items] == ["a.wav"] and items[0].meta.caption == "hi"
+    assert failures[0].path == "b.wav" and failures[0].reason.startswith("unreadable metadata")
+
+
+def test_json_paths_resolve_inside_the_folder_only(tmp_path):
+    ds = tmp_path / "ds"
+    _touch(ds / "audio" / "one.wav")
+    _touch(ds / "two.wav")
+    _touch(tmp_path / "outside.wav")
+    entries = [
+        {"audio_path": "audio/one.wav", "caption": "1"},
+        {"filename": "two.wav", "caption": "2"},
+        {"audio_path": "../outside.wav", "caption": "3"},
+        {"audio_path": str(tmp_path / "outside.wav"), "caption": "4"},
+        {"audio_path": "missing.wav"},
+        {"caption": "no path"},
+        "not an object",
+        {"audio_path": "audio/one.wav", "caption": "again"},
+    ]
+    (ds / "dataset.json").write_text(json.dumps({"samples": entries}))
+    items, failures, _ = collect_items(ds, dataset_json=ds / "dataset.json")
+    assert [(i.id, i.meta.caption) for i in items] == [("audio/one.wav", "1"), ("two.wav", "2"),
+                                                       ("audio/one.wav#2", "again")]
+    reasons = {f.path: f.reason for f in failures}
+    assert "outside the dataset folder" in reasons["../outside.wav"]
+    assert "outside the dataset folder" in reasons[str(tmp_path / "outside.wav")]
+    assert reasons["missing.wav"].startswith("audio file not found")
+    assert any("neither audio_path nor filename" in r for r in reasons.values())
+    assert any("not an object" in r for r in reasons.values())
+    allowed, failures2, _ = collect_items(ds, dataset_json=ds / "dataset.json", allow_outside=True)
+    assert len(allowed) == 5 and allowed[2].rel == str((tmp_path / "outside.wav").resolve())
+    # a file name alone is found anywhere in the folder when it is unique
+    (ds / "by_name.json").write_text(json.dumps([{"filename": "one.wav"}]))
+    items, _, _ = collect_items(ds, dataset_json=ds / "by_name.json")
+    assert items[0].rel == "audio/one.wav"
