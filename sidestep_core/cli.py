@@ -18,6 +18,8 @@ COMMANDS = {
     "estimate": "estimate",
     "export": "export",
     "presets": "presets",
+    "generate": "generate",
+    "compare": "generate",
 }
 
 

@@ -23,7 +23,9 @@ SCHEDULERS = ("cosine", "cosine_restarts", "linear", "constant", "constant_with_
 PRECISIONS = ("bf16", "fp16", "fp32")
 
 # Paths, devices and resume: specific to one run on one machine; never part of a preset.
-RUN_ONLY_FIELDS = frozenset({"checkpoint", "dataset", "out", "resume", "device", "base_variant"})
+RUN_ONLY_FIELDS = frozenset(
+    {"checkpoint", "dataset", "out", "resume", "device", "base_variant", "preview_prompts"}
+)
 
 
 def _f(default: Any, help: str, *, choices: Optional[tuple] = None, group: str = "training", factory=None):
@@ -119,6 +121,18 @@ class TrainConfig:
     estimate_steps: int = _f(2, "micro-batches timed before training to estimate time and memory (0 = skip)",
                              group="logging")
 
+    # ----- audio previews -----
+    preview_every: int = _f(0, "render preview audio with the current adapter every N steps (0 = off)",
+                            group="previews")
+    preview_prompts: str = _f("", "preview prompts: a JSON file or inline JSON list of {caption, lyrics, seconds, "
+                              "seed, bpm, key, timesignature, language}", group="previews")
+    preview_steps: Optional[int] = _f(None, "sampler steps of previews (default: the model's recommendation)",
+                                      group="previews")
+    preview_shift: Optional[float] = _f(None, "sampler shift of previews (default: the model's recommendation)",
+                                        group="previews")
+    preview_guidance: Optional[float] = _f(None, "guidance of previews on base/SFT (default: the model's)",
+                                           group="previews")
+
     # ------------------------------------------------------------------------------------------------------
     def validate(self) -> "TrainConfig":
         """Raise ``ValueError`` naming the first bad field; return self so calls chain."""
@@ -134,7 +148,7 @@ class TrainConfig:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 bad(name, "must be an integer >= 1")
         for name in ("max_steps", "epochs", "save_every", "keep_checkpoints", "warmup_steps", "seed", "val_every",
-                     "log_every", "histogram_every", "estimate_steps"):
+                     "log_every", "histogram_every", "estimate_steps", "preview_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 bad(name, "must be an integer >= 0")
         for name in ("alpha", "learning_rate"):
@@ -174,6 +188,10 @@ class TrainConfig:
                     bad(name, f"entry {k!r}: rank {v!r} must be an integer")
         if self.adapter == "oft" and (self.rank_pattern or self.alpha_pattern):
             bad("rank_pattern", "per-module ranks do not apply to OFT")
+        if self.preview_every and not str(self.preview_prompts).strip():
+            bad("preview_prompts", "previews are on (preview_every > 0) but no prompts are given")
+        if self.preview_steps is not None and (not isinstance(self.preview_steps, int) or self.preview_steps < 1):
+            bad("preview_steps", "must be an integer >= 1")
         if self.resume not in ("none", "auto") and not self.resume.strip():
             bad("resume", "must be 'none', 'auto' or a checkpoint path")
         return self

@@ -1,6 +1,7 @@
 """Our model against golden outputs of the upstream ACE-Step 1.5 code (tests/data/README.md says how they were made)."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,9 +11,9 @@ from sidestep_core.model import AceStepModel
 from sidestep_core.tiny import get_profile
 from sidestep_core.tiny.writer import dit_state
 
-from conftest import DATA
 
-GOLDEN = DATA / "upstream_golden_tiny.safetensors"
+
+GOLDEN = Path(__file__).parent / "data" / "upstream_golden_tiny.safetensors"
 
 
 @pytest.fixture(scope="module")

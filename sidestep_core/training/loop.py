@@ -227,6 +227,7 @@ class _Trainer:
         self.objective = Objective(cfg.timestep_mode, mu, sigma, cfg.cfg_ratio, self.null,
                                    None if cfg.precision == "fp32" else self.dtype)
         self.trigger = cfg.trigger_tag or self.dataset.trigger_tag
+        self.previews = self._build_previews() if cfg.preview_every and self.dist.main else None
 
         self.step, self.epoch, self.batch_pos = 0, 0, 0
         self.elapsed_before = 0.0
@@ -497,6 +498,21 @@ class _Trainer:
         })
 
     # ----- main -----
+    def _build_previews(self):
+        """Preview renderer (rank 0): prompts encoded once, in the style the dataset was preprocessed with."""
+        from ..data.cache import read_manifest
+        from ..generate import SamplerSettings
+        from ..previews import PreviewRenderer, load_preview_prompts
+
+        cfg = self.cfg
+        manifest = read_manifest(Path(cfg.dataset)) or {}
+        settings = SamplerSettings(steps=cfg.preview_steps, shift=cfg.preview_shift, guidance=cfg.preview_guidance)
+        return PreviewRenderer.build(
+            cfg.checkpoint, self.out, load_preview_prompts(cfg.preview_prompts), cfg.preview_every,
+            device=self.device, variant=cfg.base_variant or None, null_condition_emb=self.null, settings=settings,
+            prompt_style=manifest.get("prompt_style", "acestep"), progress=self._progress,
+        )
+
     def run(self) -> TrainResult:
         self.setup()
         cfg = self.cfg
@@ -508,6 +524,8 @@ class _Trainer:
         if self.dist.main:
             csv = CsvLog(self.out / "loss.csv", self.step)
             tb = TensorBoard(self.out / "runs", self.step, cfg.tensorboard)
+            if self.previews is not None:
+                self.previews.writer = tb
         result = TrainResult("complete", self.step, self.total, self.out, None, self.last_checkpoint,
                              is_main=self.dist.main)
         speed = Speed()
@@ -563,6 +581,8 @@ class _Trainer:
                 if save:
                     self._save_checkpoint(elapsed)
                     saved_at = self.step
+                if self.previews is not None:  # after saving: a slow render never risks the checkpoint
+                    self.previews.maybe_render(self.step, self.adapter.module, force=self.step == self.total or stop)
                 result.loss, result.smoothed_loss = loss, smoothed
         except KeyboardInterrupt:
             if self._in_update or self.dist.world > 1:

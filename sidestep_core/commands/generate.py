@@ -1,0 +1,174 @@
+"""``sidestep generate``: text-to-music with the core model (optionally with an adapter), and ``--compare``: the
+same prompt and seed at several adapter strengths and with each saved checkpoint, as a table of audio files.
+
+Registered under a second name ``compare``, the same module starts in comparison mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from ..text.prompts import PROMPT_STYLES
+from ._progress import add_plain
+
+
+def register(subparsers, name: str = "generate") -> argparse.ArgumentParser:
+    comparing = name == "compare"
+    p = subparsers.add_parser(
+        name,
+        help="compare an adapter's strengths and checkpoints on one prompt" if comparing else
+        "generate music from a caption and lyrics (optionally with an adapter)",
+        description=(
+            "Render one prompt and seed with the base model, the adapter at several strengths and every checkpoint "
+            "of a training run; writes OUT/NN_label.flac, OUT/compare.md (the table) and OUT/compare.json."
+            if comparing else
+            "Text-to-music with an ACE-Step 1.5 model: the prompt is built and encoded exactly as preprocessing "
+            "does, sampled with the variant's sampler (turbo: 8 fixed steps; base/sft: CFG with APG) and decoded "
+            "to 48 kHz stereo FLAC. --compare renders the same prompt at several adapter strengths and with each "
+            "saved checkpoint."),
+    )
+    p.add_argument("--checkpoint", required=True,
+                   help="ACE-Step 1.5 model: original folder, ComfyUI diffusion model file or all-in-one checkpoint")
+    p.add_argument("--adapter", help="adapter folder/file (PEFT, LyCORIS or ComfyUI format); with --compare also "
+                   "a training run folder (OUT of sidestep train)")
+    p.add_argument("--strength", type=float, default=1.0, help="adapter strength (default: 1.0)")
+    g = p.add_argument_group("prompt")
+    g.add_argument("--caption", required=True, help="caption / tags describing the music")
+    g.add_argument("--lyrics", default="", help="lyrics (empty: instrumental)")
+    g.add_argument("--lyrics-file", help="read the lyrics from this text file")
+    g.add_argument("--seconds", type=float, default=30.0, help="duration in seconds (default: 30)")
+    g.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+    g.add_argument("--bpm", help="tempo, e.g. 120")
+    g.add_argument("--key", dest="keyscale", help='key and scale, e.g. "F# minor"')
+    g.add_argument("--timesignature", help="time signature numerator, e.g. 4")
+    g.add_argument("--language", help="lyrics language code (default: unknown / en by prompt style)")
+    g.add_argument("--prompt-style", choices=PROMPT_STYLES, default="acestep",
+                   help="prompt template; use the one the adapter's dataset was preprocessed with (default: acestep)")
+    s = p.add_argument_group("sampler (defaults: the model's recommendation)")
+    s.add_argument("--steps", type=int, help="base/sft: sampling steps (turbo always uses its 8-step table)")
+    s.add_argument("--shift", type=float, help="timestep shift (turbo: snapped to 1, 2 or 3)")
+    s.add_argument("--guidance", type=float, help="base/sft: guidance scale (<= 1 turns CFG off)")
+    s.add_argument("--guidance-mode", choices=("apg", "cfg"), default="apg", help="base/sft: APG (upstream) or CFG")
+    s.add_argument("--cfg-interval", type=float, nargs=2, metavar=("START", "END"), default=(0.0, 1.0),
+                   help="apply guidance only for t in [START, END] (default: 0 1)")
+    s.add_argument("--noise", choices=("comfyui", "acestep"), default="comfyui",
+                   help="noise from the seed as ComfyUI draws it (CPU, any device gives the same) or as upstream "
+                   "ACE-Step does (generator on the device) (default: comfyui)")
+    c = p.add_argument_group("comparison")
+    c.add_argument("--compare", action="store_true", default=comparing,
+                   help="render base, each --strengths value and each checkpoint; --out is then a folder")
+    c.add_argument("--strengths", type=float, nargs="+", default=[0.0, 0.5, 1.0],
+                   help="strengths to compare (0 = base model) (default: 0 0.5 1)")
+    c.add_argument("--checkpoints", nargs="*", default=[],
+                   help="more adapters to compare at --strength (folders or files)")
+    p.add_argument("--out", required=True, help="output .flac file (a folder with --compare)")
+    p.add_argument("--vae", help="VAE to use instead of the one found beside the checkpoint")
+    p.add_argument("--text-encoder", help="Qwen3-Embedding-0.6B folder or qwen_0.6b_ace15.safetensors")
+    p.add_argument("--tokenizer", help="tokenizer folder (needed for ComfyUI files outside a ComfyUI installation)")
+    p.add_argument("--variant", help="base variant when names do not tell (turbo, base, sft, xl-...)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="decoder precision (default: bf16 on CUDA, "
+                   "fp32 on CPU)")
+    add_plain(p)
+    return p
+
+
+def _prompt(args):
+    from ..generate import Prompt
+
+    lyrics = args.lyrics
+    if args.lyrics_file:
+        path = Path(args.lyrics_file).expanduser()
+        try:
+            lyrics = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ValueError(f"{path}: cannot read lyrics ({exc.strerror or exc})") from exc
+    return Prompt(caption=args.caption, lyrics=lyrics, seconds=args.seconds, seed=args.seed, bpm=args.bpm,
+                  keyscale=args.keyscale, timesignature=args.timesignature, language=args.language).validate()
+
+
+def _settings(args):
+    from ..generate import SamplerSettings
+
+    return SamplerSettings(steps=args.steps, shift=args.shift, guidance=args.guidance,
+                           cfg_interval=tuple(args.cfg_interval), guidance_mode=args.guidance_mode,
+                           noise=args.noise)
+
+
+def _progress(plain: bool):
+    state = {"bar": None}
+
+    def cb(ev: dict) -> None:
+        if ev.get("stage") != "sample" or plain:
+            return
+        from tqdm import tqdm
+
+        if state["bar"] is None or ev["done"] == 1:
+            if state["bar"] is not None:
+                state["bar"].close()
+            state["bar"] = tqdm(total=ev["total"], unit="step", desc="sampling", leave=False, file=sys.stderr)
+        state["bar"].update(ev["done"] - state["bar"].n)
+        if ev["done"] == ev["total"]:
+            state["bar"].close()
+            state["bar"] = None
+
+    return cb
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..generate import Generator, compare, write_flac
+
+    prompt = _prompt(args)
+    settings = _settings(args)
+    out = Path(args.out).expanduser()
+    if args.compare and out.suffix.lower() == ".flac":
+        raise ValueError(f"{out}: with --compare, --out is a folder")
+    if not args.compare and out.suffix.lower() != ".flac":
+        raise ValueError(f"{out}: the output must be a .flac file")
+    t0 = time.perf_counter()
+    gen = Generator.load(args.checkpoint, vae=args.vae, text_encoder=args.text_encoder, tokenizer=args.tokenizer,
+                         variant=args.variant, device=args.device, dtype=args.dtype,
+                         prompt_style=args.prompt_style, progress=_progress(bool(getattr(args, "plain", False))))
+    resolved = gen.settings(settings)
+    print(f"model: {gen.info.variant} ({resolved.describe(gen.turbo)}) on {gen.device}, loaded in "
+          f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
+
+    if not args.compare:
+        if args.adapter:
+            gen.set_adapter(args.adapter, args.strength)
+            print(f"adapter: {args.adapter} at strength {args.strength:g}", file=sys.stderr)
+        result = gen.generate(prompt, settings)
+        write_flac(out, result.waveform, result.sample_rate)
+        print(f"wrote {out} ({result.waveform.shape[-1] / result.sample_rate:.2f} s, 48 kHz stereo) in "
+              f"{result.seconds_taken:.1f} s", file=sys.stderr)
+        return 0
+
+    folder = out
+    folder.mkdir(parents=True, exist_ok=True)
+    extra = [(Path(c).name or str(c), Path(c)) for c in args.checkpoints]
+    strengths = args.strengths if args.adapter else [0.0]
+    results = compare(gen, prompt, args.adapter, strengths=strengths, checkpoints=extra,
+                      checkpoint_strength=args.strength, settings=settings)
+    rows = []
+    for i, r in enumerate(results):
+        path = folder / f"{i:02d}_{r.label}.flac"
+        write_flac(path, r.waveform, r.sample_rate)
+        rows.append({"label": r.label, "strength": r.strength, "adapter": r.adapter, "file": path.name,
+                     "seconds_taken": round(r.seconds_taken, 3)})
+    table = ["| # | render | strength | adapter | file |", "|---|---|---|---|---|"]
+    for i, row in enumerate(rows):
+        table.append(f"| {i} | {row['label']} | {row['strength']:g} | {row['adapter'] or '(base model)'} | "
+                     f"[{row['file']}]({row['file']}) |")
+    header = (f"# Comparison\n\nPrompt: {prompt.caption!r}, seed {prompt.seed}, {prompt.seconds:g} s; "
+              f"{resolved.describe(gen.turbo)}; model {gen.info.variant} ({args.checkpoint})\n\n")
+    from ..fsutil import atomic_write_bytes, atomic_write_json
+
+    atomic_write_bytes(folder / "compare.md", (header + "\n".join(table) + "\n").encode("utf-8"))
+    atomic_write_json(folder / "compare.json", {"prompt": prompt.to_dict(), "settings": resolved.to_dict(),
+                                                "checkpoint": str(args.checkpoint), "renders": rows})
+    print("\n".join(table))
+    print(f"wrote {len(rows)} files and compare.md to {folder}", file=sys.stderr)
+    return 0
