@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from . import sampling
+from . import conditioning, sampling
 from .model.model import AceStepModel
 
 Progress = Callable[[dict], None]
@@ -36,7 +36,6 @@ SAMPLE_RATE = 48000
 HOP = 1920
 FRAMES_PER_SECOND = SAMPLE_RATE // HOP  # 25
 MAX_SECONDS = 600.0
-ACESTEP_TIMBRE_FRAMES = 750  # upstream inference (and our preprocessing): silence[:, :750] as the timbre reference
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 
@@ -212,15 +211,6 @@ def default_dtype(device: torch.device, name: Optional[str] = None) -> torch.dty
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def timbre_reference(silence: torch.Tensor, frames: int, style: str) -> torch.Tensor:
-    """The timbre-encoder input when no reference audio is given (as preprocessing feeds it)."""
-    if style == "acestep":
-        return silence[:, :ACESTEP_TIMBRE_FRAMES]
-    if silence.shape[1] < frames:
-        silence = silence.repeat(1, -(-frames // silence.shape[1]), 1)
-    return silence[:, :frames]
-
-
 def text_states(text, prompt: Prompt, style: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(caption states [Lt, H], lyric embeddings [Ll, H]) float32 on the CPU for ``prompt``."""
     from .text.prompts import tokenize
@@ -231,25 +221,11 @@ def text_states(text, prompt: Prompt, style: str) -> tuple[torch.Tensor, torch.T
     return text.encode_caption(toks.text_ids), text.embed_lyrics(toks.lyric_ids)
 
 
-@torch.no_grad()
 def encode_conditions(model: AceStepModel, caption_states: torch.Tensor, lyric_states: torch.Tensor,
                       silence: torch.Tensor, frames: int, style: str) -> Conditions:
-    """Run the condition encoder (in its own dtype and device) exactly as preprocessing's second pass does.
-
-    Returns CPU tensors in the encoder's dtype; ``silence`` is [1, T_max, 64].
-    """
-    enc = model.encoder
-    param = next(enc.parameters())
-    device, dtype = param.device, param.dtype
-    text = caption_states[None].to(device=device, dtype=dtype)
-    lyric = lyric_states[None].to(device=device, dtype=dtype)
-    text_mask = torch.ones(text.shape[:2], dtype=torch.bool, device=device)
-    lyric_mask = torch.ones(lyric.shape[:2], dtype=torch.bool, device=device)
-    ref = timbre_reference(silence.float(), frames, style).to(device=device, dtype=dtype)
-    order = torch.zeros(1, dtype=torch.long, device=device)
-    states, mask = enc(text, text_mask, lyric, lyric_mask, ref, order)
-    context = AceStepModel.text2music_context(silence.float(), frames)
-    return Conditions(states.to(dtype).cpu(), mask.bool().cpu(), context.to(dtype).cpu())
+    """The condition-encoder pass exactly as preprocessing runs it; CPU tensors in the encoder's dtype."""
+    states, mask, context = conditioning.encode_conditions(model, caption_states, lyric_states, silence, frames, style)
+    return Conditions(states[None].cpu(), mask[None].cpu(), context[None].cpu())
 
 
 def base_param_dtype(module: torch.nn.Module) -> torch.dtype:

@@ -30,6 +30,7 @@ from .. import __version__
 from ..audio.decode import AudioError, decode_audio, peak_dbfs
 from ..audio.loudness import MODES as LOUDNESS_MODES
 from ..audio.loudness import normalize
+from ..conditioning import encode_conditions
 from ..model.loading import resolve_dit_folder, weights_identity
 from ..text import encoder as te_mod
 from ..text.prompts import DEFAULT_LANGUAGE, PROMPT_STYLES, PromptInputs, tokenize
@@ -54,7 +55,6 @@ Progress = Callable[[dict], None]
 
 MODEL_MAX_SECONDS = 600.0  # the silence latent covers 15000 frames = 600 s; the model's longest generation
 SILENT_DBFS = -60.0  # a whole file quieter than this is treated as silence
-ACESTEP_TIMBRE_FRAMES = 750  # upstream inference: silence_latent[:, :750] as the reference when none is given
 SILENCE_CACHE = "silence_latent.safetensors"
 
 
@@ -350,38 +350,20 @@ def _pass1_item(plan: _Plan, cfg: PreprocessConfig, vae, text: te_mod.TextEncode
     return tensors, record
 
 
-def _timbre_reference(silence: torch.Tensor, frames: int, style: str) -> torch.Tensor:
-    """The reference-audio latents inference feeds the timbre encoder when the user gives no reference."""
-    if style == "acestep":
-        return silence[:, :ACESTEP_TIMBRE_FRAMES]
-    # ComfyUI's text2music path (no LM audio codes) passes silence as long as the generation itself.
-    if silence.shape[1] < frames:
-        silence = silence.repeat(1, -(-frames // silence.shape[1]), 1)
-    return silence[:, :frames]
-
-
-def _pass2_item(inter: dict, record: dict, model, silence: torch.Tensor, style: str, device, dtype) -> dict:
+def _pass2_item(inter: dict, record: dict, model, silence: torch.Tensor, style: str) -> dict:
     lat = inter["target_latents"]
-    frames = lat.shape[0]
-    text = inter["text_hidden_states"][None].to(device=device, dtype=dtype)
-    lyric = inter["lyric_hidden_states"][None].to(device=device, dtype=dtype)
-    text_mask = torch.ones(text.shape[:2], dtype=torch.bool, device=device)
-    lyric_mask = torch.ones(lyric.shape[:2], dtype=torch.bool, device=device)
-    ref = _timbre_reference(silence, frames, style).to(device=device, dtype=dtype)
-    order = torch.zeros(1, dtype=torch.long, device=device)
-    with torch.no_grad():
-        states, mask = model.encoder(text, text_mask, lyric, lyric_mask, ref, order)
-    from ..model.model import AceStepModel
-
-    context = AceStepModel.text2music_context(silence, frames)[0]
+    states, mask, context = encode_conditions(
+        model, inter["text_hidden_states"], inter["lyric_hidden_states"], silence, lat.shape[0], style
+    )
+    dtype = states.dtype
     if not _finite(states):
         raise ValueError("NaN/Inf in the condition encoder output")
-    record["encoder_tokens"] = int(states.shape[1])
+    record["encoder_tokens"] = int(states.shape[0])
     return {
         "target_latents": lat.to(dtype),
-        "encoder_hidden_states": states[0].to(dtype).cpu(),
-        "encoder_attention_mask": mask[0].bool().cpu(),
-        "context_latents": context.to(dtype),
+        "encoder_hidden_states": states.cpu(),
+        "encoder_attention_mask": mask.cpu(),
+        "context_latents": context.cpu(),
     }
 
 
@@ -556,7 +538,7 @@ def preprocess(
                         raise ValueError("pass-1 intermediate is missing or unreadable; run again")
                     inter = load_file(str(inter_path))
                     record.pop("_tensors", None)
-                    tensors = _pass2_item(inter, record, model, sil, cfg.prompt_style, device, dtype)
+                    tensors = _pass2_item(inter, record, model, sil, cfg.prompt_style)
                 except ValueError as exc:
                     failures.append(Failure(plan.item.rel, str(exc), plan.key))
                     failed_keys.add(plan.key)
