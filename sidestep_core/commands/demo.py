@@ -1,40 +1,208 @@
-"""``sidestep demo``: run the pipeline on the embedded tiny model and say where each output went."""
+"""``sidestep demo``: the whole pipeline on the embedded tiny model, on the CPU, in well under a minute.
+
+synthetic audio → preprocess → estimate → train → export (ComfyUI format) → apply. Nothing is downloaded; every
+output is written under ``--workdir`` and its location printed.
+"""
 
 from __future__ import annotations
 
+import math
+import shutil
+import struct
+import tempfile
 import time
+import wave
 from pathlib import Path
+from typing import Optional
 
 import torch
 
-from ..model import load_acestep
-from ..tiny.writer import default_demo_checkpoint, describe
+from ._progress import EXIT_CODES_HELP, EXIT_FAILED, EXIT_OK, Renderer, add_plain, is_plain, say
+
+SAMPLE_RATE = 48_000
+CLIPS = (  # (file stem, seconds, base frequency in Hz, caption)
+    ("tone_a", 1.2, 220.0, "slow sine drone, warm"),
+    ("tone_b", 1.0, 330.0, "bright plucked arpeggio"),
+    ("tone_c", 0.8, 275.0, "pulsing synth chord"),
+)
+TRIGGER = "sdemo"
 
 
 def register(sub, name):
-    p = sub.add_parser(name, help="run the pipeline on the embedded tiny model",
-                       description="Write (once) a deterministic tiny ACE-Step 1.5 checkpoint in the original "
-                       "layout and run the pipeline on it. Nothing is downloaded.")
+    p = sub.add_parser(
+        name,
+        help="run the whole pipeline on the embedded tiny model (about half a minute on a CPU)",
+        description="Write (once) a deterministic tiny ACE-Step 1.5 model, synthesise a few audio clips, then "
+        "preprocess them, estimate gradients, train a small adapter, export it in ComfyUI's format and apply it "
+        "to the model — printing where each output went. Nothing is downloaded.",
+        epilog=EXIT_CODES_HELP,
+    )
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="where the outputs go (default: a new temporary folder, kept and printed)")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="where the tiny model is kept (default: ~/.cache/sidestep)")
+    p.add_argument("--adapter", choices=("lora", "dora", "lokr", "loha", "oft"), default="lora",
+                   help="adapter type to train (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=8, help="training steps (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the audio, training and estimation (default: %(default)s)")
+    add_plain(p)
     return p
 
 
-def run(args) -> int:
+# ----------------------------------------------------------------------------------------------------------
+
+
+def synth_clip(seconds: float, freq: float, seed: int) -> list[tuple[float, float]]:
+    """A stereo clip: a few harmonics with a slow tremolo, a different detune per channel."""
+    n = int(seconds * SAMPLE_RATE)
+    g = torch.Generator().manual_seed(seed)
+    phase = torch.rand(4, generator=g) * 2 * math.pi
+    t = torch.arange(n, dtype=torch.float64) / SAMPLE_RATE
+    env = 0.6 + 0.4 * torch.sin(2 * math.pi * 2.0 * t + float(phase[0]))
+    left = sum(torch.sin(2 * math.pi * freq * k * t + float(phase[k % 4])) / k for k in (1, 2, 3))
+    right = sum(torch.sin(2 * math.pi * freq * 1.003 * k * t + float(phase[(k + 1) % 4])) / k for k in (1, 2, 3))
+    return list(zip((0.25 * env * left).tolist(), (0.25 * env * right).tolist()))
+
+
+def write_wav(path: Path, frames: list[tuple[float, float]]) -> None:
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(2)
+        w.setsampwidth(2)
+        w.setframerate(SAMPLE_RATE)
+        data = bytearray()
+        for lft, rgt in frames:
+            data += struct.pack("<hh", int(max(-1.0, min(1.0, lft)) * 32767), int(max(-1.0, min(1.0, rgt)) * 32767))
+        w.writeframes(bytes(data))
+
+
+def make_audio(folder: Path, seed: int) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (stem, seconds, freq, caption) in enumerate(CLIPS):
+        path = folder / f"{stem}.wav"
+        write_wav(path, synth_clip(seconds, freq, seed + i))
+        (folder / f"{stem}.txt").write_text(
+            f"caption: {caption}\ntrigger: {TRIGGER}\nbpm: 120\nlyrics:\n[Instrumental]\n", encoding="utf-8")
+        paths.append(path)
+    return paths
+
+
+class _Stage:
+    def __init__(self, number: int, total: int, title: str):
+        self.t0 = time.perf_counter()
+        say(f"[{number}/{total}] {title}")
+
+    def done(self, text: str) -> None:
+        say(f"      {text}  ({time.perf_counter() - self.t0:.1f} s)")
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def run_demo(workdir: Path, *, cache_dir: Optional[Path] = None, adapter: str = "lora", steps: int = 8,
+             seed: int = 0, plain: bool = True) -> dict[str, Path]:
+    """Run every stage; return where each output went."""
+    from ..adapters import apply_unmerged, read_adapter_weights
+    from ..adapters.comfy_export import export_comfyui
+    from ..config import TrainConfig
+    from ..data.preprocess import PreprocessConfig, preprocess
+    from ..estimate import EstimateSettings, estimate
+    from ..model import load_acestep
+    from ..tiny.writer import default_demo_checkpoint
+    from ..training import train
+
     t0 = time.perf_counter()
-    ckpt = default_demo_checkpoint(args.cache_dir)
-    print("model:", describe(ckpt))
-    loaded = load_acestep(ckpt.dit, dtype=torch.float32)
-    info = loaded.info
-    print(f"loaded {info.variant} (identity {info.identity}): recommended shift {info.shift}, {info.steps} steps")
-    frames = 50  # two seconds of latents
-    g = torch.Generator().manual_seed(0)
+    workdir = Path(workdir).expanduser()
+    workdir.mkdir(parents=True, exist_ok=True)
+    out: dict[str, Path] = {}
+    n = 7
+
+    st = _Stage(1, n, "tiny model (written once, then reused)")
+    ckpt = default_demo_checkpoint(cache_dir)
+    out["model"] = ckpt.dit
+    st.done(f"model: {ckpt.dit}")
+
+    st = _Stage(2, n, "synthetic audio")
+    audio_dir = workdir / "audio"
+    clips = make_audio(audio_dir, seed)
+    out["audio"] = audio_dir
+    st.done(f"{len(clips)} stereo 48 kHz clips with captions: {audio_dir}")
+
+    st = _Stage(3, n, "preprocess (VAE, text encoder, condition encoder → tensor cache)")
+    dataset = workdir / "dataset"
+    pre = preprocess(ckpt.dit, audio_dir, dataset, config=PreprocessConfig(device="cpu", seed=seed),
+                     progress=Renderer(plain, "preprocess", "item"))
+    if not pre.ok:
+        raise RuntimeError(f"{audio_dir}: preprocessing produced no samples: "
+                           + "; ".join(f"{f.path}: {f.reason}" for f in pre.failures))
+    out["dataset"] = dataset
+    st.done(f"{pre.samples} samples cached: {dataset}")
+
+    st = _Stage(4, n, "estimate gradients (which projections matter for these clips)")
+    result = estimate(ckpt.dit, dataset, EstimateSettings(batches=2, runs=2, seed=seed, device="cpu",
+                                                          precision="fp32", base_rank=8, rank_min=4, rank_max=16,
+                                                          gradient_checkpointing=False),
+                      progress=Renderer(plain, "estimate"))
+    est_path = result.save(workdir / "estimate.json")
+    out["estimate"] = est_path
+    top = ", ".join(m for m, _ in result.scores[:3])
+    st.done(f"top modules: {top}; {len(result.targets)} suggested: {est_path}")
+
+    st = _Stage(5, n, f"train a {adapter} adapter on the suggested modules ({steps} steps)")
+    settings = result.train_settings
+    cfg = TrainConfig(adapter=adapter, rank=8, alpha=8.0, dropout=0.0, precision="fp32", optimizer="adamw",
+                      learning_rate=5e-3, warmup_steps=0, scheduler="constant", max_steps=steps, save_every=0,
+                      crop_seconds=0, tensorboard=False, estimate_steps=0, device="cpu", seed=seed,
+                      gradient_checkpointing=False, oft_block_size=8, histogram_every=0,
+                      target_modules=settings["target_modules"],
+                      **({} if adapter == "oft" else {"rank_pattern": settings["rank_pattern"],
+                                                      "alpha_pattern": settings["alpha_pattern"]}))
+    run_dir = workdir / "run"
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    res = train(cfg, ckpt.dit, dataset, run_dir, progress=Renderer(plain, "train", "step"))
+    out["adapter"] = res.final_dir
+    st.done(f"loss {res.losses[0]:.4f} → {res.losses[-1]:.4f}; adapter: {res.final_dir}")
+
+    st = _Stage(6, n, "export for ComfyUI (LoraLoaderModelOnly)")
+    aw = read_adapter_weights(res.final_dir)
+    loaded = load_acestep(ckpt.dit, dtype=torch.float32, parts={"decoder", "null_condition_emb"})
+    exported, notes = export_comfyui(aw, workdir / f"sidestep_demo_{adapter}_comfyui.safetensors",
+                                     base=loaded.model, base_identity=loaded.info.identity,
+                                     base_variant=loaded.info.variant)
+    out["comfyui_file"] = exported
+    st.done(f"{exported.stat().st_size / 1024:.0f} KiB: {exported}" + (f" ({'; '.join(notes)})" if notes else ""))
+
+    st = _Stage(7, n, "apply the exported file to the model (unmerged, strength 1.0) and generate a velocity")
+    back = read_adapter_weights(exported)
+    decoder = loaded.model.decoder
+    g = torch.Generator().manual_seed(seed)
+    frames = 50
     x = torch.randn(1, frames, 64, generator=g)
     ctx = loaded.model.text2music_context(loaded.silence_latent, frames)
-    cond = loaded.model.null_condition_emb.expand(1, 8, -1)
-    t = torch.tensor([0.5])
+    cond = torch.randn(1, 8, decoder.condition_embedder.in_features, generator=g)
+    tt = torch.tensor([0.6])
     with torch.no_grad():
-        v = loaded.model.decoder(x, t, t, cond, ctx)
-    print(f"decoder forward: latents {tuple(x.shape)} -> velocity {tuple(v.shape)}, "
-          f"mean |v| {v.abs().mean():.4f}, {time.perf_counter() - t0:.1f} s in all")
-    return 0
+        v0 = decoder(x, tt, tt, cond, ctx)
+        with apply_unmerged(loaded.model, back, 1.0):
+            v1 = decoder(x, tt, tt, cond, ctx)
+        v2 = decoder(x, tt, tt, cond, ctx)
+    change = float((v1 - v0).norm() / v0.norm())
+    if not torch.equal(v0, v2) or change == 0.0:
+        raise RuntimeError("applying the adapter did not change the output, or removing it did not restore it")
+    torch.save({"base": v0, "adapted": v1}, workdir / "velocities.pt")
+    out["velocities"] = workdir / "velocities.pt"
+    st.done(f"adapter changes the decoder output by {100 * change:.2f} % (removed again: output restored)")
+    say(f"demo finished in {time.perf_counter() - t0:.1f} s; outputs in {workdir}")
+    return out
+
+
+def run(args) -> int:
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="sidestep-demo-"))
+    torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
+    out = run_demo(workdir, cache_dir=args.cache_dir, adapter=args.adapter, steps=args.steps, seed=args.seed,
+                   plain=is_plain(args))
+    say("outputs:")
+    for k, v in out.items():
+        say(f"  {k:<13} {v}")
+    return EXIT_OK if out else EXIT_FAILED

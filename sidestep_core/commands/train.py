@@ -8,10 +8,12 @@ Multi-GPU: ``accelerate launch -m sidestep_core train …``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import signal
 import sys
 
 from ..config import TrainConfig
+from ._progress import Renderer, add_plain
 
 
 def register(subparsers, name: str = "train") -> argparse.ArgumentParser:
@@ -22,73 +24,58 @@ def register(subparsers, name: str = "train") -> argparse.ArgumentParser:
         "OUT/checkpoints/step_N/ (adapter + training state), OUT/runs/ (TensorBoard), OUT/loss.csv and "
         "OUT/training_config.json. --resume auto continues an interrupted run exactly.",
     )
+    src = p.add_argument_group("where settings come from (later ones win; options given here win over all)")
+    src.add_argument("--preset", metavar="NAME", help="start from a preset (see `sidestep presets list`)")
+    src.add_argument("--config", metavar="FILE",
+                     help="JSON settings: a TrainConfig mapping, a run's training_config.json or a preset file")
+    src.add_argument("--targets-from", metavar="FILE",
+                     help="target modules and rank pattern from `sidestep estimate`")
     TrainConfig.add_arguments(p)
-    # Also accepted after the subcommand; SUPPRESS keeps a top-level `sidestep --plain train` intact.
-    p.add_argument("--plain", action="store_true", default=argparse.SUPPRESS,
-                   help="plain log lines instead of a progress bar")
+    add_plain(p)
     return p
 
 
-class _Renderer:
-    """Turns progress events into a tqdm bar (or plain lines)."""
-
-    def __init__(self, plain: bool):
-        self.plain = plain
-        self.bar = None
+class _Renderer(Renderer):
+    """The shared progress bar, plus the training events worth a line of their own."""
 
     def __call__(self, ev: dict) -> None:
         kind = ev.get("event")
-        if kind == "log":
-            self._print(ev["message"])
-        elif kind == "step":
-            if self.plain:
-                if ev["step"] == 1 or ev["step"] % 10 == 0 or ev["step"] == ev["total"]:
-                    self._print(_step_line(ev))
-                return
-            if self.bar is None:
-                from tqdm import tqdm
-
-                self.bar = tqdm(total=ev["total"], initial=ev["step"] - 1, unit="step", dynamic_ncols=True,
-                                file=sys.stderr)
-            self.bar.update(ev["step"] - self.bar.n)
-            self.bar.set_postfix_str(
-                f"loss {ev['loss']:.4f} (avg {ev['smoothed_loss']:.4f}) lr {ev['lr']:.2e}", refresh=False
-            )
+        if kind == "step":
+            eta = ev.get("eta_s")
+            ev = {**ev, "extra": f"loss {ev['loss']:.4f} (avg {ev['smoothed_loss']:.4f}) lr {ev['lr']:.2e}"
+                                 + (f" eta {eta:.0f}s" if eta is not None else "")}
         elif kind == "validation":
-            self._print(f"step {ev['step']}: validation loss {ev['val_loss']:.5f}")
+            self.write(f"step {ev['step']}: validation loss {ev['val_loss']:.5f}")
         elif kind == "checkpoint":
-            self._print(f"step {ev['step']}: checkpoint saved to {ev['path']}")
-        elif kind == "done":
-            self.close()
-
-    def _print(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.write(text, file=sys.stderr)
-        else:
-            print(text, file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+            self.write(f"step {ev['step']}: checkpoint saved to {ev['path']}")
+        elif kind == "preview":
+            self.write(f"step {ev['step']}: {len(ev['paths'])} preview(s) rendered in {ev['seconds']:.1f} s")
+        super().__call__(ev)
 
 
-def _step_line(ev: dict) -> str:
-    eta = ev.get("eta_s")
-    sps = ev.get("steps_per_s")
-    return (f"step {ev['step']}/{ev['total']} loss {ev['loss']:.5f} avg {ev['smoothed_loss']:.5f} "
-            f"lr {ev['lr']:.3e} grad {ev['grad_norm']:.3g}"
-            + (f" {sps:.2f} step/s" if sps else "") + (f" eta {eta:.0f}s" if eta is not None else ""))
+def build_config(args: argparse.Namespace) -> TrainConfig:
+    """TrainConfig defaults < --preset < --config file < --targets-from < options given on the command line."""
+    from ..estimate import load_targets
+    from ..presets import compose_config
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = {k: v for k, v in vars(args).items() if k in names}
+    if args.targets_from:
+        targets = load_targets(args.targets_from)
+        if given.get("adapter") == "oft":  # per-module ranks do not apply to OFT
+            targets = {"target_modules": targets["target_modules"]}
+        given = {**targets, **given}
+    return compose_config(args.preset, args.config, given)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..training import NonFiniteLossError, train
 
-    cfg = TrainConfig.from_args(args)
+    cfg = build_config(args)
     for name in ("checkpoint", "dataset", "out"):
         if not getattr(cfg, name):
             raise ValueError(f"--{name}: required")
-    renderer = _Renderer(bool(getattr(args, "plain", False)))
+    renderer = _Renderer(bool(getattr(args, "plain", False)), unit="step")
 
     stop_requested = {"flag": False}
 
@@ -96,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         if stop_requested["flag"]:
             raise KeyboardInterrupt  # second Ctrl-C: give up at once
         stop_requested["flag"] = True
-        renderer._print("stop requested: finishing this step and saving (Ctrl-C again to abort)")
+        renderer.write("stop requested: finishing this step and saving (Ctrl-C again to abort)")
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:

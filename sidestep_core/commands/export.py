@@ -1,0 +1,120 @@
+"""``sidestep export``: write an adapter as one ``.safetensors`` file that stock ComfyUI loads exactly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..adapters.comfy_export import KEY_STYLES, default_export_path
+from ._progress import EXIT_CODES_HELP, EXIT_FAILED, EXIT_OK, add_plain, say
+
+DTYPES = {"keep": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+VERIFY_TOLERANCE = 1e-4
+
+
+def register(sub, name):
+    p = sub.add_parser(
+        name,
+        help="write an adapter as one ComfyUI LoRA file (LoRA, DoRA, LoKR, LoHA, OFT)",
+        description="Read an adapter — a PEFT folder (ACE-Step trainer, Side-Step, sidestep train), a LyCORIS "
+        "file, or a ComfyUI-format file — and write one .safetensors that ComfyUI's LoraLoaderModelOnly applies "
+        "to an ACE-Step 1.5 model at strength 1.0 exactly as trained: per-module alpha, DoRA converted to "
+        "ComfyUI's dora_scale (exact for the base model it was trained on, which is therefore needed), OFT as "
+        "LyCORIS oft_blocks. With the base model at hand the written file is read back and its merged weights "
+        "are compared with the adapter's.",
+        epilog=EXIT_CODES_HELP,
+    )
+    p.add_argument("adapter", help="adapter folder (e.g. OUT/final) or file")
+    p.add_argument("--out", help="output file (default: <adapter>_comfyui.safetensors beside the adapter)")
+    p.add_argument("--checkpoint",
+                   help="the base model the adapter was trained on; needed for DoRA and rescaled OFT, and used to "
+                   "check that the adapter fits and to verify the export (default: the run's "
+                   "training_config.json, when it names an existing model)")
+    p.add_argument("--key-style", choices=KEY_STYLES, default="comfy",
+                   help="comfy: diffusion_model.decoder.<path>; peft: base_model.model.<path>; "
+                   "lycoris: lycoris_<path>; all three load in ComfyUI >= 0.16 (default: %(default)s)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="keep",
+                   help="dtype of the adapter tensors in the file; alpha and DoRA scales stay fp32 (default: %(default)s)")
+    p.add_argument("--no-overwrite", dest="overwrite", action="store_false", help="refuse to replace a file")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip reading the written file back and comparing merged weights")
+    p.add_argument("--variant", help="base variant when the checkpoint does not tell (turbo, base, sft, xl-*)")
+    add_plain(p)
+    return p
+
+
+def find_run_checkpoint(adapter: Path) -> Optional[Path]:
+    """The model named by the training run the adapter belongs to (``OUT/training_config.json``), if it exists."""
+    start = adapter if adapter.is_dir() else adapter.parent
+    for folder in [start, *start.parents][:4]:
+        conf = folder / "training_config.json"
+        if conf.is_file():
+            try:
+                data = json.loads(conf.read_text(encoding="utf-8"))
+                path = Path(str(data.get("config", {}).get("checkpoint", ""))).expanduser()
+            except (OSError, ValueError, AttributeError):
+                return None
+            return path if str(path) not in ("", ".") and path.exists() else None
+    return None
+
+
+def run(args) -> int:
+    from ..adapters import export_comfyui, read_adapter_weights
+    from ..adapters.comfy_export import needs_base
+    from ..adapters.formats import read_adapter_weights as read_back
+    from ..adapters.apply import merged_state
+
+    adapter_path = Path(args.adapter).expanduser()
+    aw = read_adapter_weights(adapter_path)
+    say(aw.summary())
+    for note in aw.notes:
+        say(f"note: {note}")
+    out = Path(args.out).expanduser() if args.out else default_export_path(adapter_path)
+    if out.suffix != ".safetensors":
+        out = out.with_suffix(".safetensors")
+    if out.exists() and not args.overwrite:
+        raise ValueError(f"{out}: exists (leave out --no-overwrite to replace it)")
+
+    checkpoint = Path(args.checkpoint).expanduser() if args.checkpoint else find_run_checkpoint(adapter_path)
+    rescaled_oft = [n for n, m in aw.all_modules().items() if m.kind == "oft" and "rescale" in m.tensors]
+    base = identity = variant = None
+    if checkpoint is not None:
+        from ..model import load_acestep
+
+        loaded = load_acestep(checkpoint, variant=args.variant, dtype=torch.float32,
+                              parts={"decoder"} if not aw.outside else None)
+        base, identity, variant = loaded.model, loaded.info.identity, loaded.info.variant
+        aw.check_decoder(base.decoder)
+        trained_on = aw.meta_value("sidestep_base_identity")
+        if trained_on and trained_on != identity:
+            say(f"warning: the adapter was trained on model {trained_on}, {checkpoint} is {identity}"
+                + ("; DoRA magnitudes are converted for the model given" if needs_base(aw) else ""))
+        say(f"base model: {checkpoint} ({variant}, identity {identity})")
+    elif needs_base(aw) or rescaled_oft:
+        what = "DoRA" if needs_base(aw) else "rescaled OFT"
+        raise ValueError(f"{adapter_path}: exporting {what} for ComfyUI needs the base model it was trained on; "
+                         "pass --checkpoint")
+
+    path, notes = export_comfyui(aw, out, base=base, base_identity=identity or "", base_variant=variant or "",
+                                 key_style=args.key_style, dtype=DTYPES[args.dtype])
+    for note in notes:
+        say(f"note: {note}")
+    size = path.stat().st_size
+    say(f"wrote {path} ({size / 2**20:.1f} MiB, key style {args.key_style})")
+
+    if args.verify and base is not None:
+        back = read_back(path)
+        ours = merged_state(base, aw)
+        theirs = merged_state(base, back)
+        worst = max(float((theirs[n] - ours[n]).norm() / ours[n].norm().clamp_min(1e-12)) for n in ours)
+        tolerance = VERIFY_TOLERANCE if args.dtype in ("keep", "fp32") else 1e-2
+        say(f"verified: merged weights of the export vs the adapter, max relative difference {worst:.2e}")
+        if worst > tolerance:
+            say(f"error: the export differs from the adapter by more than {tolerance:g}")
+            return EXIT_FAILED
+    elif args.verify:
+        say("not verified: no base model (pass --checkpoint to compare merged weights)")
+    return EXIT_OK

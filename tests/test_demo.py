@@ -1,0 +1,45 @@
+"""``sidestep demo``: every stage runs on the embedded tiny model and says where its output went."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sidestep_core.cli import main
+
+
+@pytest.mark.slow
+def test_demo_runs_every_stage(tmp_path, capsys):
+    work, cache = tmp_path / "work", tmp_path / "cache"
+    code = main(["--plain", "demo", "--workdir", str(work), "--cache-dir", str(cache), "--steps", "4"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    for stage in ("tiny model", "synthetic audio", "preprocess", "estimate gradients", "train a lora adapter",
+                  "export for ComfyUI", "apply the exported file"):
+        assert stage in out, stage
+    paths = {}
+    for line in out.split("outputs:")[1].strip().splitlines():
+        key, value = line.split(None, 1)
+        paths[key] = value.strip()
+    assert set(paths) == {"model", "audio", "dataset", "estimate", "adapter", "comfyui_file", "velocities"}
+    assert len(list((work / "audio").glob("*.wav"))) == 3
+    assert json.loads((work / "dataset" / "manifest.json").read_text())
+    est = json.loads((work / "estimate.json").read_text())
+    assert est["train_settings"]["target_modules"]
+    assert (work / "run" / "final" / "adapter_model.safetensors").is_file()
+
+    from sidestep_core.adapters import read_adapter_weights
+
+    exported = read_adapter_weights(paths["comfyui_file"])
+    assert exported.format == "comfyui" and exported.adapter_type == "lora"
+    assert sorted(exported.modules) == sorted(est["train_settings"]["target_modules"])
+    # every adapter file carries what ComfyUI users need to know about it
+    assert exported.meta_value("sidestep_trigger_tag") == "sdemo"
+    for key in ("sidestep_adapter", "sidestep_adapter_options", "sidestep_base_variant", "sidestep_base_identity",
+                "sidestep_recommended_shift", "sidestep_recommended_steps", "sidestep_steps", "sidestep_version"):
+        assert key in exported.metadata, key
+    assert exported.meta_value("sidestep_steps") == 4 and exported.meta_value("sidestep_recommended_shift") == 3.0
+    v = torch.load(paths["velocities"], weights_only=True)
+    assert not torch.equal(v["base"], v["adapted"])
