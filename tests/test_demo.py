@@ -23,7 +23,7 @@ def test_demo_runs_every_stage(tmp_path, capsys):
     for line in out.split("outputs:")[1].strip().splitlines():
         key, value = line.split(None, 1)
         paths[key] = value.strip()
-    assert set(paths) == {"model", "audio", "dataset", "estimate", "adapter", "comfyui_file", "velocities"}
+    assert set(paths) == {"model", "audio", "dataset", "estimate", "adapter", "comfyui_file", "audio@0", "audio@1"}
     assert len(list((work / "audio").glob("*.wav"))) == 3
     assert json.loads((work / "dataset" / "manifest.json").read_text())
     est = json.loads((work / "estimate.json").read_text())
@@ -41,5 +41,8 @@ def test_demo_runs_every_stage(tmp_path, capsys):
                 "sidestep_recommended_shift", "sidestep_recommended_steps", "sidestep_steps", "sidestep_version"):
         assert key in exported.metadata, key
     assert exported.meta_value("sidestep_steps") == 4 and exported.meta_value("sidestep_recommended_shift") == 3.0
-    v = torch.load(paths["velocities"], weights_only=True)
-    assert not torch.equal(v["base"], v["adapted"])
+    from sidestep_core.audio.decode import decode_audio
+
+    base, adapted = decode_audio(paths["audio@0"]), decode_audio(paths["audio@1"])
+    assert base.waveform.shape == adapted.waveform.shape == (2, 50 * 1920)  # 2 s at 48 kHz, stereo
+    assert not torch.equal(base.waveform, adapted.waveform)
