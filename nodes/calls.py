@@ -1,0 +1,152 @@
+"""From node inputs to core arguments and back — the ComfyUI-free half of each node (tested without ComfyUI).
+
+``extension.py`` adds only what needs ComfyUI: folder lookups, progress, memory, the model patcher.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Optional
+
+from sidestep_core.config import TrainConfig
+from sidestep_core.data.preprocess import PreprocessConfig
+
+from . import runs, spec as S
+from .values import DatasetRef, EstimateRef, ModelBundle
+
+EXPORT_KEY_STYLES = {"comfyui": "comfy", "peft": "peft", "lycoris": "lycoris"}
+
+
+def bundle_from_info(path: Path, label: str, info, stated_variant: Optional[str], *,
+                     text_encoder: Optional[Path] = None, vae: Optional[Path] = None,
+                     tokenizer: Optional[Path] = None) -> ModelBundle:
+    """``info`` is the ``ModelInfo`` of ``load_acestep(path, parts=set())`` (headers only)."""
+    return ModelBundle(
+        checkpoint=Path(path), label=label, variant=info.variant, stated_variant=stated_variant,
+        is_turbo=info.is_turbo, shift=info.shift, steps=info.steps, guidance=info.guidance,
+        identity=info.identity, layout=info.layout, text_encoder=text_encoder, vae=vae, tokenizer=tokenizer,
+    )
+
+
+# ----- Preprocess Audio Folder -----
+
+
+def dataset_json_path(audio_dir: Path, value: str) -> Optional[Path]:
+    value = value.strip()
+    if not value:
+        return None
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else audio_dir / p
+
+
+def dataset_cache_dir(root: Path, audio_dir: Path, json_path: Optional[Path], model: ModelBundle) -> Path:
+    """One cache folder per (audio folder, dataset JSON, model): inside it the core reuses unchanged samples."""
+    key = hashlib.sha256(f"{audio_dir.resolve()}|{json_path}|{model.identity}".encode()).hexdigest()[:10]
+    return Path(root) / f"{runs.safe_name(audio_dir.name, 'dataset')}-{key}"
+
+
+def preprocess_config(values: dict[str, Any], model: ModelBundle, device: str) -> tuple[PreprocessConfig, list[str]]:
+    settings: dict[str, Any] = dict(
+        prompt_style=values.get("prompt_style", S.PREPROCESS.input("prompt_style").default),
+        max_duration=float(values.get("max_duration", S.PREPROCESS.input("max_duration").default)),
+        normalize=values.get("normalize", S.PREPROCESS.input("normalize").default),
+        device=device, variant=model.stated_variant,
+        vae=str(model.vae) if model.vae else None,
+        text_encoder=str(model.text_encoder) if model.text_encoder else None,
+        tokenizer=str(model.tokenizer) if model.tokenizer else None,
+    )
+    notes = []
+    tag = str(values.get("trigger_tag", "")).strip()
+    if tag:
+        if "custom_tag" in PreprocessConfig.__dataclass_fields__:
+            settings["custom_tag"] = tag
+        else:
+            notes.append("trigger_tag: this core version cannot add a tag to the captions "
+                         "(PreprocessConfig.custom_tag is missing); it is only recorded for training")
+    cfg = PreprocessConfig(**settings)
+    cfg.validate()
+    return cfg, notes
+
+
+def dataset_ref(out: Path, result, trigger_tag: str) -> DatasetRef:
+    """The node's output from a core ``PreprocessResult`` and the manifest it wrote."""
+    from sidestep_core.data.cache import read_manifest
+
+    manifest = read_manifest(out) or {}
+    keys = sorted(str(s.get("key") or s.get("file")) for s in manifest.get("samples", []))
+    identity = hashlib.sha256("|".join(keys).encode()).hexdigest()[:16]
+    failures = tuple((f.path, f.reason) for f in result.failures)
+    return DatasetRef(out, result.samples, result.encoded, result.reused, failures, identity,
+                      trigger_tag=trigger_tag.strip())
+
+
+# ----- Train Adapter -----
+
+
+def train_config(values: dict[str, Any], model: ModelBundle, estimate: Optional[EstimateRef], *,
+                 preset: Optional[TrainConfig], device: str) -> TrainConfig:
+    """The one ``TrainConfig`` behind a Train Adapter node (run paths are added by the trainer call)."""
+    cfg = S.train_config_from_inputs(values, preset)
+    # No audio previews inside ComfyUI (a preset may ask for them): the graph generates with ComfyUI's own nodes.
+    changes: dict[str, Any] = {"base_variant": model.stated_variant or "", "device": device, "preview_every": 0}
+    if estimate is not None:
+        changes["target_modules"] = list(estimate.targets)
+        if cfg.adapter != "oft":
+            changes["rank_pattern"] = dict(estimate.rank_pattern)
+            changes["alpha_pattern"] = dict(estimate.alpha_pattern)
+    return cfg.replace(**changes).validate()
+
+
+# ----- Estimate Gradients -----
+
+
+def estimate_overrides(values: dict[str, Any], device: str) -> dict[str, Any]:
+    """Keyword settings for ``sidestep_core.estimate.estimate``."""
+    out: dict[str, Any] = {"device": device}
+    for spec in S.ESTIMATE.inputs:
+        if not spec.is_widget or spec.name not in values:
+            continue
+        if spec.name == "modules":
+            out["groups"] = S.ESTIMATE_MODULES[values["modules"]]
+        elif spec.name == "top_k":
+            out["top_k"] = int(values["top_k"]) or None
+        else:
+            out[spec.name] = values[spec.name]
+    return out
+
+
+def estimate_ref(result) -> EstimateRef:
+    """The node's output from a core ``EstimateResult``."""
+    return EstimateRef(targets=tuple(result.targets), rank_pattern=result.rank_pattern,
+                       alpha_pattern=result.alpha_pattern, scores=tuple(result.scores), text=result.text)
+
+
+# ----- Export Adapter -----
+
+
+def export_path(directory: Path, name: str, overwrite: bool) -> Path:
+    stem = runs.safe_name(name.removesuffix(".safetensors"))
+    path = Path(directory) / f"{stem}.safetensors"
+    n = 1
+    while not overwrite and path.exists():
+        path = Path(directory) / f"{stem}_{n:03d}.safetensors"
+        n += 1
+    return path
+
+
+# ----- Apply Adapter -----
+
+
+def group_strengths(patches: dict, strength: float, groups: dict[str, float]) -> dict[float, dict]:
+    """Split ComfyUI patches (keyed by model key or (key, offset…)) by module group: {strength: patches}."""
+    out: dict[float, dict] = {}
+    for key, patch in patches.items():
+        name = key if isinstance(key, str) else key[0]
+        factor = 1.0
+        for group_input, marker in S.STRENGTH_GROUPS:
+            if marker in name:
+                factor = float(groups.get(group_input, 1.0))
+                break
+        out.setdefault(float(strength) * factor, {})[key] = patch
+    return out

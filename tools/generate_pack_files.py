@@ -1,0 +1,293 @@
+"""Writes the pack's generated files from ``nodes/spec.py``: ``example_workflows/*.json`` (ComfyUI UI-format
+workflows, the format its template browser lists) and ``locales/en/main.json`` (node and input descriptions).
+
+Run from the repository root after changing a node or a TrainConfig field: ``python tools/generate_pack_files.py``
+(the tests fail while the committed files differ from what this writes). The pack's node widgets come from
+``nodes/spec.py``; ComfyUI's native ACE-Step 1.5 nodes are described below as ComfyUI 0.27 defines them (the
+ComfyUI tests check these against a running ComfyUI's /object_info).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import uuid
+from pathlib import Path
+from typing import Any, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from nodes import spec as S  # noqa: E402
+
+OUT = ROOT / "example_workflows"
+TRIGGER = "sdstp"
+DIT = "acestep_v1.5_turbo.safetensors"
+MODEL_CHOICE = f"diffusion_models/{DIT}"
+
+# Native nodes: (widget names in order, with "+control" after seed-like widgets), socket inputs, outputs.
+NATIVE: dict[str, dict[str, Any]] = {
+    "UNETLoader": {"widgets": ["unet_name", "weight_dtype"], "inputs": [], "outputs": [("MODEL", "MODEL")]},
+    "DualCLIPLoader": {"widgets": ["clip_name1", "clip_name2", "type", "device"], "inputs": [],
+                       "outputs": [("CLIP", "CLIP")]},
+    "VAELoader": {"widgets": ["vae_name"], "inputs": [], "outputs": [("VAE", "VAE")]},
+    "ModelSamplingAuraFlow": {"widgets": ["shift"], "inputs": [("model", "MODEL")], "outputs": [("MODEL", "MODEL")]},
+    "TextEncodeAceStepAudio1.5": {
+        "widgets": ["tags", "lyrics", "seed", "+control", "bpm", "duration", "timesignature", "language", "keyscale",
+                    "generate_audio_codes", "cfg_scale", "temperature", "top_p", "top_k", "min_p"],
+        "inputs": [("clip", "CLIP")], "outputs": [("CONDITIONING", "CONDITIONING")]},
+    "ConditioningZeroOut": {"widgets": [], "inputs": [("conditioning", "CONDITIONING")],
+                            "outputs": [("CONDITIONING", "CONDITIONING")]},
+    "EmptyAceStep1.5LatentAudio": {"widgets": ["seconds", "batch_size"], "inputs": [],
+                                   "outputs": [("LATENT", "LATENT")]},
+    "KSampler": {"widgets": ["seed", "+control", "steps", "cfg", "sampler_name", "scheduler", "denoise"],
+                 "inputs": [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                            ("latent_image", "LATENT")], "outputs": [("LATENT", "LATENT")]},
+    "VAEDecodeAudio": {"widgets": [], "inputs": [("samples", "LATENT"), ("vae", "VAE")],
+                       "outputs": [("AUDIO", "AUDIO")]},
+    "SaveAudioAdvanced": {"widgets": ["filename_prefix", "format"], "inputs": [("audio", "AUDIO")],
+                          "outputs": [("AUDIO", "AUDIO")]},
+    "PreviewImage": {"widgets": [], "inputs": [("images", "IMAGE")], "outputs": []},
+    "PreviewAny": {"widgets": [], "inputs": [("source", "*")], "outputs": [("STRING", "STRING")]},
+    "MarkdownNote": {"widgets": ["text"], "inputs": [], "outputs": []},
+}
+
+LYRICS = "[verse]\nwalking through the evening light\nevery color burning bright\n\n[chorus]\nsing it loud, sing it clear\nsidestep, we are here\n"
+
+
+class Builder:
+    def __init__(self) -> None:
+        self.nodes: list[dict] = []
+        self.links: list[list] = []
+
+    def add(self, kind: str, pos: tuple[int, int], values: Optional[dict] = None, *, title: str = "",
+            size: tuple[int, int] = (320, 160)) -> dict:
+        values = dict(values or {})
+        node_spec = S.BY_ID.get(kind)
+        if node_spec is not None:
+            widgets = []
+            for w in node_spec.widgets:
+                widgets.append(values.pop(w.name) if w.name in values else w.default)
+            inputs = [{"name": i.name, "type": i.kind, "link": None} for i in node_spec.inputs if not i.is_widget]
+            outputs = [{"name": o.name, "type": o.kind, "links": []} for o in node_spec.outputs]
+        else:
+            native = NATIVE[kind]
+            widgets = []
+            for name in native["widgets"]:
+                widgets.append("fixed" if name == "+control" else values.pop(name))
+            inputs = [{"name": n, "type": t, "link": None} for n, t in native["inputs"]]
+            outputs = [{"name": n, "type": t, "links": []} for n, t in native["outputs"]]
+        if values:
+            raise KeyError(f"{kind}: unknown widget values {sorted(values)}")
+        for i, o in enumerate(outputs):
+            o["slot_index"] = i
+        node = {"id": len(self.nodes) + 1, "type": kind, "pos": list(pos), "size": list(size), "flags": {},
+                "order": len(self.nodes), "mode": 0, "inputs": inputs, "outputs": outputs,
+                "properties": {"Node name for S&R": kind}, "widgets_values": widgets}
+        if node_spec is not None:
+            node["properties"]["cnr_id"] = "sidestep-nodes"
+        if title:
+            node["title"] = title
+        self.nodes.append(node)
+        return node
+
+    def link(self, src: dict, output: str, dst: dict, input_name: str) -> None:
+        s_slot = next(i for i, o in enumerate(src["outputs"]) if o["name"] == output)
+        d_slot = next(i for i, o in enumerate(dst["inputs"]) if o["name"] == input_name)
+        kind = src["outputs"][s_slot]["type"]
+        link_id = len(self.links) + 1
+        self.links.append([link_id, src["id"], s_slot, dst["id"], d_slot, kind])
+        src["outputs"][s_slot]["links"].append(link_id)
+        dst["inputs"][d_slot]["link"] = link_id
+
+    def workflow(self, groups: list[dict]) -> dict:
+        return {
+            "id": str(uuid.uuid5(uuid.NAMESPACE_URL, "sidestep:" + json.dumps(self.nodes, sort_keys=True))),
+            "revision": 0, "last_node_id": len(self.nodes), "last_link_id": len(self.links),
+            "nodes": self.nodes, "links": self.links, "groups": groups, "config": {},
+            "extra": {"ds": {"scale": 0.7, "offset": [0, 0]}}, "version": 0.4,
+        }
+
+
+def group(title: str, x: int, y: int, w: int, h: int, color: str = "#3f789e") -> dict:
+    return {"title": title, "bounding": [x, y, w, h], "color": color, "font_size": 24, "flags": {}}
+
+
+def note(b: Builder, text: str, pos: tuple[int, int], size=(420, 300)) -> dict:
+    return b.add("MarkdownNote", pos, {"text": text}, title="Read me", size=size)
+
+
+def side_step_front(b: Builder, *, x: int = 0, trigger: str = TRIGGER) -> tuple[dict, dict]:
+    load = b.add("SideStepLoadCheckpoint", (x, 0), {"model": MODEL_CHOICE})
+    pre = b.add("SideStepPreprocessAudio", (x, 220), {"trigger_tag": trigger}, size=(340, 240))
+    b.link(load, "model", pre, "model")
+    return load, pre
+
+
+def generation(b: Builder, model_source: dict, model_output: str, *, x: int, y: int, tags: str,
+               prefix: str) -> None:
+    """ComfyUI's native ACE-Step 1.5 text-to-music graph (the audio_ace_step_1_5_split template), turbo values."""
+    clip = b.add("DualCLIPLoader", (x, y), {"clip_name1": "qwen_0.6b_ace15.safetensors",
+                                            "clip_name2": "qwen_1.7b_ace15.safetensors", "type": "ace",
+                                            "device": "default"})
+    vae = b.add("VAELoader", (x, y + 160), {"vae_name": "ace_1.5_vae.safetensors"})
+    sampling = b.add("ModelSamplingAuraFlow", (x + 360, y - 200), {"shift": 3.0})
+    b.link(model_source, model_output, sampling, "model")
+    text = b.add("TextEncodeAceStepAudio1.5", (x + 360, y), {
+        "tags": tags, "lyrics": LYRICS, "seed": 31, "bpm": 120, "duration": 60.0, "timesignature": "4",
+        "language": "en", "keyscale": "C major", "generate_audio_codes": False, "cfg_scale": 2.0,
+        "temperature": 0.85, "top_p": 0.9, "top_k": 0, "min_p": 0.0}, size=(400, 520))
+    b.link(clip, "CLIP", text, "clip")
+    zero = b.add("ConditioningZeroOut", (x + 800, y + 120))
+    b.link(text, "CONDITIONING", zero, "conditioning")
+    latent = b.add("EmptyAceStep1.5LatentAudio", (x + 800, y + 240), {"seconds": 60.0, "batch_size": 1})
+    sampler = b.add("KSampler", (x + 1160, y - 200), {"seed": 31, "steps": 8, "cfg": 1.0, "sampler_name": "euler",
+                                                      "scheduler": "simple", "denoise": 1.0}, size=(320, 260))
+    b.link(sampling, "MODEL", sampler, "model")
+    b.link(text, "CONDITIONING", sampler, "positive")
+    b.link(zero, "CONDITIONING", sampler, "negative")
+    b.link(latent, "LATENT", sampler, "latent_image")
+    decode = b.add("VAEDecodeAudio", (x + 1160, y + 100))
+    b.link(sampler, "LATENT", decode, "samples")
+    b.link(vae, "VAE", decode, "vae")
+    save = b.add("SaveAudioAdvanced", (x + 1160, y + 220), {"filename_prefix": prefix, "format": "flac"})
+    b.link(decode, "AUDIO", save, "audio")
+
+
+INTRO = (
+    "## Side-Step: {title}\n\n{body}\n\n"
+    "**Audio**: put your songs (wav/flac/mp3…) in `ComfyUI/input/sidestep_dataset/` (or type another folder in "
+    "*Preprocess Audio Folder*). A `song.txt` beside `song.wav` can give `caption:`, `bpm:`, `keyscale:`, "
+    "`language:` and a final `lyrics:` block.\n\n"
+    "**Models** (Comfy-Org/ace_step_1.5_ComfyUI_files): `diffusion_models/acestep_v1.5_turbo.safetensors`, "
+    "`text_encoders/qwen_0.6b_ace15.safetensors` + `qwen_1.7b_ace15.safetensors`, `vae/ace_1.5_vae.safetensors`.\n\n"
+    "Training settings are those of `sidestep train`; hover an input for its meaning. Cancel saves a checkpoint "
+    "and the adapter; queue again with *resume* on to continue."
+)
+
+
+def train_then_generate() -> dict:
+    b = Builder()
+    note(b, INTRO.format(title="train, then generate", body=(
+        "Preprocesses the folder, trains an adapter, applies it to the model loaded by *Load Diffusion Model* and "
+        f"generates with ComfyUI's own ACE-Step 1.5 nodes, all in one queue. Put the trigger tag (`{TRIGGER}`) in "
+        "the tags. The adapter is also exported to `models/loras/`.")), (-480, 0))
+    load, pre = side_step_front(b)
+    train = b.add("SideStepTrainAdapter", (380, 0), {"output_name": "my_style"}, size=(360, 900))
+    b.link(load, "model", train, "model")
+    b.link(pre, "dataset", train, "dataset")
+    loss = b.add("PreviewImage", (780, -420), size=(420, 260))
+    b.link(train, "loss_curve", loss, "images")
+    export = b.add("SideStepExportAdapter", (780, -120), {"name": "my_style"})
+    b.link(train, "adapter", export, "adapter")
+    unet = b.add("UNETLoader", (780, 120), {"unet_name": DIT, "weight_dtype": "default"})
+    apply = b.add("SideStepApplyAdapter", (780, 280), size=(340, 240))
+    b.link(unet, "MODEL", apply, "model")
+    b.link(train, "adapter", apply, "adapter")
+    generation(b, apply, "model", x=1200, y=420, tags=f"{TRIGGER}, upbeat pop, bright synths, female vocals",
+               prefix="audio/sidestep_train_then_generate")
+    return b.workflow([group("1 - Data and training", -20, -60, 780, 1000),
+                       group("2 - Generate with the adapter", 760, -460, 2400, 1500, "#8a5a9e")])
+
+
+def preprocess_and_train() -> dict:
+    b = Builder()
+    note(b, INTRO.format(title="preprocess and train", body=(
+        "Encodes the folder once (cached by content: queueing again is instant, edited files alone are "
+        "re-encoded), trains an adapter and exports it to `models/loras/` for ComfyUI's LoRA loaders or "
+        "*Apply Adapter*.")), (-480, 0))
+    load, pre = side_step_front(b)
+    train = b.add("SideStepTrainAdapter", (380, 0), {"output_name": "my_style"}, size=(360, 900))
+    b.link(load, "model", train, "model")
+    b.link(pre, "dataset", train, "dataset")
+    loss = b.add("PreviewImage", (780, 0), size=(420, 260))
+    b.link(train, "loss_curve", loss, "images")
+    export = b.add("SideStepExportAdapter", (780, 320), {"name": "my_style"})
+    b.link(train, "adapter", export, "adapter")
+    return b.workflow([group("Preprocess, train, export", -20, -60, 1240, 1000)])
+
+
+def estimate_then_train() -> dict:
+    b = Builder()
+    note(b, INTRO.format(title="estimate, then train", body=(
+        "*Estimate Gradients* measures which DiT modules your data pulls on most; *Train Adapter* then trains "
+        "only its top modules with ranks scaled to their share. The ranking is shown as text.")), (-480, 0))
+    load, pre = side_step_front(b)
+    est = b.add("SideStepEstimateGradients", (380, 0), size=(340, 200))
+    b.link(load, "model", est, "model")
+    b.link(pre, "dataset", est, "dataset")
+    ranking = b.add("PreviewAny", (380, 260), size=(340, 300))
+    b.link(est, "ranking", ranking, "source")
+    train = b.add("SideStepTrainAdapter", (760, 0), {"output_name": "my_style_estimated"}, size=(360, 900))
+    b.link(load, "model", train, "model")
+    b.link(pre, "dataset", train, "dataset")
+    b.link(est, "estimate", train, "estimate")
+    loss = b.add("PreviewImage", (1160, 0), size=(420, 260))
+    b.link(train, "loss_curve", loss, "images")
+    export = b.add("SideStepExportAdapter", (1160, 320), {"name": "my_style_estimated"})
+    b.link(train, "adapter", export, "adapter")
+    return b.workflow([group("Estimate, train, export", -20, -60, 1640, 1000)])
+
+
+def apply_saved_adapter() -> dict:
+    b = Builder()
+    note(b, ("## Side-Step: apply a saved adapter\n\nPick an exported adapter from `models/loras/` in *Apply "
+             "Adapter* (or use ComfyUI's *LoraLoaderModelOnly*: the files carry their alpha, so both give the same "
+             "result). The advanced inputs scale self-attention, cross-attention and MLP modules separately. "
+             f"Put the adapter's trigger tag (`{TRIGGER}` in the other examples) in the tags."), (-480, 0))
+    unet = b.add("UNETLoader", (0, 0), {"unet_name": DIT, "weight_dtype": "default"})
+    apply = b.add("SideStepApplyAdapter", (0, 160), {"lora_name": "my_style.safetensors"}, size=(340, 240))
+    b.link(unet, "MODEL", apply, "model")
+    generation(b, apply, "model", x=0, y=520, tags=f"{TRIGGER}, upbeat pop, bright synths, female vocals",
+               prefix="audio/sidestep_apply_saved_adapter")
+    return b.workflow([group("Apply a saved adapter and generate", -20, -260, 1700, 1400, "#8a5a9e")])
+
+
+def label(name: str) -> str:
+    return name.replace("_", " ")
+
+
+def locales() -> dict:
+    """``locales/en/main.json``: display names, descriptions, input labels and tooltips of the six nodes."""
+    defs = {}
+    for node in S.NODES:
+        inputs = {}
+        for i in node.inputs:
+            entry = {"name": label(i.name)}
+            if i.tooltip:
+                entry["tooltip"] = i.tooltip
+            inputs[i.name] = entry
+        outputs = {str(n): {"name": o.name, **({"tooltip": o.tooltip} if o.tooltip else {})}
+                   for n, o in enumerate(node.outputs)}
+        defs[node.node_id] = {"display_name": node.display_name, "description": node.description,
+                              "inputs": inputs, "outputs": outputs}
+    return {"nodeDefs": defs}
+
+
+WORKFLOWS = {
+    "train_then_generate": train_then_generate,
+    "preprocess_and_train": preprocess_and_train,
+    "estimate_then_train": estimate_then_train,
+    "apply_saved_adapter": apply_saved_adapter,
+}
+
+
+def dumps(obj: dict) -> str:
+    return json.dumps(obj, indent=1, ensure_ascii=False) + "\n"
+
+
+def generated_files() -> dict[Path, str]:
+    files = {OUT / f"{name}.json": dumps(make()) for name, make in WORKFLOWS.items()}
+    files[ROOT / "locales" / "en" / "main.json"] = dumps(locales())
+    return files
+
+
+def main() -> None:
+    for path, text in generated_files().items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        print(path.relative_to(ROOT))
+
+
+if __name__ == "__main__":
+    main()
