@@ -348,6 +348,8 @@ class _Trainer:
         devices = [self.device.index or 0] if cuda else []
         with torch.random.fork_rng(devices=devices):
             for i in range(n):
+                if times and self.should_stop():  # a Cancel during the warm-up: stop timing, keep one sample
+                    break
                 t0 = time.perf_counter()
                 gen = torch.Generator().manual_seed(_seed_for(self.cfg.seed, 77, i))
                 with self.dist.no_sync(self.model):
