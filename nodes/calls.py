@@ -46,7 +46,7 @@ def dataset_cache_dir(root: Path, audio_dir: Path, json_path: Optional[Path], mo
     return Path(root) / f"{runs.safe_name(audio_dir.name, 'dataset')}-{key}"
 
 
-def preprocess_config(values: dict[str, Any], model: ModelBundle, device: str) -> tuple[PreprocessConfig, list[str]]:
+def preprocess_config(values: dict[str, Any], model: ModelBundle, device: str) -> PreprocessConfig:
     settings: dict[str, Any] = dict(
         prompt_style=values.get("prompt_style", S.PREPROCESS.input("prompt_style").default),
         max_duration=float(values.get("max_duration", S.PREPROCESS.input("max_duration").default)),
@@ -55,18 +55,11 @@ def preprocess_config(values: dict[str, Any], model: ModelBundle, device: str) -
         vae=str(model.vae) if model.vae else None,
         text_encoder=str(model.text_encoder) if model.text_encoder else None,
         tokenizer=str(model.tokenizer) if model.tokenizer else None,
+        custom_tag=str(values.get("trigger_tag", "")).strip(),
     )
-    notes = []
-    tag = str(values.get("trigger_tag", "")).strip()
-    if tag:
-        if "custom_tag" in PreprocessConfig.__dataclass_fields__:
-            settings["custom_tag"] = tag
-        else:
-            notes.append("trigger_tag: this core version cannot add a tag to the captions "
-                         "(PreprocessConfig.custom_tag is missing); it is only recorded for training")
     cfg = PreprocessConfig(**settings)
     cfg.validate()
-    return cfg, notes
+    return cfg
 
 
 def dataset_ref(out: Path, result, trigger_tag: str) -> DatasetRef:

@@ -353,7 +353,7 @@ class PreprocessAudio(io.ComfyNode):
                              f"folder, {folder_paths.get_input_directory()})")
         json_path = calls.dataset_json_path(audio_dir, dataset_json)
         out = calls.dataset_cache_dir(Path(_paths(DATASETS_FOLDER)[0]), audio_dir, json_path, model)
-        cfg, notes = calls.preprocess_config(
+        cfg = calls.preprocess_config(
             dict(prompt_style=prompt_style, max_duration=max_duration, normalize=normalize, trigger_tag=trigger_tag),
             model, _device())
         _free_comfy_models()
@@ -366,7 +366,7 @@ class PreprocessAudio(io.ComfyNode):
             lines = "\n".join(f"  {f.path}: {f.reason}" for f in result.failures) or "  (no audio files found)"
             raise ValueError(f"{audio_dir}: no usable samples\n{lines}")
         ref = calls.dataset_ref(out, result, trigger_tag)
-        return io.NodeOutput(ref, ui=_text(ref.summary(), *notes))
+        return io.NodeOutput(ref, ui=_text(ref.summary()))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -185,11 +185,11 @@ def test_train_config_with_estimate():
 def test_preprocess_config_mapping():
     bundle = _bundle_stub()
     values = {w.name: w.default for w in S.PREPROCESS.widgets}
-    cfg, notes = calls.preprocess_config({**values, "normalize": "peak", "max_duration": 30}, bundle, "cpu")
+    cfg = calls.preprocess_config({**values, "normalize": "peak", "max_duration": 30}, bundle, "cpu")
     assert (cfg.prompt_style, cfg.normalize, cfg.max_duration, cfg.device) == ("comfyui", "peak", 30.0, "cpu")
-    assert not notes
-    cfg, notes = calls.preprocess_config({**values, "trigger_tag": "zz"}, bundle, "cpu")
-    assert getattr(cfg, "custom_tag", None) == "zz" or notes
+    assert cfg.custom_tag == ""
+    cfg = calls.preprocess_config({**values, "trigger_tag": " zz "}, bundle, "cpu")
+    assert (cfg.custom_tag, cfg.tag_position) == ("zz", "prepend")
 
 
 def test_estimate_overrides():
@@ -397,7 +397,7 @@ def test_core_calls_behind_the_nodes(tmp_path):
     (audio / "broken.wav").write_bytes(b"RIFF0000WAVEjunk")
     wf = workflow("estimate_then_train")
     pre_values = widget_values(wf, "SideStepPreprocessAudio")
-    cfg, _ = calls.preprocess_config(pre_values, bundle, "cpu")
+    cfg = calls.preprocess_config(pre_values, bundle, "cpu")
     json_path = calls.dataset_json_path(audio, pre_values["dataset_json"])
     out = calls.dataset_cache_dir(tmp_path / "cache", audio, json_path, bundle)
     result = preprocess(bundle.checkpoint, audio, out, dataset_json=json_path, config=cfg)

@@ -321,3 +321,23 @@ def test_legacy_pt_folders_load(tmp_path):
     torch.save({"target_latents": torch.zeros(1), "x": object()}, bad / "x.pt", _use_new_zipfile_serialization=True)
     with pytest.raises(ValueError, match="x.pt"):
         load_dataset(bad)[0].load()
+
+
+@pytest.mark.slow
+def test_trigger_tag_setting_applies_unless_the_dataset_json_has_one(tmp_path):
+    ck = tiny_checkpoint("original")
+    audio = tmp_path / "audio"
+    write_audio(audio / "a.wav", tone(SECONDS, 48000, 2), 48000)
+    (audio / "a.caption.txt").write_text("warm pads")
+    rc = _run(["--checkpoint", ck.root, "--audio-dir", audio, "--out", tmp_path / "out", "--trigger-tag", "zz",
+               "--tag-position", "append"])
+    assert rc == 0
+    assert _by_id(_manifest(tmp_path / "out"))["a.wav"]["caption"] == "warm pads, zz"
+    (audio / "dataset.json").write_text(json.dumps({"metadata": {"custom_tag": "own"},
+                                                    "samples": [{"audio_path": "a.wav", "caption": "warm pads"}]}))
+    rc = _run(["--checkpoint", ck.root, "--audio-dir", audio, "--out", tmp_path / "out2", "--trigger-tag", "zz",
+               "--dataset-json", audio / "dataset.json"])
+    assert rc == 0
+    assert _by_id(_manifest(tmp_path / "out2"))["a.wav"]["caption"] == "own, warm pads"
+    with pytest.raises(ValueError, match="tag_position"):
+        PreprocessConfig(tag_position="middle").validate()

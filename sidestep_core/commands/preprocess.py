@@ -36,6 +36,10 @@ def register(sub, name):
     p.add_argument("--chunk-seconds", type=float, default=30.0, help="VAE tile length (default: 30)")
     p.add_argument("--overlap-seconds", type=float, default=2.0, help="VAE tile overlap each side (default: 2)")
     p.add_argument("--default-caption", default="", help="caption for files without metadata (default: empty)")
+    p.add_argument("--trigger-tag", default="",
+                   help="trigger tag added to every caption unless the dataset JSON sets its own custom_tag")
+    p.add_argument("--tag-position", choices=("prepend", "append", "replace"), default="prepend",
+                   help="where the trigger tag goes in the caption (default: prepend)")
     p.add_argument("--default-language", help="lyric language for files without one (default: unknown / en)")
     p.add_argument("--allow-outside-paths", action="store_true",
                    help="let dataset-JSON paths point outside the audio folder")
@@ -62,6 +66,8 @@ def _config(args) -> PreprocessConfig:
         overlap_seconds=args.overlap_seconds,
         default_caption=args.default_caption,
         default_language=args.default_language,
+        custom_tag=args.trigger_tag,
+        tag_position=args.tag_position,
         allow_outside_paths=args.allow_outside_paths,
         sample_posterior=not args.posterior_mean,
         seed=args.seed,

@@ -18,7 +18,7 @@ import hashlib
 import os
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Optional
@@ -49,7 +49,7 @@ from .cache import (
     write_tensors,
 )
 from .discovery import Failure, Item, collect_items
-from .metadata import ResolvedMeta, resolve
+from .metadata import TAG_POSITIONS, ResolvedMeta, resolve
 
 Progress = Callable[[dict], None]
 
@@ -69,6 +69,8 @@ class PreprocessConfig:
     overlap_seconds: float = 2.0
     default_caption: str = ""
     default_language: Optional[str] = None  # None: "unknown" (acestep) / "en" (comfyui)
+    custom_tag: str = ""  # trigger tag for every caption, unless the dataset JSON sets its own
+    tag_position: str = "prepend"  # prepend | append | replace
     allow_outside_paths: bool = False
     sample_posterior: bool = True  # False: use the posterior mean instead of a seeded sample
     seed: int = 0
@@ -87,6 +89,8 @@ class PreprocessConfig:
             raise ValueError(f"normalize must be one of {', '.join(LOUDNESS_MODES)}, not {self.normalize!r}")
         if not (0 < self.max_duration <= MODEL_MAX_SECONDS):
             raise ValueError(f"max_duration must be in (0, {MODEL_MAX_SECONDS:g}] seconds, not {self.max_duration}")
+        if self.tag_position not in TAG_POSITIONS:
+            raise ValueError(f"tag_position must be one of {', '.join(TAG_POSITIONS)}, not {self.tag_position!r}")
         if self.chunk_seconds <= 0 or self.overlap_seconds < 0:
             raise ValueError("chunk_seconds must be positive and overlap_seconds not negative")
 
@@ -434,6 +438,8 @@ def preprocess(
     items, failures, settings = collect_items(
         audio_dir, dataset_json=dataset_json, allow_outside=cfg.allow_outside_paths, exclude=[out]
     )
+    if cfg.custom_tag.strip() and not settings.custom_tag:
+        settings = replace(settings, custom_tag=cfg.custom_tag.strip(), tag_position=cfg.tag_position)
     previous = read_manifest(out) or {}
     index = AudioHashIndex(previous.get("audio_index") if previous.get("format") == FORMAT else None)
 
