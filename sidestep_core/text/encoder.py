@@ -271,8 +271,11 @@ def _comfy_roots() -> list[Path]:
     """ComfyUI installations this process can see: an imported ``comfy`` package, then $COMFYUI_DIR/$COMFYUI_PATH."""
     roots = []
     mod = sys.modules.get("comfy")
-    if mod is not None and getattr(mod, "__file__", None):
-        roots.append(Path(mod.__file__).resolve().parent.parent)
+    if mod is not None:
+        # ComfyUI's ``comfy`` is a namespace package (``__file__`` None): its folders are in ``__path__``.
+        for entry in [mod.__file__] if getattr(mod, "__file__", None) else list(getattr(mod, "__path__", [])):
+            p = Path(entry).resolve()
+            roots.append(p.parent.parent if p.name == "__init__.py" else p.parent)
     for var in ("COMFYUI_DIR", "COMFYUI_PATH"):
         if os.environ.get(var):
             roots.append(Path(os.environ[var]).expanduser())

@@ -9,6 +9,8 @@ full-shape one the harness writes (layers 2–27 with zero projections = identit
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -47,3 +49,17 @@ def test_the_harness_text_encoder_loads_and_encodes(comfy):
     assert "audio_codes" not in extra
     del clip
     comfy.model_management.unload_all_models()
+
+
+def test_the_running_comfyui_tokenizer_is_found_without_env(comfy, tmp_path, monkeypatch):
+    """Inside ComfyUI (a namespace ``comfy`` package, no __file__) the core finds ComfyUI's own Qwen tokenizer."""
+    from sidestep_core.text.encoder import COMFY_TOKENIZER_SUBDIR, find_tokenizer
+
+    monkeypatch.delenv("COMFYUI_DIR", raising=False)
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    elsewhere = tmp_path / "models" / "diffusion_models" / "x.safetensors"
+    elsewhere.parent.mkdir(parents=True)
+    found = find_tokenizer(near=elsewhere)
+    assert found.as_posix().endswith(COMFY_TOKENIZER_SUBDIR.as_posix())
+    comfy_root = Path(comfy.sd.__file__).resolve().parents[1]
+    assert found.resolve() == (comfy_root / COMFY_TOKENIZER_SUBDIR).resolve()
