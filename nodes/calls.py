@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -89,6 +90,64 @@ def train_config(values: dict[str, Any], model: ModelBundle, estimate: Optional[
             changes["rank_pattern"] = dict(estimate.rank_pattern)
             changes["alpha_pattern"] = dict(estimate.alpha_pattern)
     return cfg.replace(**changes).validate()
+
+
+# ----- Train Adapter: previews through the user's graph -----
+
+
+@dataclass(frozen=True)
+class PreviewPlan:
+    """When and how Train Adapter renders its previews (the ComfyUI-free half; ``extension.py`` samples)."""
+
+    every: int
+    seed: int
+    steps: int
+    cfg: float
+    sampler: str
+    scheduler: str
+    folder: Path  # <run>/previews
+
+    def due(self, step: int, last: bool) -> bool:
+        return step > 0 and (last or (self.every > 0 and step % self.every == 0))
+
+    def path(self, step: int) -> Path:
+        return self.folder / f"step_{step}.flac"
+
+    def view_ref(self, step: int, output_dir: Path) -> dict:
+        """The file as ComfyUI's ``/view`` names it (``type`` output), for the web extension's player."""
+        rel = self.path(step).parent.resolve().relative_to(Path(output_dir).resolve())
+        return {"filename": self.path(step).name, "subfolder": rel.as_posix(), "type": "output"}
+
+
+def preview_plan(values: dict[str, Any], model: ModelBundle, run_dir: Path) -> Optional[PreviewPlan]:
+    """None unless every preview socket is connected; raises when only some are (a half-wired preview graph)."""
+    connected = [n for n in S.PREVIEW_SOCKETS if values.get(n) is not None]
+    if not connected:
+        return None
+    if len(connected) != len(S.PREVIEW_SOCKETS):
+        missing = [n for n in S.PREVIEW_SOCKETS if n not in connected]
+        raise ValueError(f"Train Adapter: previews need all of {', '.join(S.PREVIEW_SOCKETS)}; not connected: "
+                         f"{', '.join(missing)}")
+
+    def get(name: str):
+        v = values.get(name)
+        return S.TRAIN.input(name).default if v is None else v
+
+    steps = int(get("preview_steps")) or int(model.steps)
+    cfg = float(get("preview_cfg")) or float(model.guidance)
+    return PreviewPlan(every=int(get("preview_every")), seed=int(get("preview_seed")), steps=steps, cfg=cfg,
+                       sampler=str(get("preview_sampler")), scheduler=str(get("preview_scheduler")),
+                       folder=Path(run_dir) / "previews")
+
+
+def latest_preview(folder: Path) -> Optional[tuple[int, Path]]:
+    """(step, file) of the newest ``step_N.flac`` in a run's previews folder."""
+    found = []
+    for p in Path(folder).glob("step_*.flac"):
+        tail = p.stem[len("step_"):]
+        if tail.isdigit():
+            found.append((int(tail), p))
+    return max(found) if found else None
 
 
 # ----- Estimate Gradients -----

@@ -41,6 +41,7 @@ ACESTEP_FOLDER = "acestep"  # original ACE-Step folders (config.json + model.saf
 DATASETS_FOLDER = "sidestep_datasets"  # the preprocessing cache
 MODEL_SOURCES = ("diffusion_models", "checkpoints", ACESTEP_FOLDER)
 TRAIN_EVENT = "sidestep.train"
+PREVIEW_EVENT = "sidestep.preview"
 
 
 def register_folders() -> None:
@@ -78,6 +79,11 @@ def dynamic_options(name: str) -> list[str]:
         return folder_paths.get_filename_list("loras")
     if name == S.DYNAMIC_PRESETS:
         return preset_names()
+    if name in (S.DYNAMIC_SAMPLERS, S.DYNAMIC_SCHEDULERS):
+        import comfy.samplers
+
+        k = comfy.samplers.KSampler
+        return list(k.SAMPLERS if name == S.DYNAMIC_SAMPLERS else k.SCHEDULERS)
     raise KeyError(name)
 
 
@@ -164,7 +170,8 @@ def _training_mode():
 # ----------------------------------------------------------------------------------------------------------
 
 _CUSTOM = {t: io.Custom(t) for t in (S.MODEL_TYPE, S.DATASET_TYPE, S.ADAPTER_TYPE, S.ESTIMATE_TYPE)}
-_BUILTIN = {"MODEL": io.Model, "IMAGE": io.Image, "STRING": io.String}
+_BUILTIN = {"MODEL": io.Model, "IMAGE": io.Image, "STRING": io.String, "CONDITIONING": io.Conditioning,
+            "LATENT": io.Latent, "VAE": io.Vae}
 
 
 def _widget(i: S.InputSpec):
@@ -431,6 +438,89 @@ def _runs_root() -> Path:
     return Path(folder_paths.get_output_directory()) / "sidestep"
 
 
+class _GraphPreview:
+    """Train Adapter's ``step_hook``: at the planned steps, the user's own generation — their MODEL cloned and
+    patched (ComfyUI's model patcher) with the live adapter, sampled as KSampler samples, decoded as VAEDecodeAudio
+    decodes — written to ``<run>/previews/step_N.flac``.
+
+    The core calls it inside ``previews.Isolated`` (eval, no grad, every RNG restored: ComfyUI's noise reseeds the
+    global torch RNG), so training is unchanged. Sampling runs under ``torch.inference_mode()`` like any prompt.
+    """
+
+    def __init__(self, plan: calls.PreviewPlan, reporter: "_TrainReporter", model, positive, negative, latent: dict,
+                 vae):
+        self.plan, self.reporter = plan, reporter
+        self.model, self.positive, self.negative, self.latent, self.vae = model, positive, negative, latent, vae
+        self.last: Optional[tuple[int, dict]] = None  # (step, AUDIO) of the newest preview
+        self.rendered: list[Path] = []
+        self.error: Optional[str] = None
+
+    def __call__(self, step: int, adapter) -> None:
+        if self.error or self.reporter.cancelled or not self.plan.due(step, step == self.reporter.total):
+            return
+        try:
+            with torch.inference_mode():
+                audio = self.render(adapter)
+        except mm.InterruptProcessingException:
+            self.reporter.cancelled = True  # the loop saves and stops at its next poll
+            return
+        except Exception as exc:  # a broken preview graph must not cost the training run
+            self.error = f"previews stopped at step {step}: {type(exc).__name__}: {exc}"
+            log.exception("Side-Step: %s", self.error)
+            return
+        finally:
+            mm.unload_all_models()  # give the device memory back to training
+            mm.soft_empty_cache()
+        self.last = (step, audio)
+        self._write(step, audio)
+        _send(PREVIEW_EVENT, {"node": self.reporter.node_id, "run": self.reporter.run_name, "step": step,
+                              "audio": self.plan.view_ref(step, Path(folder_paths.get_output_directory()))})
+
+    def render(self, adapter) -> dict:
+        import comfy.sample
+        import comfy.sd
+
+        sd, _ = adapter.comfyui_state_dict()  # detached CPU copies in ComfyUI's key format
+        patched, _ = comfy.sd.load_lora_for_models(self.model, None, sd, 1.0, 0)
+        p, latent = self.plan, self.latent
+        image = comfy.sample.fix_empty_latent_channels(patched, latent["samples"],
+                                                       latent.get("downscale_ratio_spacial"),
+                                                       latent.get("downscale_ratio_temporal"))
+        noise = comfy.sample.prepare_noise(image, p.seed, latent.get("batch_index"))
+        samples = comfy.sample.sample(patched, noise, p.steps, p.cfg, p.sampler, p.scheduler, self.positive,
+                                      self.negative, image, denoise=1.0, noise_mask=latent.get("noise_mask"),
+                                      disable_pbar=True, seed=p.seed)
+        wave = self.vae.decode(samples).movedim(-1, 1)  # [B, C, S], as VAEDecodeAudio
+        std = torch.std(wave, dim=[1, 2], keepdim=True) * 5.0
+        std[std < 1.0] = 1.0
+        rate = getattr(self.vae, "audio_sample_rate_output", getattr(self.vae, "audio_sample_rate", 44100))
+        return {"waveform": (wave / std).float().cpu(), "sample_rate": int(rate)}
+
+    def _write(self, step: int, audio: dict) -> None:
+        from sidestep_core.generate import write_flac
+
+        for i, w in enumerate(audio["waveform"]):
+            path = self.plan.path(step)
+            if i:
+                path = path.with_name(f"{path.stem}_{i}.flac")
+            self.rendered.append(write_flac(path, w, audio["sample_rate"]))
+
+
+def _stored_preview(plan: Optional[calls.PreviewPlan]) -> Optional[tuple[int, dict]]:
+    """The newest preview already in the run folder (a reused run renders nothing)."""
+    found = calls.latest_preview(plan.folder) if plan is not None else None
+    if found is None:
+        return None
+    from sidestep_core.audio.decode import decode_audio
+
+    step, path = found
+    try:
+        dec = decode_audio(path)
+    except ValueError:
+        return None
+    return step, {"waveform": dec.waveform.unsqueeze(0), "sample_rate": int(dec.sample_rate)}
+
+
 class TrainAdapter(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -441,24 +531,38 @@ class TrainAdapter(io.ComfyNode):
                 **values) -> io.NodeOutput:
         from sidestep_core.training import train
 
+        graph = {n: values.pop(n, None) for n in S.PREVIEW_SOCKETS}  # ComfyUI objects: never into the config
         cfg = calls.train_config(values, model, estimate, preset=preset_config(values.get("preset", S.NONE)),
                                  device=_device())
         name = runs.safe_name(values.get("output_name", "sidestep_adapter"))
         plan = runs.plan_run(_runs_root(), name, cfg, model.identity, dataset.identity,
                              bool(values.get("resume", True)))
+        preview_plan = calls.preview_plan({**values, **graph}, model, plan.out)
         notes = [plan.note]
+        last_preview = None
         if plan.action == "reuse":
             result_status, step = "complete", (runs.read_marker(plan.out) or {}).get("step", 0)
+            last_preview = _stored_preview(preview_plan)
         else:
             cfg = cfg.replace(resume="auto" if plan.action == "resume" else "none")
             reporter = _TrainReporter(cls.hidden.unique_id, plan.out.name)
+            previews = None
+            if preview_plan is not None:
+                previews = _GraphPreview(preview_plan, reporter, graph["preview_model"], graph["preview_positive"],
+                                         graph["preview_negative"], graph["preview_latent"], graph["preview_vae"])
             _free_comfy_models()
             try:
                 with _training_mode():
                     result = train(cfg, checkpoint_path=model.checkpoint, dataset_path=dataset.path,
-                                   out_dir=plan.out, progress=reporter, should_stop=reporter.should_stop)
+                                   out_dir=plan.out, progress=reporter, should_stop=reporter.should_stop,
+                                   step_hook=previews)
             finally:
                 _release()
+            if previews is not None:
+                last_preview = previews.last
+                notes.append(f"{len(previews.rendered)} preview(s) in {preview_plan.folder}")
+                if previews.error:
+                    notes.append(previews.error)
             runs.write_marker(plan.out, cfg, result.status, result.step, result.total_steps)
             if reporter.cancelled or result.interrupted:
                 log.info("Side-Step: cancelled at step %d; checkpoint %s, adapter %s", result.step,
@@ -476,7 +580,11 @@ class TrainAdapter(io.ComfyNode):
         notes.insert(0, f"{adapter.kind} adapter, {adapter.steps} steps ({result_status}): {adapter.path}")
         if loss:
             notes.append(f"last loss {loss[-1]:.5f} (smoothed {smooth[-1]:.5f})")
-        return io.NodeOutput(adapter, image, ui=_text(*notes))
+        ui_out = _text(*notes).as_dict()
+        if last_preview is not None:
+            notes.append(f"playing the preview of step {last_preview[0]}")
+            ui_out = {**_text(*notes).as_dict(), **ui.PreviewAudio(last_preview[1], cls=cls).as_dict()}
+        return io.NodeOutput(adapter, image, ui=ui_out)
 
 
 # ----------------------------------------------------------------------------------------------------------

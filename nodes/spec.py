@@ -39,6 +39,11 @@ DYNAMIC_TEXT_ENCODERS = "text_encoders"
 DYNAMIC_VAES = "vaes"
 DYNAMIC_LORAS = "loras"
 DYNAMIC_PRESETS = "presets"
+DYNAMIC_SAMPLERS = "samplers"  # ComfyUI's sampler names (comfy.samplers.KSampler.SAMPLERS)
+DYNAMIC_SCHEDULERS = "schedulers"  # ComfyUI's scheduler names (comfy.samplers.KSampler.SCHEDULERS)
+
+# Train Adapter's preview graph: the sockets a KSampler + VAEDecodeAudio of the user's graph would take.
+PREVIEW_SOCKETS = ("preview_model", "preview_positive", "preview_negative", "preview_latent", "preview_vae")
 
 
 @dataclass(frozen=True)
@@ -259,6 +264,31 @@ TRAIN = NodeSpec(
         cfg("trigger_tag", advanced=True),
         InputSpec("estimate", ESTIMATE_TYPE, optional=True,
                   tooltip="from Estimate Gradients: train only its top modules, with its per-module ranks"),
+        # previews through the user's own generation graph (all five sockets connected: previews on)
+        InputSpec("preview_model", "MODEL", optional=True,
+                  tooltip="previews: the ACE-Step 1.5 MODEL you generate with (e.g. Load Diffusion Model); each "
+                          "preview patches a copy of it with the adapter as it is at that step"),
+        InputSpec("preview_positive", "CONDITIONING", optional=True,
+                  tooltip="previews: positive conditioning (TextEncodeAceStepAudio1.5; put the trigger tag in)"),
+        InputSpec("preview_negative", "CONDITIONING", optional=True,
+                  tooltip="previews: negative conditioning (e.g. ConditioningZeroOut of the positive)"),
+        InputSpec("preview_latent", "LATENT", optional=True,
+                  tooltip="previews: the latent to sample (EmptyAceStep1.5LatentAudio sets the length)"),
+        InputSpec("preview_vae", "VAE", optional=True, tooltip="previews: the ACE-Step 1.5 VAE (VAELoader)"),
+        InputSpec("preview_every", "INT", 100, min=0, max=1_000_000, optional=True,
+                  tooltip="render a preview every N optimizer steps (and always at the last step; 0: only at the "
+                          "last step). Needs all five preview sockets connected"),
+        InputSpec("preview_seed", "INT", 0, min=0, max=2**63 - 1, optional=True, advanced=True,
+                  tooltip="noise seed of every preview (the same noise each time: previews differ only by what "
+                          "training changed)"),
+        InputSpec("preview_steps", "INT", 0, min=0, max=10_000, optional=True, advanced=True,
+                  tooltip="sampler steps; 0: the model's recommendation (turbo 8, base/sft 50)"),
+        InputSpec("preview_cfg", "FLOAT", 0.0, min=0.0, max=100.0, step=0.1, optional=True, advanced=True,
+                  tooltip="classifier-free guidance; 0: the model's recommendation (turbo 1, base/sft 7)"),
+        InputSpec("preview_sampler", "COMBO", "euler", options=("euler",), dynamic=DYNAMIC_SAMPLERS,
+                  optional=True, advanced=True, tooltip="ComfyUI sampler, as in KSampler"),
+        InputSpec("preview_scheduler", "COMBO", "simple", options=("simple",), dynamic=DYNAMIC_SCHEDULERS,
+                  optional=True, advanced=True, tooltip="ComfyUI scheduler, as in KSampler"),
     ),
     (
         OutputSpec("adapter", ADAPTER_TYPE, "the trained adapter (run/final)"),

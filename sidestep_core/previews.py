@@ -142,12 +142,16 @@ def log_audio(writer, tag: str, waveform: torch.Tensor, step: int, sample_rate: 
 # ----------------------------------------------------------------------------------------------------------
 
 
-class _Isolated:
+class Isolated:
     """eval() for the duration, every submodule's flag restored; global RNGs (torch CPU + CUDA device, python,
-    numpy) restored on exit; no grad."""
+    numpy) restored on exit; no grad. Whatever runs inside cannot change what training does next (the training
+    loop runs its ``step_hook`` inside one). ``device`` defaults to that of the module's first parameter."""
 
-    def __init__(self, module: torch.nn.Module, device: torch.device):
-        self.module, self.device = module, device
+    def __init__(self, module: torch.nn.Module, device: Optional[torch.device] = None):
+        if device is None:
+            param = next(module.parameters(), None)
+            device = param.device if param is not None else torch.device("cpu")
+        self.module, self.device = module, torch.device(device)
 
     def __enter__(self):
         self.flags = [(m, m.training) for m in self.module.modules()]
@@ -169,6 +173,9 @@ class _Isolated:
         np.random.set_state(self.np_state)
         self.fork.__exit__(*exc)
         return False
+
+
+_Isolated = Isolated  # the earlier private name
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -312,7 +319,7 @@ class PreviewRenderer:
         device = param.device
         dtype = base_param_dtype(decoder)
         latents = []
-        with _Isolated(decoder, device):
+        with Isolated(decoder, device):
             for p, cond in zip(self.prompts, self.conditions):
                 latents.append(sample_latents(decoder, cond, p.seed, self.settings, turbo=self.turbo,
                                               null_condition_emb=self.null, device=device, dtype=dtype))

@@ -255,7 +255,7 @@ def test_workflow_checks_catch_mistakes():
     assert len(problems) == 3, problems
     short = json.loads(json.dumps(node))
     short["widgets_values"].pop()
-    assert "widget values, none for 'trigger_tag'" in S.check_ui_workflow_node(short)[0]
+    assert f"widget values, none for '{S.TRAIN.widgets[-1].name}'" in S.check_ui_workflow_node(short)[0]
     cut = json.loads(json.dumps(wf))
     train = next(n for n in cut["nodes"] if n["type"] == "SideStepTrainAdapter")
     dataset_input = next(i for i in train["inputs"] if i["name"] == "dataset")
@@ -438,3 +438,29 @@ def test_core_calls_behind_the_nodes(tmp_path):
         assert keys and all(k.startswith(prefix) for k in keys) and any(k.endswith(".alpha") for k in keys)
     assert sorted(p.name for p in (tmp_path / "loras").iterdir()) == \
         ["my_style.safetensors", "my_style_001.safetensors", "my_style_002.safetensors"]
+
+
+def test_preview_plan_defaults_schedule_and_half_wiring(tmp_path):
+    calls = pack_module("calls")
+    values = pack_module("values")
+    bundle = values.ModelBundle(checkpoint=tmp_path / "m.safetensors", label="m", variant="turbo",
+                                stated_variant=None, is_turbo=True, shift=3.0, steps=8, guidance=1.0,
+                                identity="x", layout="comfy")
+    sockets = {n: object() for n in S.PREVIEW_SOCKETS}
+    assert calls.preview_plan({}, bundle, tmp_path) is None
+    with pytest.raises(ValueError, match="preview_latent"):
+        calls.preview_plan({**sockets, "preview_latent": None}, bundle, tmp_path)
+    plan = calls.preview_plan(sockets, bundle, tmp_path / "run")  # widget values absent: the spec's defaults
+    assert (plan.every, plan.steps, plan.cfg, plan.sampler, plan.scheduler) == (100, 8, 1.0, "euler", "simple")
+    plan = calls.preview_plan({**sockets, "preview_every": 2, "preview_steps": 4, "preview_cfg": 2.5}, bundle,
+                              tmp_path / "run")
+    assert [s for s in range(1, 8) if plan.due(s, s == 7)] == [2, 4, 6, 7]
+    assert (plan.steps, plan.cfg) == (4, 2.5)
+    assert plan.path(6) == tmp_path / "run" / "previews" / "step_6.flac"
+    assert plan.view_ref(6, tmp_path) == {"filename": "step_6.flac", "subfolder": "run/previews", "type": "output"}
+    only_last = calls.preview_plan({**sockets, "preview_every": 0}, bundle, tmp_path)
+    assert [s for s in range(1, 5) if only_last.due(s, s == 4)] == [4]
+    (tmp_path / "run" / "previews").mkdir(parents=True)
+    for n in ("step_2.flac", "step_10.flac", "step_x.flac"):
+        (tmp_path / "run" / "previews" / n).write_bytes(b"")
+    assert calls.latest_preview(tmp_path / "run" / "previews")[0] == 10

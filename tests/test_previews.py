@@ -204,3 +204,56 @@ def test_the_equality_check_detects_a_disturbed_rng(monkeypatch, tiny_original, 
     left_eval = _train_with_hook(monkeypatch, lambda t, s: t.adapter.module.eval(), cfg, tiny_original, two_clips,
                                  tmp_path / "eval")
     assert left_eval.losses != plain.losses
+
+
+# ----------------------------------------------------------------------------------------------------------
+# train(step_hook=...): a generic rank-0 per-step hook, isolated like the previews
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["lora", "lokr"])
+def test_a_step_hook_that_renders_and_draws_randomness_changes_nothing(tiny_original, two_clips, renderer,
+                                                                       tmp_path, kind):
+    """The hook renders a real preview, draws from every global RNG, reseeds torch (as ComfyUI's noise does),
+    switches the module to train mode and exports the live adapter — and the run equals one without a hook."""
+    cfg = fast_config(adapter=kind, dropout=0.1, cfg_ratio=0.5, max_steps=5, learning_rate=5e-3)
+    plain = train(cfg, tiny_original, two_clips, tmp_path / "plain")
+    seen = []
+
+    def hook(step, adapter):
+        assert not torch.is_grad_enabled() and not adapter.module.training
+        seen.append((step, len(adapter.comfyui_state_dict()[0])))
+        if step % 2 == 0:
+            renderer.render(step, adapter.module)
+        torch.manual_seed(1234)
+        torch.rand(3), random.random(), np.random.rand()
+        adapter.module.train()
+
+    hooked = train(cfg, tiny_original, two_clips, tmp_path / "hook", step_hook=hook)
+    assert [s for s, _ in seen] == [1, 2, 3, 4, 5] and all(n > 0 for _, n in seen)
+    assert hooked.losses == plain.losses
+    a = load_file(str(find_adapter(tmp_path / "plain" / "final")[1]))
+    b = load_file(str(find_adapter(tmp_path / "hook" / "final")[1]))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "lokr", "oft"])
+def test_live_adapter_export_equals_the_saved_files_export(tiny_original, two_clips, tmp_path, kind):
+    """``Adapter.comfyui_state_dict()`` (in memory, during training) is what exporting the saved adapter gives."""
+    from sidestep_core.adapters import read_adapter_weights, to_comfyui_state_dict
+    from sidestep_core.model import load_acestep
+
+    cfg = fast_config(adapter=kind, max_steps=2, learning_rate=5e-2)
+    live = {}
+
+    def hook(step, adapter):
+        live[step] = adapter.comfyui_state_dict()[0]
+
+    train(cfg, tiny_original, two_clips, tmp_path / "run", step_hook=hook)
+    base = load_acestep(tiny_original, dtype=torch.float32, parts={"decoder"}).model.decoder
+    saved, _ = to_comfyui_state_dict(read_adapter_weights(tmp_path / "run" / "final"), base=base)
+    got = live[2]
+    assert got.keys() == saved.keys()
+    for k in saved:
+        assert got[k].device.type == "cpu" and not got[k].requires_grad
+        torch.testing.assert_close(got[k].float(), saved[k].float(), rtol=1e-6, atol=1e-7, msg=k)

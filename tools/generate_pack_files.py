@@ -125,8 +125,9 @@ def side_step_front(b: Builder, *, x: int = 0, trigger: str = TRIGGER) -> tuple[
 
 
 def generation(b: Builder, model_source: dict, model_output: str, *, x: int, y: int, tags: str,
-               prefix: str) -> None:
-    """ComfyUI's native ACE-Step 1.5 text-to-music graph (the audio_ace_step_1_5_split template), turbo values."""
+               prefix: str) -> dict:
+    """ComfyUI's native ACE-Step 1.5 text-to-music graph (the audio_ace_step_1_5_split template), turbo values.
+    Returns its conditioning, latent and VAE nodes (``text``, ``zero``, ``latent``, ``vae``)."""
     clip = b.add("DualCLIPLoader", (x, y), {"clip_name1": "qwen_0.6b_ace15.safetensors",
                                             "clip_name2": "qwen_1.7b_ace15.safetensors", "type": "ace",
                                             "device": "default"})
@@ -152,6 +153,7 @@ def generation(b: Builder, model_source: dict, model_output: str, *, x: int, y: 
     b.link(vae, "VAE", decode, "vae")
     save = b.add("SaveAudioAdvanced", (x + 1160, y + 220), {"filename_prefix": prefix, "format": "flac"})
     b.link(decode, "AUDIO", save, "audio")
+    return {"text": text, "zero": zero, "latent": latent, "vae": vae}
 
 
 INTRO = (
@@ -171,7 +173,11 @@ def train_then_generate() -> dict:
     note(b, INTRO.format(title="train, then generate", body=(
         "Preprocesses the folder, trains an adapter, applies it to the model loaded by *Load Diffusion Model* and "
         f"generates with ComfyUI's own ACE-Step 1.5 nodes, all in one queue. Put the trigger tag (`{TRIGGER}`) in "
-        "the tags. The adapter is also exported to `models/loras/`.")), (-480, 0))
+        "the tags. The adapter is also exported to `models/loras/`.\n\n"
+        "**Previews**: the same model, conditioning, latent and VAE also go into *Train Adapter*'s `preview_…` "
+        "inputs, so every `preview_every` steps it renders this very generation with the adapter as it is then "
+        "(`output/sidestep/<run>/previews/step_N.flac`; the node plays the last one). Disconnect them to train "
+        "without previews.")), (-480, 0))
     load, pre = side_step_front(b)
     train = b.add("SideStepTrainAdapter", (380, 0), {"output_name": "my_style"}, size=(360, 900))
     b.link(load, "model", train, "model")
@@ -184,8 +190,13 @@ def train_then_generate() -> dict:
     apply = b.add("SideStepApplyAdapter", (780, 280), size=(340, 240))
     b.link(unet, "MODEL", apply, "model")
     b.link(train, "adapter", apply, "adapter")
-    generation(b, apply, "model", x=1200, y=420, tags=f"{TRIGGER}, upbeat pop, bright synths, female vocals",
-               prefix="audio/sidestep_train_then_generate")
+    gen = generation(b, apply, "model", x=1200, y=420, tags=f"{TRIGGER}, upbeat pop, bright synths, female vocals",
+                     prefix="audio/sidestep_train_then_generate")
+    b.link(unet, "MODEL", train, "preview_model")  # previews: the generation below, with the live adapter
+    b.link(gen["text"], "CONDITIONING", train, "preview_positive")
+    b.link(gen["zero"], "CONDITIONING", train, "preview_negative")
+    b.link(gen["latent"], "LATENT", train, "preview_latent")
+    b.link(gen["vae"], "VAE", train, "preview_vae")
     return b.workflow([group("1 - Data and training", -20, -60, 780, 1000),
                        group("2 - Generate with the adapter", 760, -460, 2400, 1500, "#8a5a9e")])
 

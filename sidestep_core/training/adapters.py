@@ -148,6 +148,38 @@ class Adapter:
             sd = self.network.state_dict()
         return {k: v.detach().to("cpu", torch.float32).clone() for k, v in sd.items()}
 
+    def weights(self, source: str = "live adapter"):
+        """The adapter as it is now, in the common in-memory form (:class:`sidestep_core.adapters.AdapterWeights`):
+        detached fp32 CPU copies, read exactly as the files ``save`` writes would be read back."""
+        from ..adapters.formats import parse_state_dict
+
+        if self.kind in PEFT_KINDS:
+            return parse_state_dict(self.state_dict(), "peft", source=source, peft_config=self.peft_config_dict(),
+                                    metadata={"format": "pt"})
+        return parse_state_dict(self.state_dict(), "lycoris", source=source,
+                                metadata={"format": "lycoris", "algo": LYCORIS_ALGO[self.kind]})
+
+    def base_weight(self, name: str) -> torch.Tensor:
+        """The frozen base weight of target ``name`` (decoder-relative), under whatever wrapper the adapter added."""
+        from ..adapters.weights import resolve_target
+
+        owner, attr = resolve_target(self.module.decoder, name)
+        layer = getattr(owner, attr) if not isinstance(getattr(owner, attr), torch.Tensor) else owner
+        for cand in (getattr(layer, "base_layer", None), getattr(layer, "org_module", None), layer):
+            w = getattr(cand, "weight", None) if cand is not None else None
+            if isinstance(w, torch.Tensor):
+                return w.detach()
+        raise KeyError(name)
+
+    def comfyui_state_dict(self, dtype: Optional[torch.dtype] = None) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """The live adapter in ComfyUI's key format (what ``comfy.sd.load_lora_for_models`` takes), as detached CPU
+        copies: ``(state dict, notes)``. PEFT-style DoRA is converted against this model's own base weights."""
+        from ..adapters.comfy_export import needs_base, to_comfyui_state_dict
+
+        aw = self.weights()
+        base = (lambda n: self.base_weight(n).to("cpu", torch.float32)) if needs_base(aw) else None
+        return to_comfyui_state_dict(aw, base=base, dtype=dtype)
+
     def load_state_dict(self, sd: Mapping[str, torch.Tensor], source: str) -> None:
         """Strict: the file must hold exactly this adapter's keys with the same shapes, or nothing is loaded."""
         own = self.state_dict()

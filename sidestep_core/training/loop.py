@@ -40,6 +40,7 @@ from .optim import build_optimizer, build_scheduler, effective_warmup
 log = logging.getLogger("sidestep.train")
 
 Progress = Callable[[dict], None]
+StepHook = Callable[[int, Adapter], None]  # (step, live adapter); see train()
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Optimizer-state bytes per trainable parameter, for the memory estimate (fp32 master weights + grads are extra).
 OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "adafactor": 1, "prodigy": 16}
@@ -146,6 +147,7 @@ def train(
     out_dir: Optional[str | Path] = None,
     progress: Optional[Progress] = None,
     should_stop: Optional[Callable[[], bool]] = None,
+    step_hook: Optional[StepHook] = None,
 ) -> TrainResult:
     """Train an adapter; see the module docstring. Path arguments override the config's run fields.
 
@@ -153,6 +155,13 @@ def train(
     only). ``should_stop()`` is polled after every optimizer step; returning True saves a checkpoint and the current
     adapter (``final/``) and returns a result with ``status == "stopped"``. Raises ``ValueError`` for bad settings or
     files, ``NonFiniteLossError`` when the loss diverges (nothing is saved then; earlier checkpoints stay).
+
+    ``step_hook(step, adapter)`` (rank 0 only) is called after every optimizer step, after the checkpoint of that
+    step is saved, with the live :class:`~sidestep_core.training.adapters.Adapter` (``adapter.module`` is the
+    unwrapped module; ``adapter.comfyui_state_dict()`` gives detached CPU copies of its weights). It runs inside
+    :class:`sidestep_core.previews.Isolated`: eval mode, no grad, and every global RNG restored after, so a hook
+    that renders (and draws random numbers) leaves training exactly as it would be without it. The hook decides
+    itself at which steps to do work; exceptions it raises propagate.
     """
     overrides = {k: str(v) for k, v in (("checkpoint", checkpoint_path), ("dataset", dataset_path),
                                           ("out", out_dir)) if v is not None}
@@ -160,14 +169,16 @@ def train(
     for name in ("checkpoint", "dataset", "out"):
         if not getattr(cfg, name):
             raise ValueError(f"{name}: required")
-    return _Trainer(cfg, progress, should_stop).run()
+    return _Trainer(cfg, progress, should_stop, step_hook).run()
 
 
 class _Trainer:
-    def __init__(self, cfg: TrainConfig, progress: Optional[Progress], should_stop: Optional[Callable[[], bool]]):
+    def __init__(self, cfg: TrainConfig, progress: Optional[Progress], should_stop: Optional[Callable[[], bool]],
+                 step_hook: Optional[StepHook] = None):
         self.cfg = cfg
         self._progress = progress
         self.should_stop = should_stop or (lambda: False)
+        self.step_hook = step_hook
         self.out = Path(cfg.out).expanduser()
         self.dist = Dist(cfg.device)
         self.device = self.dist.device
@@ -348,8 +359,6 @@ class _Trainer:
         devices = [self.device.index or 0] if cuda else []
         with torch.random.fork_rng(devices=devices):
             for i in range(n):
-                if times and self.should_stop():  # a Cancel during the warm-up: stop timing, keep one sample
-                    break
                 t0 = time.perf_counter()
                 gen = torch.Generator().manual_seed(_seed_for(self.cfg.seed, 77, i))
                 with self.dist.no_sync(self.model):
@@ -585,6 +594,11 @@ class _Trainer:
                     saved_at = self.step
                 if self.previews is not None:  # after saving: a slow render never risks the checkpoint
                     self.previews.maybe_render(self.step, self.adapter.module, force=self.step == self.total or stop)
+                if self.step_hook is not None and self.dist.main:  # same place, same isolation as the previews
+                    from ..previews import Isolated
+
+                    with Isolated(self.adapter.module, self.device):
+                        self.step_hook(self.step, self.adapter)
                 result.loss, result.smoothed_loss = loss, smoothed
         except KeyboardInterrupt:
             if self._in_update or self.dist.world > 1:
