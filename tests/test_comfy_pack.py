@@ -108,7 +108,7 @@ def test_locales_describe_every_node_and_input():
 def test_web_extension_parses():
     js = ROOT / "web" / "sidestep.js"
     text = js.read_text()
-    assert 'from "../../scripts/app.js"' in text and "sidestep.train" in text
+    assert 'from "../../scripts/app.js"' in text and "sidestep.train" in text and "sidestep.preview" in text
     if shutil.which("node") is None:
         pytest.skip("node is not installed: JavaScript syntax not checked")
     out = subprocess.run(["node", "--check", str(js)], capture_output=True, text=True, timeout=60)

@@ -1,12 +1,14 @@
-// Side-Step for ComfyUI: the live loss chart on "Train Adapter" and the result text of every Side-Step node.
-// Plain JavaScript, no build step. Only ComfyUI's public app/api modules are used; everything is drawn on the
-// node's canvas (no extra widgets), so saved workflows keep exactly the node's own widget values.
+// Side-Step for ComfyUI: the live loss chart on "Train Adapter" with a play button for its latest preview, and the
+// result text of every Side-Step node. Plain JavaScript, no build step. Only ComfyUI's public app/api modules are used;
+// everything is drawn on the node's canvas (no extra widgets), so saved workflows keep exactly the node's own values.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const PREFIX = "SideStep";
 const TRAIN = "SideStepTrainAdapter";
 const EVENT = "sidestep.train";
+const PREVIEW_EVENT = "sidestep.preview";
+const BUTTON_H = 22;
 const CHART_H = 150;
 const LINE_H = 14;
 const MAX_LINES = 10;
@@ -98,6 +100,19 @@ function draw(node, ctx) {
     drawChart(ctx, st, 8, y, width, CHART_H);
     y += CHART_H + 6;
   }
+  if (st.preview) {
+    // A canvas-drawn button (not a widget, so saved workflows keep only the node's own values).
+    st.previewButton = [8, y, width, BUTTON_H];
+    ctx.fillStyle = "#2a2f3a";
+    ctx.fillRect(8, y, width, BUTTON_H);
+    ctx.strokeStyle = "#4a5266";
+    ctx.strokeRect(8, y, width, BUTTON_H);
+    ctx.font = "12px sans-serif";
+    ctx.fillStyle = "#ddd";
+    const playing = st.audio && !st.audio.paused;
+    ctx.fillText(`${playing ? "■ stop" : "▶ play"} preview of step ${st.preview.step}`, 16, y + 15);
+    y += BUTTON_H + 6;
+  }
   if (st.text) {
     ctx.font = "11px monospace";
     ctx.fillStyle = "#bbb";
@@ -141,10 +156,36 @@ function onTrainEvent(ev) {
   node.setDirtyCanvas(true, true);
 }
 
+function onPreviewEvent(ev) {
+  const d = ev.detail ?? {};
+  const node = app.graph?.getNodeById?.(Number(d.node)) ?? app.graph?.getNodeById?.(d.node);
+  if (!node || node.comfyClass !== TRAIN || !d.audio?.filename) return;
+  const q = new URLSearchParams({ filename: d.audio.filename, subfolder: d.audio.subfolder ?? "", type: d.audio.type ?? "output" });
+  state(node).preview = { step: d.step, url: api.apiURL(`/view?${q}`) };
+  node.setDirtyCanvas(true, true);
+}
+
+function togglePreview(node) {
+  const st = state(node);
+  if (st.audio && !st.audio.paused) {
+    st.audio.pause();
+  } else {
+    if (!st.audio || st.audio.dataset.url !== st.preview.url) {
+      st.audio = new Audio(st.preview.url);
+      st.audio.dataset.url = st.preview.url;
+      st.audio.addEventListener("ended", () => node.setDirtyCanvas(true, true));
+    }
+    st.audio.currentTime = 0;
+    st.audio.play();
+  }
+  node.setDirtyCanvas(true, true);
+}
+
 app.registerExtension({
   name: "sidestep.nodes",
   async setup() {
     api.addEventListener(EVENT, onTrainEvent);
+    api.addEventListener(PREVIEW_EVENT, onPreviewEvent);
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (!nodeData?.name?.startsWith(PREFIX)) return;
@@ -155,6 +196,15 @@ app.registerExtension({
         state(this).text = [].concat(message.text).join("\n");
         this.setDirtyCanvas(true, true);
       }
+    };
+    const onMouseDown = nodeType.prototype.onMouseDown;
+    nodeType.prototype.onMouseDown = function (e, pos) {
+      const b = this.__sidestep?.previewButton;
+      if (this.__sidestep?.preview && b && pos[0] >= b[0] && pos[0] <= b[0] + b[2] && pos[1] >= b[1] && pos[1] <= b[1] + b[3]) {
+        togglePreview(this);
+        return true;
+      }
+      return onMouseDown?.apply(this, arguments);
     };
     const onDrawForeground = nodeType.prototype.onDrawForeground;
     nodeType.prototype.onDrawForeground = function (ctx) {
