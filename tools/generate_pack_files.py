@@ -9,6 +9,7 @@ ComfyUI tests check these against a running ComfyUI's /object_info).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 import uuid
@@ -18,7 +19,20 @@ from typing import Any, Optional
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from nodes import spec as S  # noqa: E402
+
+def _load_spec():
+    """``nodes/spec.py`` by path, under a private name: ComfyUI has a top-level ``nodes`` module of its own, which
+    may already be imported (e.g. in a test session that started ComfyUI)."""
+    name = "sidestep_pack_spec"
+    if name not in sys.modules:
+        loc = importlib.util.spec_from_file_location(name, ROOT / "nodes" / "spec.py")
+        module = importlib.util.module_from_spec(loc)
+        sys.modules[name] = module  # before running it: dataclasses look their module up there
+        loc.loader.exec_module(module)
+    return sys.modules[name]
+
+
+S = _load_spec()
 
 OUT = ROOT / "example_workflows"
 TRIGGER = "sdstp"

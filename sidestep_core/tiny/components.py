@@ -73,21 +73,32 @@ def _qwen3_config(profile: Profile, vocab: int) -> dict:
     }
 
 
+def _identity_layer_weight(key: str, first_identity: int) -> bool:
+    """Attention and MLP projections of the layers that are made identities (their residual adds zero)."""
+    parts = key.split(".")
+    return (parts[0] == "layers" and int(parts[1]) >= first_identity and parts[-1] == "weight"
+            and parts[-2].endswith("_proj"))
+
+
 def text_encoder_state(profile: Profile, seed: int, vocab: int) -> dict[str, torch.Tensor]:
     """Weights in transformers ``Qwen3Model`` naming (no ``model.`` prefix, as in Qwen3-Embedding)."""
     from transformers import Qwen3Config, Qwen3Model
 
+    te = profile.text_encoder
     with torch.device("meta"):
-        model = Qwen3Model(Qwen3Config(**_qwen3_config(profile, vocab)))
+        model = Qwen3Model(Qwen3Config(**_qwen3_config(profile, te.embedding_rows or vocab)))
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    return bf16_exact(seeded_state_dict(seed + 1, shapes))
+    first_identity = te.random_layers if te.random_layers is not None else te.num_hidden_layers
+    zero = {k for k in shapes if _identity_layer_weight(k, first_identity)}
+    state = bf16_exact(seeded_state_dict(seed + 1, {k: s for k, s in shapes.items() if k not in zero}))
+    state.update({k: torch.zeros(shapes[k]) for k in zero})
+    return state
 
 
-def write_text_encoder_folder(folder: Path, profile: Profile, seed: int) -> dict[str, torch.Tensor]:
-    """Writes config.json, model.safetensors (bf16), tokenizer.json and tokenizer_config.json."""
+def write_tokenizer_folder(folder: Path, profile: Profile) -> int:
+    """Writes tokenizer.json and tokenizer_config.json; returns the vocabulary size."""
     folder.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(profile.vocab_size)
-    vocab = tok.get_vocab_size()
     tok.save(str(folder / "tokenizer.json"))
     eot = "<|endoftext|>"
     (folder / "tokenizer_config.json").write_text(
@@ -105,7 +116,14 @@ def write_text_encoder_folder(folder: Path, profile: Profile, seed: int) -> dict
             indent=2,
         )
     )
-    (folder / "config.json").write_text(json.dumps(_qwen3_config(profile, vocab), indent=2))
+    return tok.get_vocab_size()
+
+
+def write_text_encoder_folder(folder: Path, profile: Profile, seed: int) -> dict[str, torch.Tensor]:
+    """A Qwen3-Embedding-style folder: the tokenizer files, config.json and model.safetensors (bf16)."""
+    vocab = write_tokenizer_folder(folder, profile)
+    (folder / "config.json").write_text(
+        json.dumps(_qwen3_config(profile, profile.text_encoder.embedding_rows or vocab), indent=2))
     state = text_encoder_state(profile, seed, vocab)
     save_file({k: v.to(torch.bfloat16) for k, v in state.items()}, str(folder / "model.safetensors"))
     return state

@@ -1,13 +1,15 @@
 """Architectures of the tiny checkpoints.
 
-``tiny`` builds and runs in seconds on CPU. ``comfyui-min`` is the smallest DiT that ComfyUI's own ACE-Step 1.5
-implementation loads: ComfyUI fixes head_dim 128, 8 KV heads, an encoder 2048 wide with 8 lyric / 4 timbre layers,
-a 1024-wide text input and 6144-wide tokenizer/detokenizer MLPs, so only the decoder and the encoder MLP shrink.
+``tiny`` builds and runs in seconds on CPU. ``comfyui-min`` is the smallest model ComfyUI itself loads: its ACE-Step 1.5
+implementation fixes head_dim 128, 8 KV heads, an encoder 2048 wide with 8 lyric / 4 timbre layers, a 1024-wide text
+input and 6144-wide tokenizer/detokenizer MLPs, so only the decoder and the encoder MLP shrink; its VAE and Qwen3
+text encoder are built with fixed sizes, so those two are full-size (the text encoder's extra layers are identities).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from ..model.config import AceStepConfig
 
@@ -22,6 +24,10 @@ class TextEncoderShape:
     num_key_value_heads: int
     head_dim: int
     intermediate_size: int
+    # Layers from this index on get zero projections, i.e. are identity layers (cheap to make, exact to run).
+    random_layers: Optional[int] = None
+    # Rows of the embedding table when it must be larger than the tiny tokenizer's vocabulary.
+    embedding_rows: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -82,7 +88,9 @@ def get_profile(name: str) -> Profile:
             is_turbo=True,
             model_version="turbo",
         )
-        te = TextEncoderShape(1024, 2, 8, 4, 128, 256)
+        # ComfyUI builds its Qwen3 0.6B encoder with fixed sizes and needs every tensor at full shape, so this one
+        # has the real shape; layers past the second are identities.
+        te = TextEncoderShape(1024, 28, 16, 8, 128, 3072, random_layers=2, embedding_rows=151669)
         # ComfyUI builds the VAE from fixed sizes, so this one is the full-size Oobleck.
         return Profile(dit, te, VaeShape(128, 128, (1, 2, 4, 8, 16)), vocab_size=1024)
     raise ValueError(f"unknown profile {name!r}; choose one of {', '.join(PROFILES)}")

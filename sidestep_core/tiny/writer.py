@@ -7,8 +7,8 @@
 * ``comfyui-aio``: ``models/checkpoints/ace_step_1.5_turbo_aio.safetensors`` holding ``model.diffusion_model.*``,
   ``text_encoders.qwen3_06b.transformer.model.*`` and ``vae.*``.
 
-ComfyUI files carry no tokenizer; the original text-encoder folder (with tokenizer.json) is written beside them
-under ``tokenizer/`` so headless tools can find one. Every layout is built from the same seeded tensors.
+ComfyUI files carry no tokenizer; the tiny tokenizer is written beside them under ``tokenizer/`` so headless tools
+can find one (inside ComfyUI, ComfyUI's own tokenizer is used). Every layout is built from the same seeded tensors.
 """
 
 from __future__ import annotations
@@ -22,7 +22,13 @@ import torch
 from safetensors.torch import save_file
 
 from ..model.model import AceStepModel
-from .components import build_vae, write_text_encoder_folder, write_vae_folder
+from .components import (
+    build_vae,
+    text_encoder_state,
+    write_text_encoder_folder,
+    write_tokenizer_folder,
+    write_vae_folder,
+)
 from .profiles import Profile, get_profile
 from .weights import bf16_exact, seeded_state_dict
 
@@ -87,7 +93,8 @@ def make_tiny_checkpoint(
     from ..text.encoder import qwen_state_dict_to_comfy
     from ..vae import vae_state_dict_to_comfy
 
-    te_state = write_text_encoder_folder(text_dir, prof, seed)
+    vocab = write_tokenizer_folder(text_dir, prof)  # ComfyUI files carry no tokenizer: it is written beside them
+    te_state = text_encoder_state(prof, seed, vocab)
     vae = build_vae(prof, seed)
     vae_comfy = vae_state_dict_to_comfy({k: v.detach() for k, v in vae.state_dict().items()})
     meta = {"config": json.dumps(config)}

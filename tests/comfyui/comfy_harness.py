@@ -1,11 +1,11 @@
 """Running a real ComfyUI for the pack's tests: the tiny model files ComfyUI can load, a headless server with the
 pack on its custom-node path, and the UI → API conversion of workflows. Not a test module.
 
-The model set is the ``comfyui-min`` tiny ACE-Step 1.5 checkpoint plus a Qwen3 text encoder of the full
-Qwen3-0.6B-ACE15 shape: ComfyUI builds that encoder with fixed sizes (vocabulary 151669, 28 layers, 16 heads,
-MLP 3072) and refuses tensors of other shapes, while layers missing from the file are left uninitialised (NaN
-conditioning). Layers 2–27 are written with zero projections, which makes them exact identities, so the
-file is as small as ComfyUI allows (1.19 GB in bf16) and cheap to generate.
+The model set is the ``comfyui-min`` tiny ACE-Step 1.5 checkpoint in ComfyUI's split layout, as the core's
+generator writes it. Its Qwen3 text encoder has the full Qwen3-0.6B-ACE15 shape: ComfyUI builds that encoder with
+fixed sizes (vocabulary 151669, 28 layers, 16 heads, MLP 3072) and refuses tensors of other shapes, while layers
+missing from a file are left uninitialised (NaN conditioning). Layers 2–27 have zero projections, which makes them
+exact identities, so the file is as small as ComfyUI allows (1.19 GB in bf16) and cheap to generate.
 """
 
 from __future__ import annotations
@@ -27,51 +27,17 @@ import wave
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
-
-MODEL_SET_VERSION = "1"
+MODEL_SET_VERSION = "2"
 DIT_NAME = "acestep_v1.5_turbo.safetensors"
 TE_NAME = "qwen_0.6b_ace15.safetensors"
 LM_NAME = "qwen_1.7b_ace15.safetensors"  # a second file for DualCLIPLoader; see write_model_set
 VAE_NAME = "ace_1.5_vae.safetensors"
 PACK_DIR = Path(__file__).resolve().parents[2]
 
-# ComfyUI's fixed Qwen3-0.6B-ACE15 shape (comfy/text_encoders/llama.py Qwen3_06B_ACE15_Config).
-QWEN_VOCAB, QWEN_HIDDEN, QWEN_LAYERS, QWEN_HEADS, QWEN_KV, QWEN_HEAD_DIM, QWEN_MLP = 151669, 1024, 28, 16, 8, 128, 3072
-
 
 # ----------------------------------------------------------------------------------------------------------
 # model files
 # ----------------------------------------------------------------------------------------------------------
-
-
-def qwen_comfy_state(seed: int = 0, random_layers: int = 2) -> dict[str, torch.Tensor]:
-    """A Qwen3 0.6B text encoder in ComfyUI's file layout (``model.*`` keys), bf16."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape: int, std: float = 0.02) -> torch.Tensor:
-        return (torch.randn(*shape, generator=g) * std).to(torch.bfloat16)
-
-    def zeros(*shape: int) -> torch.Tensor:
-        return torch.zeros(*shape, dtype=torch.bfloat16)
-
-    def ones(n: int) -> torch.Tensor:
-        return torch.ones(n, dtype=torch.bfloat16)
-
-    q, kv, h, m = QWEN_HEADS * QWEN_HEAD_DIM, QWEN_KV * QWEN_HEAD_DIM, QWEN_HIDDEN, QWEN_MLP
-    sd = {"model.embed_tokens.weight": rnd(QWEN_VOCAB, h, std=1.0), "model.norm.weight": ones(h)}
-    for i in range(QWEN_LAYERS):
-        make = rnd if i < random_layers else zeros
-        p = f"model.layers.{i}."
-        sd.update({
-            p + "self_attn.q_proj.weight": make(q, h), p + "self_attn.k_proj.weight": make(kv, h),
-            p + "self_attn.v_proj.weight": make(kv, h), p + "self_attn.o_proj.weight": make(h, q),
-            p + "self_attn.q_norm.weight": ones(QWEN_HEAD_DIM), p + "self_attn.k_norm.weight": ones(QWEN_HEAD_DIM),
-            p + "mlp.gate_proj.weight": make(m, h), p + "mlp.up_proj.weight": make(m, h),
-            p + "mlp.down_proj.weight": make(h, m),
-            p + "input_layernorm.weight": ones(h), p + "post_attention_layernorm.weight": ones(h),
-        })
-    return sd
 
 
 def cache_root() -> Path:
@@ -82,17 +48,13 @@ def cache_root() -> Path:
 
 
 def write_model_set() -> Path:
-    """``<cache>/models/{diffusion_models,text_encoders,vae}`` with the comfyui-min model; made once, reused.
+    """``<cache>/models/{diffusion_models,text_encoders,vae}``: the ``comfyui-min`` tiny checkpoint in ComfyUI's
+    split layout, written once by the core's generator and reused.
 
     ``qwen_1.7b_ace15.safetensors`` is a link to the 0.6B file: DualCLIPLoader needs two files, ComfyUI routes
     any 1024-wide Qwen to the 0.6B slot, and the workflows never run the 5 Hz LM (generate_audio_codes off).
     """
-    from safetensors.torch import save_file
-
-    from sidestep_core.tiny import get_profile
-    from sidestep_core.tiny.components import build_vae
-    from sidestep_core.tiny.writer import dit_state
-    from sidestep_core.vae import vae_state_dict_to_comfy
+    from sidestep_core.tiny import make_tiny_checkpoint
 
     root = cache_root()
     models = root / "models"
@@ -100,17 +62,8 @@ def write_model_set() -> Path:
     if done.is_file():
         return models
     shutil.rmtree(models, ignore_errors=True)
-    for sub in ("diffusion_models", "text_encoders", "vae"):
-        (models / sub).mkdir(parents=True, exist_ok=True)
-    prof = get_profile("comfyui-min")
-    dit = {k: v.to(torch.bfloat16).contiguous() for k, v in dit_state(prof, 0).items()}
-    save_file(dit, str(models / "diffusion_models" / DIT_NAME), metadata={"config": json.dumps(prof.dit.to_dict())})
-    del dit
-    vae = build_vae(prof, 0)
-    vae_sd = vae_state_dict_to_comfy({k: v.detach() for k, v in vae.state_dict().items()})
-    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in vae_sd.items()}, str(models / "vae" / VAE_NAME))
-    del vae, vae_sd
-    save_file(qwen_comfy_state(0), str(models / "text_encoders" / TE_NAME))
+    ckpt = make_tiny_checkpoint(root, "comfyui-split", "comfyui-min", 0)
+    assert ckpt.dit == models / "diffusion_models" / DIT_NAME and ckpt.vae == models / "vae" / VAE_NAME
     (models / "text_encoders" / LM_NAME).symlink_to(TE_NAME)
     done.write_text(MODEL_SET_VERSION)
     return models

@@ -2,9 +2,9 @@
 
 ComfyUI builds ``Qwen3_06B_ACE15`` with fixed sizes (comfy/text_encoders/llama.py: vocabulary 151669, 28 layers,
 16 heads / 8 KV heads of 128, MLP 3072) and loads files with ``strict=False``: every tensor in the file must have
-the full shape, while tensors missing from it are silently left uninitialised. So the tiny profiles' text encoder
-(``comfyui-min``: 2 layers, 8 heads, MLP 256, a 1k vocabulary) cannot be used, and the smallest working file is the
-full-shape one the harness writes (layers 2–27 with zero projections = identity layers).
+the full shape, while tensors missing from it are silently left uninitialised. So a small encoder (the ``tiny``
+profile's) cannot be used, and the smallest working file is the full-shape one the ``comfyui-min`` profile writes
+(layers 2–27 with zero projections = identity layers).
 """
 
 from __future__ import annotations
@@ -19,14 +19,15 @@ import comfy_harness as H
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 
 
-def test_comfyui_refuses_the_tiny_profile_text_encoder(comfy, tmp_path):
+def test_comfyui_refuses_a_text_encoder_of_another_shape(comfy, tmp_path):
+    """Why ``comfyui-min`` writes a full-shape encoder: ComfyUI rejects the small one of the ``tiny`` profile."""
     from safetensors.torch import save_file
 
     from sidestep_core.text.encoder import qwen_state_dict_to_comfy
     from sidestep_core.tiny import get_profile
     from sidestep_core.tiny.components import text_encoder_state
 
-    prof = get_profile("comfyui-min")
+    prof = get_profile("tiny")
     state = qwen_state_dict_to_comfy(text_encoder_state(prof, 0, prof.vocab_size))
     path = tmp_path / H.TE_NAME
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
@@ -34,7 +35,7 @@ def test_comfyui_refuses_the_tiny_profile_text_encoder(comfy, tmp_path):
         comfy.sd.load_clip(ckpt_paths=[str(path), str(path)], clip_type=comfy.sd.CLIPType.ACE)
 
 
-def test_the_harness_text_encoder_loads_and_encodes(comfy):
+def test_the_comfyui_min_text_encoder_loads_and_encodes(comfy):
     models = H.write_model_set()
     te = models / "text_encoders"
     clip = comfy.sd.load_clip(ckpt_paths=[str(te / H.TE_NAME), str(te / H.LM_NAME)],
