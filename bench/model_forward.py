@@ -13,11 +13,10 @@ import argparse
 import json
 import platform
 import resource
-import statistics
-import time
 
 import torch
 
+from _timing import timed
 from sidestep_core.model import AceStepConfig
 from sidestep_core.model.dit import AceStepDiT
 
@@ -35,17 +34,6 @@ def peak_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def timed(fn, device: str, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -16,11 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 
 import torch
 
+from _timing import timed
 from sidestep_core.model import AceStepConfig
 from sidestep_core.model.dit import AceStepDiT
 from sidestep_core.vae import build_vae
@@ -30,17 +29,6 @@ REAL_VAE = dict(audio_channels=2, sampling_rate=48000, encoder_hidden_size=128, 
 COND_TOKENS = 200  # lyric prompt + timbre token + caption prompt of a short preview prompt
 
 
-def timed(fn, device: str, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def flops(fn) -> int:

@@ -1,39 +1,24 @@
 """Our model against golden outputs of the upstream ACE-Step 1.5 code (tests/data/README.md says how they were made)."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
-from sidestep_core.model import AceStepModel
 from sidestep_core.tiny import get_profile
-from sidestep_core.tiny.writer import dit_state
 
-
-
-GOLDEN = Path(__file__).parent / "data" / "upstream_golden_tiny.safetensors"
+from goldens import assert_close as close
+from goldens import read_golden, tiny_model
 
 
 @pytest.fixture(scope="module")
 def golden():
-    with safe_open(str(GOLDEN), "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    return read_golden("upstream_golden_tiny.safetensors")
 
 
 @pytest.fixture(scope="module")
 def model():
-    """The same weights the goldens were computed with, regenerated from the seed, in fp32."""
-    m = AceStepModel(get_profile("tiny").dit)
-    m.load_state_dict(dit_state(get_profile("tiny"), 0))
-    return m.eval()
-
-
-def close(ours, ref, rtol=1e-5):
-    err = (ours.double() - ref.double()).abs().max().item()
-    scale = ref.double().abs().max().item()
-    assert err <= rtol * scale, f"max abs error {err:.3g} vs scale {scale:.3g}"
+    return tiny_model()
 
 
 def test_golden_was_made_from_our_generator_config(golden):

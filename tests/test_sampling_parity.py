@@ -2,37 +2,24 @@
 made; the loops are described in the docstring of sidestep_core/sampling.py)."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from sidestep_core import sampling
-from sidestep_core.model import AceStepModel
-from sidestep_core.tiny import get_profile
-from sidestep_core.tiny.writer import dit_state
 
-GOLDEN = Path(__file__).parent / "data" / "upstream_golden_sampler_tiny.safetensors"
+from goldens import assert_close as close
+from goldens import read_golden, tiny_model
 
 
 @pytest.fixture(scope="module")
 def golden():
-    with safe_open(str(GOLDEN), "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    return read_golden("upstream_golden_sampler_tiny.safetensors")
 
 
 @pytest.fixture(scope="module")
 def model():
-    m = AceStepModel(get_profile("tiny").dit)
-    m.load_state_dict(dit_state(get_profile("tiny"), 0))
-    return m.eval()
-
-
-def close(ours, ref, rtol=1e-5, what=""):
-    err = (ours.double() - ref.double()).abs().max().item()
-    scale = ref.double().abs().max().item()
-    assert err <= rtol * scale, f"{what}: max abs error {err:.3g} vs scale {scale:.3g}"
+    return tiny_model()
 
 
 class Recorder:
