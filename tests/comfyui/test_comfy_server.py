@@ -42,12 +42,6 @@ def shorten(prompt: dict, **extra) -> dict:
     return prompt
 
 
-def estimate_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("sidestep_core.estimate") is not None
-
-
 @pytest.fixture(scope="module")
 def server(comfy, tmp_path_factory):
     models = H.write_model_set()
@@ -181,19 +175,32 @@ def test_run_preprocess_and_train(server, object_info):
 
 
 def test_run_train_then_generate(server, object_info):
-    prompt = shorten(H.ui_to_api(load_workflow("train_then_generate"), object_info))
-    entry = server.run(prompt)
+    # Another output name: with preprocess_and_train's settings the finished run would be reused, not trained.
+    prompt = shorten(H.ui_to_api(load_workflow("train_then_generate"), object_info),
+                     SideStepTrainAdapter={"output_name": "my_style_previewed"})
+    train_id = next(k for k, v in prompt.items() if v["class_type"] == "SideStepTrainAdapter")
+    ws = H.WebSocketLog(server)
+    try:
+        entry = server.run(prompt)
+    finally:
+        ws.close()
     files = [f for out in entry["outputs"].values() for f in out.get("audio", [])]
     assert files, entry["outputs"]
-    audio = server.base / "output" / files[0]["subfolder"] / files[0]["filename"]
-    assert audio.is_file() and audio.stat().st_size > 1000
+    for f in files:
+        audio = server.base / "output" / f["subfolder"] / f["filename"] if f["type"] == "output" else None
+        assert audio is None or (audio.is_file() and audio.stat().st_size > 1000), f
+    # the preview rendered through the user's own graph: sent to the node while training, kept in the run folder,
+    # and the last one is the Train node's playable output
+    previews = [m for m in ws.of_type("sidestep.preview") if m.get("node") == train_id]
+    assert previews and previews[-1]["audio"]["filename"].endswith(".flac"), previews
+    ref = previews[-1]["audio"]
+    assert (server.base / "output" / ref["subfolder"] / ref["filename"]).is_file()
+    assert entry["outputs"][train_id].get("audio"), entry["outputs"][train_id]
     assert "applied" in history_text(entry, "SideStepApplyAdapter")
     assert (server.base / "models" / "loras" / "my_style.safetensors").is_file()
 
 
 def test_run_estimate_then_train(server, object_info):
-    if not estimate_available():
-        pytest.xfail("sidestep_core.estimate is not in the core yet: Estimate Gradients cannot run")
     prompt = shorten(H.ui_to_api(load_workflow("estimate_then_train"), object_info))
     entry = server.run(prompt)
     assert history_text(entry, "SideStepEstimateGradients")
