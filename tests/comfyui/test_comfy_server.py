@@ -139,14 +139,19 @@ def test_example_workflow_widgets_are_valid_for_comfyui(object_info, name):
 # --------------------------------------------------------------------------------------------------------
 
 
+def run_logged(server, prompt: dict):
+    """Run a prompt to its end while recording the WebSocket messages; (history entry, the message log)."""
+    ws = H.WebSocketLog(server)
+    try:
+        return server.run(prompt), ws
+    finally:
+        ws.close()
+
+
 def test_run_preprocess_and_train(server, object_info):
     prompt = shorten(H.ui_to_api(load_workflow("preprocess_and_train"), object_info))
     train_id = next(k for k, v in prompt.items() if v["class_type"] == "SideStepTrainAdapter")
-    ws = H.WebSocketLog(server)
-    try:
-        entry = server.run(prompt)
-    finally:
-        ws.close()
+    entry, ws = run_logged(server, prompt)
     loader = history_text(entry, "SideStepLoadCheckpoint")
     assert "turbo" in loader and "shift 3" in loader and "8 steps" in loader, loader
     # the loss chart's event stream and ComfyUI's progress bar for the training node
@@ -179,11 +184,7 @@ def test_run_train_then_generate(server, object_info):
     prompt = shorten(H.ui_to_api(load_workflow("train_then_generate"), object_info),
                      SideStepTrainAdapter={"output_name": "my_style_previewed"})
     train_id = next(k for k, v in prompt.items() if v["class_type"] == "SideStepTrainAdapter")
-    ws = H.WebSocketLog(server)
-    try:
-        entry = server.run(prompt)
-    finally:
-        ws.close()
+    entry, ws = run_logged(server, prompt)
     files = [f for out in entry["outputs"].values() for f in out.get("audio", [])]
     assert files, entry["outputs"]
     for f in files:
