@@ -1,6 +1,7 @@
 """From node inputs to core arguments and back — the ComfyUI-free half of each node (tested without ComfyUI).
 
-``extension.py`` adds only what needs ComfyUI: folder lookups, progress, memory, the model patcher.
+The node modules and ``comfy_glue.py`` add only what needs ComfyUI: folder lookups, progress, memory, the model
+patcher.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def train_config(values: dict[str, Any], model: ModelBundle, estimate: Optional[
 
 @dataclass(frozen=True)
 class PreviewPlan:
-    """When and how Train Adapter renders its previews (the ComfyUI-free half; ``extension.py`` samples)."""
+    """When and how Train Adapter renders its previews (the ComfyUI-free half; ``train_adapter.py`` samples)."""
 
     every: int
     seed: int

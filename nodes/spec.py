@@ -1,6 +1,6 @@
 """What each Side-Step node takes and returns, as plain data (no ComfyUI import).
 
-``extension.py`` turns these specs into ComfyUI V3 schemas; the tests check the example workflows against them
+``schema.py`` turns these specs into ComfyUI V3 schemas; the tests check the example workflows against them
 without a ComfyUI checkout. Training inputs are read off :class:`sidestep_core.config.TrainConfig` (name, type,
 default, choices, help), so the node can never drift from the CLI and the config files: an input named like a
 ``TrainConfig`` field *is* that field.
@@ -33,7 +33,7 @@ EXPORT_FORMATS = ("comfyui", "peft", "lycoris")
 AUTO = "auto"
 NONE = "none"
 
-# Combos whose options come from the user's folders; ``extension.py`` fills them when ComfyUI asks.
+# Combos whose options come from the user's folders; ``comfy_glue.py`` fills them when ComfyUI asks.
 DYNAMIC_MODELS = "acestep_models"
 DYNAMIC_TEXT_ENCODERS = "text_encoders"
 DYNAMIC_VAES = "vaes"

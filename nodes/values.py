@@ -1,6 +1,6 @@
 """Values that travel between the Side-Step nodes, and recognising ACE-Step files by their tensor names.
 
-No ComfyUI import: ``extension.py`` passes in the folder lists it gets from ``folder_paths``.
+No ComfyUI import: ``comfy_glue.py`` passes in the folder lists it gets from ``folder_paths``.
 """
 
 from __future__ import annotations

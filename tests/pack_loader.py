@@ -28,6 +28,6 @@ def pack():
 
 
 def pack_module(name: str):
-    """``sidestep_pack.nodes.<name>`` (e.g. "spec", "calls", "extension")."""
+    """``sidestep_pack.nodes.<name>`` (e.g. "spec", "calls", "train_adapter")."""
     pack()
     return importlib.import_module(f"{PACKAGE}.nodes.{name}")

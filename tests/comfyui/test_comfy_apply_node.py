@@ -28,7 +28,7 @@ def rel(a, b) -> float:
 def setup(comfy, tmp_path_factory):
     from pack_loader import pack_module
 
-    ext = pack_module("extension")
+    ext = pack_module("apply_adapter")
     values = pack_module("values")
     models = H.write_model_set()
     dit = models / "diffusion_models" / H.DIT_NAME

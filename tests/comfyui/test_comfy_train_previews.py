@@ -28,7 +28,7 @@ def setup(comfy, tmp_path_factory):
     from sidestep_core.model import load_acestep
     from train_helpers import make_cache
 
-    ext, calls, values = pack_module("extension"), pack_module("calls"), pack_module("values")
+    ext, calls, values = pack_module("train_adapter"), pack_module("calls"), pack_module("values")
     models = H.write_model_set()
     dit = models / "diffusion_models" / H.DIT_NAME
     out = tmp_path_factory.mktemp("output")

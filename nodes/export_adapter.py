@@ -1,0 +1,33 @@
+"""Export Adapter: writes a trained adapter into ``models/loras`` in ComfyUI's (or PEFT/LyCORIS) key format."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import folder_paths
+from comfy_api.latest import io
+
+from . import calls, spec as S
+from .comfy_glue import dora_base, paths, text
+from .schema import build_schema
+from .values import AdapterRef
+
+
+class ExportAdapter(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return build_schema(S.EXPORT)
+
+    @classmethod
+    def execute(cls, adapter: AdapterRef, name="sidestep_adapter", format="comfyui", overwrite=True,
+                directory="") -> io.NodeOutput:
+        from sidestep_core.adapters import export_comfyui, read_adapter_weights
+
+        aw = read_adapter_weights(adapter.path)
+        base = dora_base(aw, adapter)  # PEFT-style DoRA: ComfyUI's dora_scale is relative to the base weights
+        root = Path(directory).expanduser() if directory.strip() else Path(paths("loras")[0])
+        path, notes = export_comfyui(aw, calls.export_path(root, name, bool(overwrite)), base=base,
+                                     base_identity=adapter.base_identity, base_variant=adapter.base_variant,
+                                     key_style=calls.EXPORT_KEY_STYLES[format])
+        folder_paths.filename_list_cache.pop("loras", None)  # let LoRA loaders list the new file at once
+        return io.NodeOutput(str(path), ui=text(f"wrote {path}", *notes))
