@@ -98,9 +98,16 @@ def test_linear_rope_scaling_matches_upstream(rope_golden):
     g, meta = rope_golden
     scaling = json.loads(meta["rope_scaling_override"])
     assert scaling == {"rope_type": "linear", "factor": 2.0}
-    v, states = rope_cases(tiny_model(rope_scaling=scaling), g)
+    scaled = tiny_model(rope_scaling=scaling)
+    v, states = rope_cases(scaled, g)
     close(v, g["dec_T40.out.velocity"])
     close(states, g["enc.out.encoder_hidden_states"])
+    with torch.no_grad():
+        quantized, indices = scaled.tokenizer(g["tok.in.x"])
+        detok = scaled.detokenize(g["tok.out.quantized"])
+    assert torch.equal(indices.long(), g["tok.out.indices"].long())
+    close(quantized, g["tok.out.quantized"])
+    close(detok, g["tok.out.detokenized"])
     # and the scaling is not a no-op: the unscaled model is far off
     v0, states0 = rope_cases(tiny_model(), g)
     assert (v0 - g["dec_T40.out.velocity"]).abs().max() > 1e-2

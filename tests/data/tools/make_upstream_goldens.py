@@ -18,7 +18,7 @@ Usage (in a virtualenv with transformers==4.57.6, vector-quantize-pytorch==1.27.
       --cases dec_T37,dec_T40,dec_T37_r,enc,enc1,enc_lpad,tok --out xl.safetensors --check-sliding
 
   # linear RoPE scaling written into the config (the checkpoint's config.json is left as it is)
-  python make_upstream_goldens.py --upstream-root ACE-Step-1.5 --checkpoint DIR --cases dec_T40,enc \
+  python make_upstream_goldens.py --upstream-root ACE-Step-1.5 --checkpoint DIR --cases dec_T40,enc,tok \
       --rope-scaling '{"rope_type": "linear", "factor": 2.0}' --out rope.safetensors
 
   # self test on a random tiny model (no external checkpoint needed)
