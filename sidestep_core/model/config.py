@@ -82,9 +82,8 @@ class AceStepConfig:
         bad = sorted(set(self.layer_types) - {SLIDING, FULL})
         if bad:
             raise ValueError(f"unknown layer types {bad}")
-        self.rope_factor  # validates rope_scaling
+        self.rope_factor()  # refuses an unsupported rope_scaling when the config is made
 
-    @property
     def rope_factor(self) -> float:
         """Linear RoPE scaling factor (positions are divided by it); 1 without scaling.
 

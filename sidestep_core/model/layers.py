@@ -31,7 +31,7 @@ class RMSNorm(nn.Module):
 class Rotary(nn.Module):
     """Rotate-half RoPE over ``head_dim``; cos/sin are built in fp32 and cast to the activations' dtype.
 
-    ``factor`` is linear RoPE scaling (``config.rope_factor``): the frequencies are divided by it.
+    ``factor`` is linear RoPE scaling (``config.rope_factor()``): the frequencies are divided by it.
     """
 
     def __init__(self, head_dim: int, theta: float, factor: float = 1.0):
@@ -137,7 +137,7 @@ class EncoderStack(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Linear(in_dim, config.hidden_size)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary = Rotary(config.head_dim, config.rope_theta, config.rope_factor)
+        self.rotary = Rotary(config.head_dim, config.rope_theta, config.rope_factor())
         self.layers = nn.ModuleList(EncoderLayer(config, i) for i in range(num_layers))
 
     def run_layers(self, h: torch.Tensor, key_padding: Optional[torch.Tensor] = None) -> torch.Tensor:
