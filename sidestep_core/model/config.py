@@ -33,7 +33,7 @@ class AceStepConfig:
     head_dim: int = 128
     rms_norm_eps: float = 1e-6
     rope_theta: float = 1_000_000.0
-    # Upstream hands this to transformers' Qwen3 RoPE; only the position-independent kinds are supported.
+    # Upstream hands this to transformers' Qwen3 RoPE; we support none, 'default' and 'linear' (see rope_factor).
     rope_scaling: Optional[dict[str, Any]] = None
     max_position_embeddings: int = 32768
     attention_bias: bool = False
