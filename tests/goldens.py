@@ -3,6 +3,7 @@ Not a test module."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -20,10 +21,11 @@ def read_golden(name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
 
 
-def tiny_model() -> AceStepModel:
-    """The goldens' weights, regenerated from the seed, in fp32."""
-    m = AceStepModel(get_profile("tiny").dit)
-    m.load_state_dict(dit_state(get_profile("tiny"), 0))
+def tiny_model(**config_changes) -> AceStepModel:
+    """The goldens' weights, regenerated from the seed, in fp32; ``config_changes`` leave the shapes alone."""
+    profile = get_profile("tiny")
+    m = AceStepModel(dataclasses.replace(profile.dit, **config_changes))
+    m.load_state_dict(dit_state(profile, 0))
     return m.eval()
 
 

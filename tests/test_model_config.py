@@ -78,3 +78,51 @@ def test_bad_values_are_rejected():
         AceStepConfig(num_hidden_layers=4, layer_types=[SLIDING])
     with pytest.raises(ValueError, match="unknown layer types"):
         AceStepConfig(num_hidden_layers=1, layer_types=["causal"])
+
+
+@pytest.mark.parametrize("scaling,factor", [
+    (None, 1.0),
+    ({"rope_type": "default"}, 1.0),
+    ({"rope_type": "linear", "factor": 4.0}, 4.0),
+    ({"type": "linear", "factor": 2}, 2.0),  # the older key name, which upstream's config class still accepts
+])
+def test_rope_scaling_that_is_honoured(scaling, factor):
+    cfg = AceStepConfig.from_dict({**REAL_2B_CONFIG, "rope_scaling": scaling})
+    assert cfg.rope_factor() == factor
+    with torch.device("meta"):
+        model = AceStepModel(cfg)
+    base = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2).float() / cfg.head_dim))
+    for rotary in (model.decoder.rotary, model.encoder.lyric_encoder.rotary, model.encoder.timbre_encoder.rotary):
+        assert torch.allclose(rotary.inv_freq, base / factor)
+
+
+@pytest.mark.parametrize("scaling,words", [
+    ({"rope_type": "yarn", "factor": 4.0}, "'yarn' is not supported"),
+    ({"rope_type": "dynamic", "factor": 2.0}, "'dynamic' is not supported"),
+    ({"rope_type": "linear"}, "positive 'factor'"),
+    ({"rope_type": "linear", "factor": 0}, "positive 'factor'"),
+    ("linear", "must be an object"),
+])
+def test_rope_scaling_that_is_refused_names_file_and_key(tmp_path, scaling, words):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**REAL_2B_CONFIG, "rope_scaling": scaling}))
+    with pytest.raises(ValueError) as err:
+        AceStepConfig.from_json(path)
+    msg = str(err.value)
+    assert msg.startswith(str(path)) and "rope_scaling" in msg and words in msg
+
+
+def test_cli_refuses_a_checkpoint_with_unsupported_rope_scaling(tmp_path, capsys):
+    from sidestep_core.cli import main
+    from sidestep_core.tiny import make_tiny_checkpoint
+
+    ckpt = make_tiny_checkpoint(tmp_path / "m", "original", "tiny", 0)
+    config = ckpt.dit / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "rope_scaling": {"rope_type": "yarn",
+                                                                                      "factor": 4.0}}))
+    rc = main(["generate", "--checkpoint", str(ckpt.dit), "--caption", "x", "--seconds", "1",
+               "--out", str(tmp_path / "x.flac"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert str(config) in err and "rope_scaling" in err and "'yarn' is not supported" in err
+    assert not (tmp_path / "x.flac").exists()

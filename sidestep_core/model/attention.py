@@ -70,5 +70,8 @@ def attention(
         mask = _band(tq, window, q.device)[None, None]
     if key_padding is not None:
         pad = key_padding.bool()[:, None, None, :]
-        mask = pad if mask is None else mask & pad
+        keep = pad if mask is None else mask & pad
+        # Upstream adds finfo.min (not -inf) to hidden keys: a query whose window holds no real key (padding far
+        # from the lyrics) then averages all values uniformly, where a bool mask gives zeros. Same numbers elsewhere.
+        mask = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill_(~keep, torch.finfo(q.dtype).min)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])

@@ -33,6 +33,8 @@ class AceStepConfig:
     head_dim: int = 128
     rms_norm_eps: float = 1e-6
     rope_theta: float = 1_000_000.0
+    # Upstream hands this to transformers' Qwen3 RoPE; we support none, 'default' and 'linear' (see rope_factor).
+    rope_scaling: Optional[dict[str, Any]] = None
     max_position_embeddings: int = 32768
     attention_bias: bool = False
     use_sliding_window: bool = True
@@ -80,6 +82,36 @@ class AceStepConfig:
         bad = sorted(set(self.layer_types) - {SLIDING, FULL})
         if bad:
             raise ValueError(f"unknown layer types {bad}")
+        self.rope_factor()  # refuses an unsupported rope_scaling when the config is made
+
+    def rope_factor(self) -> float:
+        """Linear RoPE scaling factor (positions are divided by it); 1 without scaling.
+
+        transformers' ``linear`` type divides the frequencies by ``factor``; ``default`` (or none) leaves them.
+        The other types (dynamic, yarn, longrope, llama3) are refused rather than silently ignored.
+        """
+        scaling = self.rope_scaling
+        if scaling is None:
+            return 1.0
+        if not isinstance(scaling, Mapping):
+            raise ValueError(f"rope_scaling must be an object or null, not {scaling!r}")
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        if kind == "default":
+            return 1.0
+        if kind != "linear":
+            raise ValueError(
+                f"rope_scaling of type {kind!r} is not supported (only 'linear' and 'default'); "
+                "the released ACE-Step 1.5 models use none"
+            )
+        factor = scaling.get("factor")
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor <= 0:
+            raise ValueError(f"rope_scaling 'linear' needs a positive 'factor', got {factor!r}")
+        return float(factor)
+
+    @property
+    def is_xl(self) -> bool:
+        """Upstream's XL architecture (``xl_*`` modeling files): a decoder wider than its condition encoder."""
+        return self.encoder_hidden_size is not None and self.hidden_size > self.encoder_hidden_size
 
     # ----- derived widths -----
     @property
@@ -140,7 +172,10 @@ class AceStepConfig:
             raise ValueError(f"{path}: not a readable JSON config ({exc})") from exc
         if not isinstance(data, dict):
             raise ValueError(f"{path}: config must be a JSON object")
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{path}: {exc}") from exc
 
     def to_dict(self) -> dict[str, Any]:
         out = dict(self.extra)

@@ -62,7 +62,7 @@ class AceStepDiT(nn.Module):
         self.config = config
         h = config.hidden_size
         self.patch_size = config.patch_size
-        self.rotary = Rotary(config.head_dim, config.rope_theta)
+        self.rotary = Rotary(config.head_dim, config.rope_theta, config.rope_factor())
         self.layers = nn.ModuleList(DiTLayer(config, i) for i in range(config.num_hidden_layers))
         self.proj_in = PatchIn(config.in_channels, h, config.patch_size)
         self.time_embed = TimestepEmbedding(h)

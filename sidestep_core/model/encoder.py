@@ -37,18 +37,25 @@ class LyricEncoder(EncoderStack):
 
 
 class TimbreEncoder(EncoderStack):
-    """Encodes packed reference latents; the first frame's output is the timbre embedding of each reference."""
+    """Encodes packed reference latents; the first position's output is the timbre embedding of each reference.
 
-    def __init__(self, config: AceStepConfig):
+    2B models read it off the first frame and leave ``special_token`` unused. XL models (``cls_token``) prepend
+    ``special_token`` to every reference and read the embedding off it, as upstream's ``xl_*`` modeling files do.
+    """
+
+    def __init__(self, config: AceStepConfig, cls_token: bool = False):
         super().__init__(config, config.timbre_hidden_dim, config.num_timbre_encoder_hidden_layers)
-        # Stored in every checkpoint but unused by the released forward pass.
         self.special_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.cls_token = cls_token
 
     def forward(
         self, packed: torch.Tensor, order: torch.Tensor, batch_size: Optional[int] = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """packed [N, T, 64], order [N] (batch index of each reference) → [B, max_refs, H], mask [B, max_refs]."""
-        emb = self.run_layers(self.embed_tokens(packed))[:, 0]
+        h = self.embed_tokens(packed)
+        if self.cls_token:
+            h = torch.cat([self.special_token.to(h).expand(h.shape[0], 1, -1), h], dim=1)
+        emb = self.run_layers(h)[:, 0]
         order = order.to(torch.int64)
         b = batch_size if batch_size is not None else int(order.max().item()) + 1
         counts = torch.bincount(order, minlength=b)
@@ -65,11 +72,13 @@ class TimbreEncoder(EncoderStack):
 
 
 class ConditionEncoder(nn.Module):
-    def __init__(self, config: AceStepConfig):
+    """``config`` is the encoder's view of the model config; ``xl`` selects the XL timbre encoder."""
+
+    def __init__(self, config: AceStepConfig, xl: bool = False):
         super().__init__()
         self.text_projector = nn.Linear(config.text_hidden_dim, config.hidden_size, bias=False)
         self.lyric_encoder = LyricEncoder(config)
-        self.timbre_encoder = TimbreEncoder(config)
+        self.timbre_encoder = TimbreEncoder(config, cls_token=xl)
 
     def forward(
         self,

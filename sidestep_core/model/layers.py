@@ -29,13 +29,18 @@ class RMSNorm(nn.Module):
 
 
 class Rotary(nn.Module):
-    """Rotate-half RoPE over ``head_dim``; cos/sin are built in fp32 and cast to the activations' dtype."""
+    """Rotate-half RoPE over ``head_dim``; cos/sin are built in fp32 and cast to the activations' dtype.
 
-    def __init__(self, head_dim: int, theta: float):
+    ``factor`` is linear RoPE scaling (``config.rope_factor()``): the frequencies are divided by it.
+    """
+
+    def __init__(self, head_dim: int, theta: float, factor: float = 1.0):
         super().__init__()
         # Explicit CPU device: the buffer is derived, so it must exist even when the model is built on "meta".
         steps = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float()
         inv = 1.0 / (theta ** (steps / head_dim))
+        if factor != 1.0:
+            inv = inv / factor
         self.register_buffer("inv_freq", inv, persistent=False)
 
     def forward(self, length: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,7 +137,7 @@ class EncoderStack(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Linear(in_dim, config.hidden_size)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary = Rotary(config.head_dim, config.rope_theta)
+        self.rotary = Rotary(config.head_dim, config.rope_theta, config.rope_factor())
         self.layers = nn.ModuleList(EncoderLayer(config, i) for i in range(num_layers))
 
     def run_layers(self, h: torch.Tensor, key_padding: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -19,7 +19,7 @@ class AceStepModel(nn.Module):
         self.config = config
         enc = config.encoder_view()
         self.decoder = AceStepDiT(config)
-        self.encoder = ConditionEncoder(enc)
+        self.encoder = ConditionEncoder(enc, xl=config.is_xl)
         tok = config.tokenizer_view()
         self.tokenizer = AudioTokenizer(tok)
         self.detokenizer = AudioDetokenizer(tok)

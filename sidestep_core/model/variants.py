@@ -47,7 +47,7 @@ def _family(name: str) -> Optional[str]:
 
 def detect_variant(config: AceStepConfig, names: list[str], stated: Optional[str] = None) -> str:
     """Variant from (in order) what the user states, config.json, then folder/file names."""
-    is_xl = config.hidden_size > 2048 or config.encoder_hidden_size not in (None, config.hidden_size)
+    is_xl = config.is_xl
     if stated:
         stated = stated.lower().replace("_", "-")
         if stated not in VARIANTS:
@@ -77,7 +77,7 @@ def build_info(config: AceStepConfig, variant: str, identity: str, source: str, 
     return ModelInfo(
         variant=variant,
         is_turbo=fam == "turbo",
-        is_xl=variant.startswith("xl-") or config.hidden_size > 2048,
+        is_xl=variant.startswith("xl-") or config.is_xl,
         timestep_mu=float(config.timestep_mu),
         timestep_sigma=float(config.timestep_sigma),
         identity=identity,

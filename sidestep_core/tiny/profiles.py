@@ -1,6 +1,8 @@
 """Architectures of the tiny checkpoints.
 
-``tiny`` builds and runs in seconds on CPU. ``comfyui-min`` is the smallest model ComfyUI itself loads: its ACE-Step 1.5
+``tiny`` builds and runs in seconds on CPU; ``tiny-xl`` is the same size with the XL architecture (a decoder wider
+than its condition encoder, attention wider than the decoder, so upstream's ``xl_*`` modeling files apply).
+``comfyui-min`` is the smallest model ComfyUI itself loads: its ACE-Step 1.5
 implementation fixes head_dim 128, 8 KV heads, an encoder 2048 wide with 8 lyric / 4 timbre layers, a 1024-wide text
 input and 6144-wide tokenizer/detokenizer MLPs, so only the decoder and the encoder MLP shrink; its VAE and Qwen3
 text encoder are built with fixed sizes, so those two are full-size (the text encoder's extra layers are identities).
@@ -13,7 +15,7 @@ from typing import Optional
 
 from ..model.config import AceStepConfig
 
-PROFILES = ("tiny", "comfyui-min")
+PROFILES = ("tiny", "tiny-xl", "comfyui-min")
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,30 @@ def get_profile(name: str) -> Profile:
             num_timbre_encoder_hidden_layers=2,
             num_attention_pooler_hidden_layers=1,
             fsq_dim=64,
+            is_turbo=True,
+            model_version="turbo",
+        )
+        te = TextEncoderShape(32, 2, 4, 2, 8, 64)
+        return Profile(dit, te, VaeShape(128, 8, (1, 1, 1, 1, 1)), vocab_size=512)
+    if name == "tiny-xl":
+        # XL proportions at tiny size: decoder 96 wide with 8 × 16 attention, encoder/tokenizer 64 wide.
+        dit = AceStepConfig(
+            hidden_size=96,
+            intermediate_size=192,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            head_dim=16,
+            sliding_window=8,
+            text_hidden_dim=32,
+            num_lyric_encoder_hidden_layers=2,
+            num_timbre_encoder_hidden_layers=2,
+            num_attention_pooler_hidden_layers=1,
+            fsq_dim=64,
+            encoder_hidden_size=64,
+            encoder_intermediate_size=128,
+            encoder_num_attention_heads=4,
+            encoder_num_key_value_heads=2,
             is_turbo=True,
             model_version="turbo",
         )

@@ -1,7 +1,9 @@
 """Write a tiny ACE-Step 1.5 checkpoint in one of the real on-disk layouts.
 
 * ``original``: ``acestep-v15-turbo/{config.json, model.safetensors, silence_latent.pt}``, ``vae/`` (diffusers),
-  ``Qwen3-Embedding-0.6B/`` (transformers + tokenizer.json) — the folder tree upstream downloads.
+  ``Qwen3-Embedding-0.6B/`` (transformers + tokenizer.json) — the folder tree upstream downloads. XL profiles write
+  ``acestep-v15-xl-turbo/`` sharded (``model-0000N-of-00002.safetensors`` + ``model.safetensors.index.json``), as
+  the released XL models are.
 * ``comfyui-split``: ``models/diffusion_models/acestep_v1.5_turbo.safetensors``,
   ``models/text_encoders/qwen_0.6b_ace15.safetensors``, ``models/vae/ace_1.5_vae.safetensors``.
 * ``comfyui-aio``: ``models/checkpoints/ace_step_1.5_turbo_aio.safetensors`` holding ``model.diffusion_model.*``,
@@ -34,11 +36,14 @@ from .weights import bf16_exact, seeded_state_dict
 
 LAYOUTS = ("original", "comfyui-split", "comfyui-aio")
 DIT_FOLDER = "acestep-v15-turbo"
+XL_DIT_FOLDER = "acestep-v15-xl-turbo"
 TEXT_FOLDER = "Qwen3-Embedding-0.6B"
 COMFY_DIT = "acestep_v1.5_turbo.safetensors"
+COMFY_XL_DIT = "acestep_v1.5_xl_turbo.safetensors"
 COMFY_TE = "qwen_0.6b_ace15.safetensors"
 COMFY_VAE = "ace_1.5_vae.safetensors"
 COMFY_AIO = "ace_step_1.5_turbo_aio.safetensors"
+COMFY_XL_AIO = "ace_step_1.5_xl_turbo_aio.safetensors"
 
 
 @dataclass
@@ -64,6 +69,21 @@ def _bf16(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.to(torch.bfloat16).contiguous() for k, v in state.items()}
 
 
+def _save_sharded(state: dict[str, torch.Tensor], folder: Path, shards: int = 2) -> None:
+    """Shards plus the ``model.safetensors.index.json`` weight map, as transformers' ``save_pretrained`` writes."""
+    keys = sorted(state)
+    size = -(-len(keys) // shards)
+    weight_map = {}
+    for i in range(shards):
+        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: state[k] for k in keys[i * size:(i + 1) * size]}
+        save_file(part, str(folder / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, name))
+    total = sum(v.numel() * v.element_size() for v in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
 def make_tiny_checkpoint(
     out: str | Path, layout: str = "original", profile: str = "tiny", seed: int = 0
 ) -> TinyCheckpoint:
@@ -76,11 +96,15 @@ def make_tiny_checkpoint(
     config = prof.dit.to_dict()
     text_dir = root / TEXT_FOLDER if layout == "original" else root / "tokenizer"
 
+    xl = prof.dit.is_xl
     if layout == "original":
-        dit_dir = root / DIT_FOLDER
+        dit_dir = root / (XL_DIT_FOLDER if xl else DIT_FOLDER)
         dit_dir.mkdir(exist_ok=True)
         (dit_dir / "config.json").write_text(json.dumps(config, indent=2))
-        save_file(_bf16(dit), str(dit_dir / "model.safetensors"), metadata={"format": "pt"})
+        if xl:
+            _save_sharded(_bf16(dit), dit_dir)
+        else:
+            save_file(_bf16(dit), str(dit_dir / "model.safetensors"), metadata={"format": "pt"})
         write_text_encoder_folder(text_dir, prof, seed)
         vae = build_vae(prof, seed)
         write_vae_folder(root / "vae", vae)
@@ -101,7 +125,7 @@ def make_tiny_checkpoint(
     models = root / "models"
     if layout == "comfyui-split":
         paths = {
-            "dit": models / "diffusion_models" / COMFY_DIT,
+            "dit": models / "diffusion_models" / (COMFY_XL_DIT if xl else COMFY_DIT),
             "te": models / "text_encoders" / COMFY_TE,
             "vae": models / "vae" / COMFY_VAE,
         }
@@ -112,7 +136,7 @@ def make_tiny_checkpoint(
         save_file(_bf16(vae_comfy), str(paths["vae"]))
         return TinyCheckpoint(root, layout, paths["dit"], paths["vae"], paths["te"], text_dir)
 
-    aio = models / "checkpoints" / COMFY_AIO
+    aio = models / "checkpoints" / (COMFY_XL_AIO if xl else COMFY_AIO)
     aio.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"model.diffusion_model.{k}": v for k, v in dit.items()}
     tensors.update(qwen_state_dict_to_comfy(te_state, aio=True))

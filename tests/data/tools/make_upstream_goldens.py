@@ -13,11 +13,19 @@ Usage (in a virtualenv with transformers==4.57.6, vector-quantize-pytorch==1.27.
   # full-sampler goldens (turbo generate_audio + base generate_audio with APG)
   python make_upstream_goldens.py --upstream-root ACE-Step-1.5 --checkpoint DIR --sampler --out sampler.safetensors
 
+  # XL modeling files (tiny-xl checkpoint), every case including the padded lyric batch
+  python make_upstream_goldens.py --upstream-root ACE-Step-1.5 --checkpoint DIR --variant xl_turbo \
+      --cases dec_T37,dec_T40,dec_T37_r,enc,enc1,enc_lpad,tok --out xl.safetensors --check-sliding
+
+  # linear RoPE scaling written into the config (the checkpoint's config.json is left as it is)
+  python make_upstream_goldens.py --upstream-root ACE-Step-1.5 --checkpoint DIR --cases dec_T40,enc,tok \
+      --rope-scaling '{"rope_type": "linear", "factor": 2.0}' --out rope.safetensors
+
   # self test on a random tiny model (no external checkpoint needed)
   python make_upstream_goldens.py --upstream-root ACE-Step-1.5 --make-random-tiny /tmp/rt --seed 123
   python make_upstream_goldens.py --upstream-root ACE-Step-1.5 --checkpoint /tmp/rt --out /tmp/rt/g.safetensors --check-sliding
 
-DIR must hold config.json + model.safetensors in the upstream key layout
+DIR must hold config.json + model.safetensors (or shards + model.safetensors.index.json) in the upstream key layout
 (decoder.*, encoder.*, tokenizer.*, detokenizer.*, null_condition_emb).
 Everything runs in float32 on CPU.
 """
@@ -38,6 +46,23 @@ UPSTREAM_COMMIT = "68ef61d2043ba2a9b97126018a437c578b42b15f"
 DEFAULT_UPSTREAM_ROOT = os.environ.get("ACESTEP_UPSTREAM_ROOT", "ACE-Step-1.5")
 TURBO_MOD = "acestep.models.turbo.modeling_acestep_v15_turbo"
 BASE_MOD = "acestep.models.base.modeling_acestep_v15_base"
+# Module goldens can come from any variant's modeling file; XL files exist from upstream commit 79f34f3 on.
+MODELING = {
+    "turbo": TURBO_MOD,
+    "base": BASE_MOD,
+    "sft": "acestep.models.sft.modeling_acestep_v15_base",
+    "xl_turbo": "acestep.models.xl_turbo.modeling_acestep_v15_xl_turbo",
+    "xl_base": "acestep.models.xl_base.modeling_acestep_v15_xl_base",
+    "xl_sft": "acestep.models.xl_sft.modeling_acestep_v15_xl_base",
+}
+# Files whose module outputs must equal the chosen one's (they differ only in generate_audio), and files that
+# are recorded for comparison only (the 2B files on XL weights: their timbre encoder reads the first frame).
+SAME_AS = {
+    "turbo": ("base", "sft"), "base": ("turbo", "sft"), "sft": ("turbo", "base"),
+    "xl_turbo": ("xl_base", "xl_sft"), "xl_base": ("xl_turbo", "xl_sft"), "xl_sft": ("xl_turbo", "xl_base"),
+}
+RECORD_ONLY = {"xl_turbo": ("turbo",), "xl_base": ("base",), "xl_sft": ("sft",)}
+DEFAULT_CASES = "dec_T37,dec_T40,dec_T37_r,enc,enc1,tok"
 CONFIG_MOD = "acestep.models.common.configuration_acestep_v15"
 
 MASK_NOTE = (
@@ -69,6 +94,22 @@ def import_upstream(root: str):
     return cfg_mod, turbo, base
 
 
+def import_modeling(root: str, variant: str):
+    mod = importlib.import_module(MODELING[variant])
+    cfg_mod = importlib.import_module(CONFIG_MOD)
+    assert mod.AceStepConfig is cfg_mod.AceStepConfig, f"{variant}: config class is not the common one"
+    return mod
+
+
+def state_sha256(sd) -> str:
+    """Content hash of a state dict (sorted names, fp32 bytes): lets the tests check they regenerate these weights."""
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        t = sd[k].to(torch.float32).contiguous()
+        h.update(k.encode() + str(list(t.shape)).encode() + t.numpy().tobytes())
+    return h.hexdigest()
+
+
 def versions() -> dict:
     from importlib.metadata import version
 
@@ -83,12 +124,14 @@ def versions() -> dict:
 
 
 def find_checkpoint_dir(path: str) -> str:
-    """Return `path` if it holds config.json+model.safetensors, else search below it."""
-    if os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(os.path.join(path, "model.safetensors")):
+    """Return `path` if it holds config.json + weights, else search below it."""
+    weights = ("model.safetensors", "model.safetensors.index.json")
+    if os.path.isfile(os.path.join(path, "config.json")) and any(
+            os.path.isfile(os.path.join(path, w)) for w in weights):
         return path
     hits = []
     for dirpath, _dirs, files in os.walk(path):
-        if "config.json" in files and "model.safetensors" in files:
+        if "config.json" in files and any(w in files for w in weights):
             hits.append(dirpath)
     if not hits:
         raise SystemExit(f"no folder with config.json + model.safetensors under {path}")
@@ -107,6 +150,15 @@ def find_checkpoint_dir(path: str) -> str:
     return ace[0]
 
 
+def weight_files(ckpt_dir: str) -> list:
+    """model.safetensors, or the shards named by model.safetensors.index.json (sorted)."""
+    index = os.path.join(ckpt_dir, "model.safetensors.index.json")
+    if not os.path.isfile(index):
+        return [os.path.join(ckpt_dir, "model.safetensors")]
+    with open(index) as f:
+        return [os.path.join(ckpt_dir, n) for n in sorted(set(json.load(f)["weight_map"].values()))]
+
+
 def set_attn_impl(model: torch.nn.Module, impl: str) -> None:
     """Set the attention implementation on every (possibly distinct) config object in the tree."""
     seen = set()
@@ -121,9 +173,11 @@ def set_attn_impl(model: torch.nn.Module, impl: str) -> None:
             assert cfg._attn_implementation == impl, (type(m).__name__, cfg._attn_implementation)
 
 
-def load_config(cfg_mod, ckpt_dir: str):
+def load_config(cfg_mod, ckpt_dir: str, rope_scaling=None):
     with open(os.path.join(ckpt_dir, "config.json")) as f:
         raw = json.load(f)
+    if rope_scaling is not None:
+        raw["rope_scaling"] = rope_scaling
     config = cfg_mod.AceStepConfig.from_dict(json.loads(json.dumps(raw)))  # from_dict mutates its input
     return config, raw
 
@@ -231,6 +285,17 @@ def make_inputs(config) -> "OrderedDict[str, dict]":
         "refer_audio_acoustic_hidden_states_packed": randn(g, 2, 10, config.timbre_hidden_dim),
         "refer_audio_order_mask": torch.tensor([0, 1], dtype=torch.int64),
     }
+    # Padded lyric batch: sample 1 has 4 real tokens of 30, so from position 4 + sliding_window on its queries
+    # see no real key in the sliding layers (upstream's additive finfo.min mask then averages all keys).
+    g = gen(3003)
+    cases["enc_lpad"] = {
+        "text_hidden_states": randn(g, 2, 12, config.text_hidden_dim),
+        "text_attention_mask": length_mask([12, 7], 12),
+        "lyric_hidden_states": randn(g, 2, 30, config.text_hidden_dim),
+        "lyric_attention_mask": length_mask([30, 4], 30),
+        "refer_audio_acoustic_hidden_states_packed": randn(g, 2, 10, config.timbre_hidden_dim),
+        "refer_audio_order_mask": torch.tensor([0, 1], dtype=torch.int64),
+    }
     g = gen(4001)
     cases["tok"] = {"x": randn(g, 2, 20, config.audio_acoustic_hidden_dim)}
     return cases
@@ -265,6 +330,7 @@ def run_cases(model, cases) -> "OrderedDict[str, dict]":
 def max_abs_diff(a: "OrderedDict[str, dict]", b: "OrderedDict[str, dict]") -> dict:
     res = {}
     for case in a:
+
         for k in a[case]:
             x, y = a[case][k], b[case][k]
             if x.is_floating_point():
@@ -507,8 +573,12 @@ def main():
     ap.add_argument("--checkpoint", help="folder with config.json + model.safetensors (searched recursively)")
     ap.add_argument("--out", help="output .safetensors")
     ap.add_argument("--upstream-root", default=DEFAULT_UPSTREAM_ROOT)
-    ap.add_argument("--variant", choices=["turbo", "base"], default="turbo",
+    ap.add_argument("--variant", choices=sorted(MODELING), default="turbo",
                     help="modeling file used for the module goldens (default turbo)")
+    ap.add_argument("--cases", default=DEFAULT_CASES,
+                    help=f"comma-separated module cases (default {DEFAULT_CASES}; also enc_lpad)")
+    ap.add_argument("--rope-scaling", type=json.loads, default=None, metavar="JSON",
+                    help="set config.rope_scaling to this JSON object before building the model")
     ap.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     ap.add_argument("--sampler", action="store_true", help="produce generate_audio goldens instead")
     ap.add_argument("--check-sliding", action="store_true",
@@ -529,13 +599,13 @@ def main():
     torch.use_deterministic_algorithms(True)
     cfg_mod, turbo, base = import_upstream(args.upstream_root)
     ckpt_dir = find_checkpoint_dir(args.checkpoint)
-    wpath = os.path.join(ckpt_dir, "model.safetensors")
-    config, raw_cfg = load_config(cfg_mod, ckpt_dir)
-    sd = load_file(wpath)
+    wpaths = weight_files(ckpt_dir)
+    config, raw_cfg = load_config(cfg_mod, ckpt_dir, args.rope_scaling)
+    sd = {k: v for p in wpaths for k, v in load_file(p).items()}
     ck_dtypes = sorted({str(v.dtype) for v in sd.values()})
-    ck_sha = sha256_file(wpath)
+    ck_sha = ",".join(f"{os.path.basename(p)}:{sha256_file(p)}" if len(wpaths) > 1 else sha256_file(p)
+                      for p in wpaths)
     cfg_sha = sha256_file(os.path.join(ckpt_dir, "config.json"))
-    modeling = {"turbo": turbo, "base": base}
     rel = lambda m: os.path.relpath(m.__file__, args.upstream_root)  # noqa: E731
 
     meta = OrderedDict(
@@ -550,6 +620,7 @@ def main():
         checkpoint_model_safetensors_sha256=ck_sha,
         checkpoint_config_json_sha256=cfg_sha,
         checkpoint_dtypes=",".join(ck_dtypes),
+        checkpoint_state_sha256=state_sha256(sd),
         config_json=json.dumps(raw_cfg, sort_keys=True),
         mask_dtypes=MASK_NOTE,
         generator="make_goldens.py (own code); inputs from torch.Generator(cpu).manual_seed(<per-case seed>) randn",
@@ -557,12 +628,20 @@ def main():
     for k, v in versions().items():
         meta[f"version_{k}"] = v
 
+    if args.rope_scaling is not None:
+        meta["rope_scaling_override"] = json.dumps(args.rope_scaling, sort_keys=True)
+
     if not args.sampler:
-        mod = modeling[args.variant]
+        mod = import_modeling(args.upstream_root, args.variant)
         meta["modeling_file"] = rel(mod)
         meta["modeling_file_sha256"] = sha256_file(mod.__file__)
         model = build_model(mod, config, sd, args.attn, args.variant)
-        cases = make_inputs(config)
+        wanted = args.cases.split(",")
+        all_cases = make_inputs(config)
+        unknown = sorted(set(wanted) - set(all_cases))
+        if unknown:
+            ap.error(f"unknown cases {unknown}; choose from {list(all_cases)}")
+        cases = OrderedDict((k, v) for k, v in all_cases.items() if k in wanted)
         outs = run_cases(model, cases)
 
         other = "eager" if args.attn == "sdpa" else "sdpa"
@@ -584,24 +663,37 @@ def main():
         meta[f"check_{args.attn}_vs_{other}_max_abs_diff"] = json.dumps(d_attn)
         meta[f"check_{args.attn}_vs_{other}_max_rel_diff"] = json.dumps(d_rel)
 
-        # the other modeling file must give the same module outputs
-        other_variant = "base" if args.variant == "turbo" else "turbo"
-        model_o = build_model(modeling[other_variant], config, sd, args.attn, other_variant)
-        d_var = max_abs_diff(outs, run_cases(model_o, cases))
-        print(f"[check] {args.variant} vs {other_variant} modeling file: max abs diff {max(d_var.values()):.3e}")
-        meta[f"check_{args.variant}_vs_{other_variant}_modeling_max_abs_diff"] = json.dumps(d_var)
-        del model_o
+        # the other modeling files of the same family must give the same module outputs
+        for other_variant in SAME_AS[args.variant]:
+            other_mod = import_modeling(args.upstream_root, other_variant)
+            model_o = build_model(other_mod, config, sd, args.attn, other_variant)
+            d_var = max_abs_diff(outs, run_cases(model_o, cases))
+            print(f"[check] {args.variant} vs {other_variant} modeling file: max abs diff {max(d_var.values()):.3e}")
+            assert max(d_var.values()) <= 1e-6, f"{other_variant} differs: {d_var}"
+            meta[f"check_{args.variant}_vs_{other_variant}_modeling_max_abs_diff"] = json.dumps(d_var)
+            meta[f"check_{other_variant}_modeling_file_sha256"] = sha256_file(other_mod.__file__)
+            del model_o
+        # recorded only: how far a modeling file of the other family is from these outputs on these weights
+        for other_variant in RECORD_ONLY.get(args.variant, ()):
+            other_mod = import_modeling(args.upstream_root, other_variant)
+            model_o = build_model(other_mod, config, sd, args.attn, other_variant)
+            d_var = max_abs_diff(outs, run_cases(model_o, cases))
+            for k, v in d_var.items():
+                print(f"[info] {args.variant} vs {other_variant} modeling file: {k}: {v:.3e}")
+            meta[f"info_{args.variant}_vs_{other_variant}_modeling_max_abs_diff"] = json.dumps(d_var)
+            del model_o
 
         if args.check_sliding:
             d_sw = sliding_window_effect(model, cases)
             for k, v in d_sw.items():
                 print(f"[check] sliding window {config.sliding_window} vs full attention: {k}: {v:.3e}")
             for k in ("dec_T37.velocity", "dec_T40.velocity", "dec_T37_r.velocity",
-                      "enc.encoder_hidden_states", "enc1.encoder_hidden_states"):
-                assert d_sw[k] > 1e-4, f"sliding window has no effect on {k}"
+                      "enc.encoder_hidden_states", "enc1.encoder_hidden_states", "enc_lpad.encoder_hidden_states"):
+                if k in d_sw:
+                    assert d_sw[k] > 1e-4, f"sliding window has no effect on {k}"
             meta["check_sliding_window_vs_full_max_abs_diff"] = json.dumps(d_sw)
 
-        meta["cases"] = json.dumps({
+        described = {
             "dec_T37": "decoder, B=2 T=37 (odd; padded to 38 then cropped), t=r=[0.83,0.27]",
             "dec_T40": "decoder, B=2 T=40, t=r=[0.83,0.27]",
             "dec_T37_r": "decoder, B=2 T=37, t=[0.83,0.27], r=[0.5,0.1] (t-r != 0)",
@@ -609,8 +701,11 @@ def main():
                     "encoder_hidden_states, encoder_attention_mask=None, context_latents, use_cache=False)[0]",
             "enc": "model.encoder(text 12/7 valid, lyric 15/9 valid, 3 refs packed, order [0,0,1])",
             "enc1": "model.encoder(text 12/7 valid, lyric 15/9 valid, 2 refs packed, order [0,1])",
+            "enc_lpad": "model.encoder(text 12/7 valid, lyric 30/4 valid, 2 refs packed, order [0,1]); "
+                        "sample 1's lyric queries from 4+sliding_window on have no real key in sliding layers",
             "tok": "model.tokenizer.tokenize(x) -> (quantized, indices); model.detokenize(quantized)",
-        })
+        }
+        meta["cases"] = json.dumps({k: v for k, v in described.items() if k in cases or k == "call"})
         flat = flatten(cases, outs)
     else:
         meta["modeling_file_turbo"] = rel(turbo)
