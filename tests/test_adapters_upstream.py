@@ -17,7 +17,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from sidestep_core.adapters import apply_unmerged, read_adapter_weights
+from adapter_helpers import CASES, DIT, decoder, make_adapter, max_rel_err, reference_weights, saved_adapter
+from sidestep_core.adapters import apply_unmerged, merged_state, read_adapter_weights
 from sidestep_core.adapters.upstream import LOKR_CONFIG_KEY, export_peft
 
 from goldens import DATA, assert_close, read_golden, tiny_model
@@ -26,7 +27,7 @@ ADAPTERS = DATA / "upstream_adapters"
 TOOLS = DATA / "tools"
 GOLDEN = "upstream_adapter_golden_tiny.safetensors"
 LOADS = {"lora": "lora", "dora": "dora", "lokr": "lokr", "lokr_both": "lokr_both", "loha_peft": "loha",
-         "oft_peft": "oft"}  # folder upstream loaded -> the trained adapter it stands for
+         "oft_peft": "oft", "lokr_alpha_pattern_peft": "lokr_alpha_pattern"}  # folder upstream loaded -> trained one
 REFUSED = ("loha", "oft")  # LyCORIS LoHA / OFT files: upstream has no loader for them
 
 
@@ -88,11 +89,21 @@ def test_upstream_refuses_lycoris_loha_and_oft(golden, folder):
     assert not info["loaded"] and "Invalid adapter" in info["message"]
 
 
+def test_upstream_cannot_hold_per_module_lokr_ranks_or_alphas(golden):
+    """Upstream builds every LoKr module from one rank and alpha: a per-module rank is refused, a per-module alpha
+    loads with the global one (LyCORIS fixes the scale when the module is built) — the PEFT export is right."""
+    tensors, _, cases = golden
+    assert not cases["lokr_rank_pattern"]["loaded"] and "size mismatch" in cases["lokr_rank_pattern"]["message"]
+    assert cases["lokr_alpha_pattern"]["loaded"]
+    ours = pack_velocity(ADAPTERS / "lokr_alpha_pattern", tensors)
+    assert (ours - tensors["lokr_alpha_pattern.velocity"]).abs().max() > 1e-3
+
+
 def test_lokr_files_carry_upstreams_config(golden):
     _, meta, _ = golden
     fields = json.loads(meta["lokr_config_fields"])
     assert meta["lokr_config_key"] == LOKR_CONFIG_KEY
-    for case in ("lokr", "lokr_both"):
+    for case in ("lokr", "lokr_both", "lokr_rank_pattern", "lokr_alpha_pattern"):
         with safe_open(str(ADAPTERS / case / "lokr_weights.safetensors"), "pt") as f:
             conf = json.loads(f.metadata()[LOKR_CONFIG_KEY])
             keys = {k.split(".")[0] for k in f.keys()}
@@ -100,7 +111,7 @@ def test_lokr_files_carry_upstreams_config(golden):
         assert keys == {"lycoris_" + t.replace(".", "_") for t in conf["target_modules"]}
 
 
-@pytest.mark.parametrize("case", ["loha", "oft"])
+@pytest.mark.parametrize("case", ["loha", "oft", "lokr_alpha_pattern"])
 def test_peft_export_is_reproduced(tmp_path, case):
     """The committed PEFT folders are what the current export writes (so the golden speaks for it)."""
     export_peft(read_adapter_weights(ADAPTERS / case), tmp_path, base=tiny_model().decoder)
@@ -142,5 +153,53 @@ def test_live_upstream_loads_what_the_current_code_writes(tmp_path):
     for folder, trained in LOADS.items():
         assert cases[folder]["loaded"], cases[folder]["message"]
         assert_close(pack_velocity(adapters / trained, tensors), tensors[f"{folder}.velocity"], what=folder)
-    for folder in REFUSED:
+    for folder in (*REFUSED, "lokr_rank_pattern"):
         assert not cases[folder]["loaded"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The PEFT export against PEFT itself, for every layout the trainer writes (no upstream checkout needed)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_peft_export_loads_in_peft_with_the_trained_weights(tmp_path, tiny_original, case):
+    from peft import PeftModel
+
+    dit = tiny_original / DIT
+    folder, ref = saved_adapter(tmp_path, dit, case)
+    out, _ = export_peft(read_adapter_weights(folder), tmp_path / "peft", base=decoder(dit))
+    back = read_adapter_weights(out)
+    assert back.format == "peft"
+    merged = PeftModel.from_pretrained(decoder(dit), str(out)).merge_and_unload()
+    theirs = {n: merged.get_submodule(n).weight.detach() for n in ref}
+    assert max_rel_err(theirs, ref) < 1e-5
+    assert max_rel_err(merged_state(decoder(dit), back), ref) < 1e-5
+
+
+def test_peft_oft_cannot_hold_a_diag_oft(tiny_original):
+    """PEFT's OFT turns the layer's input (W·B), LyCORIS diag-OFT its output (B'·W): the input-side matrix that would
+    reproduce an output-side rotation, W⁻¹·W', is dense rather than block-diagonal."""
+    dit = tiny_original / DIT
+    dec = decoder(dit)
+    name = "layers.0.self_attn.q_proj"  # square, so W⁻¹ exists
+    w = dec.get_submodule(name).weight.detach().double()
+    adapter = make_adapter(dec, "oft", target_modules=[name])
+    ref = reference_weights(adapter, dec)[name].double()
+    needed = torch.linalg.solve(w, ref)
+    b = 8  # the block size make_adapter uses
+    mask = torch.block_diag(*[torch.ones(b, b, dtype=torch.float64)] * (w.shape[1] // b)).bool()
+    off = needed.masked_fill(mask, 0).norm() / needed.norm()
+    assert off > 0.01, off
+
+
+def test_cli_export_peft(tmp_path, tiny_original, capsys):
+    from sidestep_core.cli import main
+
+    dit = tiny_original / DIT
+    folder, _ = saved_adapter(tmp_path, dit, "oft")
+    assert main(["export", str(folder), "--format", "peft", "--plain"]) == 2  # OFT needs the base model
+    assert "pass --checkpoint" in capsys.readouterr().err
+    assert main(["export", str(folder), "--format", "peft", "--checkpoint", str(dit), "--plain"]) == 0
+    out = capsys.readouterr().out
+    assert "verified" in out and (tmp_path / "oft_peft" / "adapter_config.json").is_file()

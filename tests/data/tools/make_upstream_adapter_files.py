@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import zlib
 from pathlib import Path
 
 import torch
@@ -30,19 +31,24 @@ from sidestep_core.training.adapters import inject_adapter, metadata_json
 # loader wraps more modules than the file holds, and those must stay neutral.
 TARGETS = [f"layers.{i}.self_attn.{p}" for i in range(4) for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
 TARGETS += ["layers.1.cross_attn.o_proj", "layers.2.mlp.down_proj"]
-# OFT is exported at full rank (as large as the weights): fewer targets keep the file small.
+# Full-rank PEFT exports (OFT, LoKr) are as large as the weights: fewer targets keep the files small.
 OFT_TARGETS = ["layers.0.self_attn.q_proj", "layers.0.self_attn.v_proj", "layers.1.cross_attn.o_proj",
                "layers.2.mlp.down_proj"]
 
+LOKR_LOWRANK = {"rank": 2, "alpha": 6.0, "lokr_decompose_both": True, "lokr_factor": 4}  # alpha matters here
 CASES = {  # name: (adapter, TrainConfig overrides)
     "lora": ("lora", {}),
     "dora": ("dora", {}),
     "lokr": ("lokr", {}),
-    "lokr_both": ("lokr", {"rank": 2, "alpha": 6.0, "lokr_decompose_both": True, "lokr_factor": 4}),
+    "lokr_both": ("lokr", LOKR_LOWRANK),
+    # per-module ranks / alphas (what --targets-from an estimate gives): upstream's one-rank config cannot say them
+    "lokr_rank_pattern": ("lokr", {**LOKR_LOWRANK, "rank_pattern": {r"layers\.0\.self_attn\.q_proj": 4}}),
+    "lokr_alpha_pattern": ("lokr", {**LOKR_LOWRANK, "target_modules": OFT_TARGETS,
+                                    "alpha_pattern": {r"layers\.0\.self_attn\.v_proj": 2.0}}),
     "loha": ("loha", {}),
     "oft": ("oft", {"oft_rescaled": True, "target_modules": OFT_TARGETS}),
 }
-PEFT_EXPORTS = ("loha", "oft")
+PEFT_EXPORTS = ("loha", "oft", "lokr_alpha_pattern")
 
 
 def tiny_decoder() -> torch.nn.Module:
@@ -76,8 +82,8 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for i, case in enumerate(CASES):
-        folder = make(case, out, args.seed + i)
+    for case in CASES:
+        folder = make(case, out, args.seed + zlib.crc32(case.encode()) % 1000)
         if case in PEFT_EXPORTS:
             peft = out / f"{case}_peft"
             shutil.rmtree(peft, ignore_errors=True)
