@@ -78,7 +78,8 @@ def test_base_output_equals_ours(golden):
     model = tiny_model()
     with torch.no_grad():
         v = model.decoder(hidden_states=tensors["in.hidden_states"], timestep=tensors["in.timestep"],
-                          timestep_r=tensors["in.timestep_r"], encoder_hidden_states=tensors["in.encoder_hidden_states"],
+                          timestep_r=tensors["in.timestep_r"],
+                          encoder_hidden_states=tensors["in.encoder_hidden_states"],
                           context_latents=tensors["in.context_latents"])
     assert_close(v, tensors["base.velocity"], what="no adapter")
 
@@ -109,6 +110,18 @@ def test_lokr_files_carry_upstreams_config(golden):
             keys = {k.split(".")[0] for k in f.keys()}
         assert list(conf) == fields
         assert keys == {"lycoris_" + t.replace(".", "_") for t in conf["target_modules"]}
+
+
+def test_saved_lokr_carries_upstreams_config(golden, tmp_path, tiny_original):
+    """What the trainer writes now (final/ and every checkpoint go through Adapter.save)."""
+    adapter = make_adapter(decoder(tiny_original / DIT), "lokr", rank=2, alpha=6.0, lokr_decompose_both=True,
+                           lokr_factor=4)
+    (path,) = adapter.save(tmp_path, {})
+    with safe_open(str(path), "pt") as f:
+        conf = json.loads(f.metadata()[LOKR_CONFIG_KEY])
+    assert list(conf) == json.loads(golden[1]["lokr_config_fields"])
+    assert (conf["linear_dim"], conf["linear_alpha"], conf["factor"], conf["decompose_both"]) == (2, 6.0, 4, True)
+    assert conf["target_modules"] == adapter.targets
 
 
 @pytest.mark.parametrize("case", ["loha", "oft", "lokr_alpha_pattern"])
