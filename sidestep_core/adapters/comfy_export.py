@@ -209,7 +209,8 @@ def to_comfyui_state_dict(
 def export_metadata(aw: AdapterWeights, key_style: str, *, base_identity: str = "", base_variant: str = "",
                     notes: Optional[list[str]] = None) -> dict[str, str]:
     """The source's metadata plus what the export adds (all values are strings, as safetensors requires)."""
-    meta = {k: v for k, v in aw.metadata.items() if k != "format"}
+    # lokr_config would make upstream ACE-Step read the file as a LyCORIS LoKr, whose key names it does not have
+    meta = {k: v for k, v in aw.metadata.items() if k not in ("format", "lokr_config")}
     meta.update({
         "format": "pt",
         "sidestep_export": "comfyui",

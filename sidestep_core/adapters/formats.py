@@ -4,7 +4,8 @@ Readable inputs:
 
 - **PEFT folders** (``adapter_config.json`` + ``adapter_model.safetensors``): ACE-Step's own trainer, Side-Step and
   ``sidestep train`` for LoRA / DoRA. Keys ``base_model.model.<path>.lora_{A,B}.weight`` (+ ``lora_magnitude_vector``
-  for DoRA); the scale comes from the config (``lora_alpha``, ``rank_pattern`` / ``alpha_pattern``, rsLoRA).
+  for DoRA); the scale comes from the config (``lora_alpha``, ``rank_pattern`` / ``alpha_pattern``, rsLoRA). PEFT
+  LoHa folders (``hada_w{1,2}_{a,b}``, ``alpha``) as ``sidestep export --format peft`` writes them.
 - **LyCORIS files** (``{lokr,loha,oft}_weights.safetensors`` as ``sidestep train`` and Side-Step write, or any file
   whose keys are ``lycoris_<path_with_underscores>.*``): LoKr, LoHa, diag-OFT, LoCon, with per-module ``alpha``.
 - **ComfyUI-format files**: keys ``diffusion_model.<path>.*`` (ComfyUI's ``TrainLoraNode`` / ``SaveLoRA``, our own
@@ -155,9 +156,9 @@ def _read_peft_config(path: Path) -> dict[str, Any]:
     if not isinstance(conf, dict):
         raise AdapterFormatError(f"{path}: PEFT adapter config is not a JSON object")
     kind = str(conf.get("peft_type", "LORA")).upper()
-    if kind != "LORA":
-        raise AdapterFormatError(f"{path}: PEFT {kind} adapters are not supported (PEFT LoRA and DoRA are; LoKr, "
-                                 "LoHa and OFT are read from LyCORIS files)")
+    if kind not in ("LORA", "LOHA"):
+        raise AdapterFormatError(f"{path}: PEFT {kind} adapters are not supported (PEFT LoRA, DoRA and LoHa are; "
+                                 "LoKr, LoHa and OFT are read from LyCORIS files)")
     return conf
 
 
@@ -278,7 +279,11 @@ def _build_module(parts: dict[str, torch.Tensor], root: str, fmt: str, peft_conf
         else:
             mw.scale = 1.0  # LyCORIS and ComfyUI ignore alpha when both Kronecker factors are full matrices
     elif kind == "loha":
-        mw.scale = alpha / int(t["w1_b"].shape[0]) if alpha is not None else 1.0
+        rank = int(t["w1_b"].shape[0])
+        if fmt == "peft":
+            mw.scale, mw.alpha = _peft_scale(peft_config or {}, root, rank)
+        else:
+            mw.scale = alpha / rank if alpha is not None else 1.0
     elif kind == "oft":
         out = int(t["blocks"].shape[0] * t["blocks"].shape[1])
         c = alpha or 0.0
@@ -316,13 +321,13 @@ def _peft_pattern(patterns: dict, name: str) -> Any:
 
 
 def _peft_scale(conf: dict, root: str, rank: int) -> tuple[float, float]:
-    """(scale, alpha) of one PEFT LoRA module, following PEFT's own pattern rules."""
+    """(scale, alpha) of one PEFT LoRA or LoHa module, following PEFT's own pattern rules."""
     name = root[len("decoder."):] if root.startswith("decoder.") else root
     alpha = _peft_pattern(conf.get("alpha_pattern") or {}, name)
     if alpha is None:
         alpha = _peft_pattern(conf.get("alpha_pattern") or {}, root)
     if alpha is None:
-        alpha = conf.get("lora_alpha", conf.get("r", rank))
+        alpha = conf.get("lora_alpha", conf.get("alpha", conf.get("r", rank)))
     alpha = float(alpha)
     denom = math.sqrt(rank) if conf.get("use_rslora") else rank
     return alpha / denom, alpha

@@ -1,4 +1,5 @@
-"""``sidestep export``: write an adapter as one ``.safetensors`` file that stock ComfyUI loads exactly."""
+"""``sidestep export``: write an adapter as one ``.safetensors`` file that stock ComfyUI loads exactly, or as a PEFT
+folder that upstream ACE-Step's own loader takes (``--format peft``)."""
 
 from __future__ import annotations
 
@@ -18,19 +19,27 @@ VERIFY_TOLERANCE = 1e-4
 def register(sub, name):
     p = sub.add_parser(
         name,
-        help="write an adapter as one ComfyUI LoRA file (LoRA, DoRA, LoKR, LoHA, OFT)",
+        help="write an adapter as one ComfyUI LoRA file, or as a PEFT folder for ACE-Step's own loader",
         description="Read an adapter — a PEFT folder (ACE-Step trainer, Side-Step, sidestep train), a LyCORIS "
         "file, or a ComfyUI-format file — and write one .safetensors that ComfyUI's LoraLoaderModelOnly applies "
         "to an ACE-Step 1.5 model at strength 1.0 exactly as trained: per-module alpha, DoRA converted to "
         "ComfyUI's dora_scale (exact for the base model it was trained on, which is therefore needed), OFT as "
-        "LyCORIS oft_blocks. With the base model at hand the written file is read back and its merged weights "
-        "are compared with the adapter's.",
+        "LyCORIS oft_blocks. --format peft writes instead a PEFT folder that upstream ACE-Step's Gradio UI and "
+        "API load (its LoRA path): LoRA/DoRA as they are, LoHA as PEFT LoHa, and OFT (and anything else) as an "
+        "exact full-rank LoRA of its weight change — as large as the adapted weights, and for OFT exact only on "
+        "the base model given. With the base model at hand the written adapter is read back and its merged "
+        "weights are compared with the adapter's.",
         epilog=EXIT_CODES_HELP,
     )
     p.add_argument("adapter", help="adapter folder (e.g. OUT/final) or file")
-    p.add_argument("--out", help="output file (default: <adapter>_comfyui.safetensors beside the adapter)")
+    p.add_argument("--format", choices=("comfyui", "peft"), default="comfyui",
+                   help="comfyui: one .safetensors for ComfyUI's LoRA loaders; peft: a PEFT folder "
+                   "(adapter_config.json + adapter_model.safetensors) for upstream ACE-Step (default: %(default)s)")
+    p.add_argument("--out", help="output file, or folder for --format peft (default: <adapter>_comfyui.safetensors "
+                   "or <adapter>_peft/ beside the adapter)")
     p.add_argument("--checkpoint",
-                   help="the base model the adapter was trained on; needed for DoRA and rescaled OFT, and used to "
+                   help="the base model the adapter was trained on; needed for DoRA and rescaled OFT (every OFT "
+                   "with --format peft), and used to "
                    "check that the adapter fits and to verify the export (default: the run's "
                    "training_config.json, when it names an existing model)")
     p.add_argument("--key-style", choices=KEY_STYLES, default="comfy",
@@ -64,6 +73,7 @@ def find_run_checkpoint(adapter: Path) -> Optional[Path]:
 def run(args) -> int:
     from ..adapters import export_comfyui, read_adapter_weights
     from ..adapters.comfy_export import needs_base
+    from ..adapters.upstream import default_peft_path, export_peft
     from ..adapters.formats import read_adapter_weights as read_back
     from ..adapters.apply import merged_state
 
@@ -72,14 +82,19 @@ def run(args) -> int:
     say(aw.summary())
     for note in aw.notes:
         say(f"note: {note}")
-    out = Path(args.out).expanduser() if args.out else default_export_path(adapter_path)
-    if out.suffix != ".safetensors":
-        out = out.with_suffix(".safetensors")
+    peft = args.format == "peft"
+    if peft:
+        out = Path(args.out).expanduser() if args.out else default_peft_path(adapter_path)
+    else:
+        out = Path(args.out).expanduser() if args.out else default_export_path(adapter_path)
+        if out.suffix != ".safetensors":
+            out = out.with_suffix(".safetensors")
     if out.exists() and not args.overwrite:
         raise ValueError(f"{out}: exists (leave out --no-overwrite to replace it)")
 
     checkpoint = Path(args.checkpoint).expanduser() if args.checkpoint else find_run_checkpoint(adapter_path)
-    rescaled_oft = [n for n, m in aw.all_modules().items() if m.kind == "oft" and "rescale" in m.tensors]
+    rescaled_oft = [n for n, m in aw.all_modules().items()
+                    if m.kind == "oft" and ("rescale" in m.tensors or peft)]
     base = identity = variant = None
     if checkpoint is not None:
         from ..model import load_acestep
@@ -94,16 +109,23 @@ def run(args) -> int:
                 + ("; DoRA magnitudes are converted for the model given" if needs_base(aw) else ""))
         say(f"base model: {checkpoint} ({variant}, identity {identity})")
     elif needs_base(aw) or rescaled_oft:
-        what = "DoRA" if needs_base(aw) else "rescaled OFT"
-        raise ValueError(f"{adapter_path}: exporting {what} for ComfyUI needs the base model it was trained on; "
-                         "pass --checkpoint")
+        what = "DoRA" if needs_base(aw) else ("OFT" if peft else "rescaled OFT")
+        raise ValueError(f"{adapter_path}: exporting {what} for {'PEFT' if peft else 'ComfyUI'} needs the base "
+                         "model it was trained on; pass --checkpoint")
 
-    path, notes = export_comfyui(aw, out, base=base, base_identity=identity or "", base_variant=variant or "",
-                                 key_style=args.key_style, dtype=DTYPES[args.dtype])
+    if peft:
+        if args.key_style != "comfy" or args.dtype != "keep":
+            raise ValueError("--key-style and --dtype apply to --format comfyui only")
+        path, notes = export_peft(aw, out, base=base, base_identity=identity or "", base_variant=variant or "")
+        size = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+        written = f"wrote {path}/ ({size / 2**20:.1f} MiB, PEFT folder for ACE-Step's own loader)"
+    else:
+        path, notes = export_comfyui(aw, out, base=base, base_identity=identity or "", base_variant=variant or "",
+                                     key_style=args.key_style, dtype=DTYPES[args.dtype])
+        written = f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, key style {args.key_style})"
     for note in notes:
         say(f"note: {note}")
-    size = path.stat().st_size
-    say(f"wrote {path} ({size / 2**20:.1f} MiB, key style {args.key_style})")
+    say(written)
 
     if args.verify and base is not None:
         back = read_back(path)

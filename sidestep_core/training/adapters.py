@@ -8,7 +8,8 @@ On-disk formats (one inference-ready adapter per folder):
 - LoKR / LoHA / OFT: one LyCORIS file ``{lokr,loha,oft}_weights.safetensors`` with keys
   ``lycoris_layers_{i}_{self_attn|cross_attn}_{q,k,v,o}_proj.{lokr_w1,lokr_w2[_a/_b],hada_w1_a,…,oft_blocks,alpha}``.
   OFT is LyCORIS diag-OFT: ``oft_blocks`` [n_blocks, b, b] (+ ``rescale`` [out, 1]) — the layout ComfyUI's
-  OFTAdapter reads (ComfyUI does not read PEFT OFT).
+  OFTAdapter reads (ComfyUI does not read PEFT OFT). LoKR files also carry ``lokr_config``, the JSON upstream
+  ACE-Step's own loader builds its LoKr network from (:mod:`sidestep_core.adapters.upstream`).
 
 Every file carries string metadata ``sidestep_*`` (adapter type and options, targets, base variant and identity,
 recommended shift/steps, trigger tag, steps, pack version, training settings) besides the library's own keys.
@@ -228,6 +229,10 @@ class Adapter:
             atomic_write_json(folder / PEFT_CONFIG, self.peft_config_dict())
             return [weights, folder / PEFT_CONFIG]
         meta.update({"format": "lycoris", "algo": LYCORIS_ALGO[self.kind]})
+        if self.kind == "lokr":  # what upstream ACE-Step's own loader builds its LoKr network from
+            from ..adapters.upstream import LOKR_CONFIG_KEY, lokr_config
+
+            meta[LOKR_CONFIG_KEY] = json.dumps(lokr_config(self.options, self.targets))
         path = folder / LYCORIS_FILE[self.kind]
         atomic_save_file(sd, path, meta)
         return [path]
