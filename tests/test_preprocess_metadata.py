@@ -266,3 +266,58 @@ def test_json_paths_resolve_inside_the_folder_only(tmp_path):
     (ds / "by_name.json").write_text(json.dumps([{"filename": "one.wav"}]))
     items, _, _ = collect_items(ds, dataset_json=ds / "by_name.json")
     assert items[0].rel == "audio/one.wav"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# hostile folders: only regular files are read, everything else is skipped with a reason
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_special_files_and_links_are_skipped_with_a_reason(tmp_path):
+    import os
+
+    root = tmp_path / "songs"
+    _touch(root / "good.wav")
+    os.symlink("loop_b.wav", root / "loop_a.wav")
+    os.symlink("loop_a.wav", root / "loop_b.wav")
+    os.mkfifo(root / "pipe.wav")
+    os.symlink("/dev/zero", root / "zero.wav")
+    os.symlink("missing.wav", root / "broken.wav")
+    os.symlink("good.wav", root / "alias.wav")  # inside: followed, with a note
+    outside = _touch(tmp_path / "elsewhere" / "far.wav")
+    os.symlink(outside, root / "far.wav")
+    os.symlink(tmp_path / "elsewhere", root / "linked_dir")
+    items, failures, _ = collect_items(root)  # must return at once: nothing may open the FIFO or the device
+    reasons = {f.path: f.reason for f in failures}
+    assert [i.id for i in items] == ["alias.wav", "good.wav"]
+    assert items[0].meta.warnings == ["followed the symbolic link to good.wav"]
+    assert reasons["loop_a.wav"] == reasons["loop_b.wav"] == "a symbolic link loop"
+    assert reasons["pipe.wav"] == "not a regular file (a FIFO (named pipe))"
+    assert reasons["zero.wav"] == "not a regular file (a character device)"
+    assert reasons["broken.wav"] == "a broken symbolic link"
+    assert reasons["far.wav"].startswith(f"a symbolic link to {outside.resolve()}, outside the audio folder")
+    assert reasons["linked_dir/"] == "a symbolic link to a folder (not entered)"
+    # outside links follow the JSON rule: allowed on request, and then named
+    items, failures, _ = collect_items(root, allow_outside=True)
+    far = next(i for i in items if i.id == "far.wav")
+    assert far.meta.warnings == [f"followed the symbolic link to {outside.resolve()}"]
+
+
+def test_a_sidecar_that_is_a_fifo_does_not_hang(tmp_path):
+    import os
+
+    _touch(tmp_path / "a.wav")
+    os.mkfifo(tmp_path / "a.txt")
+    items, failures, _ = collect_items(tmp_path)
+    assert not items and "not a regular file" in failures[0].reason
+
+
+def test_json_paths_longer_than_the_file_system_allows(tmp_path):
+    _touch(tmp_path / "a.wav")
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([{"audio_path": "x" * 300 + ".wav"}, {"audio_path": "/".join(["y" * 200] * 20)},
+                                {"filename": "z" * 100_000}, {"audio_path": "a.wav"}]))
+    items, failures, _ = collect_items(tmp_path, dataset_json=path)
+    assert [i.id for i in items] == ["a.wav"]
+    assert [f.reason.split(" (")[0] for f in failures] == ["audio file not found", "audio file not found",
+                                                          "unreadable metadata: a path of 100000 characters"]
