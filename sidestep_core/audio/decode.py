@@ -71,15 +71,16 @@ class DecodeWorker:
     The process is started on first use and restarted after a crash, so later files still decode.
     """
 
-    def __init__(self, timeout: float = DECODE_TIMEOUT):
+    def __init__(self, timeout: float = DECODE_TIMEOUT, command: Optional[list[str]] = None):
         self.timeout = timeout
+        self.command = command or [sys.executable, "-u", native.__file__]  # tests give one that crashes
         self._proc: Optional[subprocess.Popen] = None
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sidestep-decode")
 
     def _start(self) -> subprocess.Popen:
         if self._proc is None or self._proc.poll() is not None:
             self._proc = subprocess.Popen(
-                [sys.executable, "-u", native.__file__],
+                self.command,
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             )
         return self._proc
@@ -183,7 +184,7 @@ def decode_audio(
     if peak > 1.0:
         warnings.append(f"float samples up to {20 * math.log10(peak):+.1f} dB over full scale were clipped to ±1")
     declared = header.get("declared_samples")
-    if header["complete"] and declared and declared - kept > max(rate // 2, declared // 50):
+    if header["complete"] and declared and declared - kept > max(rate // 10, declared // 50):
         warnings.append(f"holds {kept / rate:.1f} s of the {declared / rate:.1f} s it declares (truncated or damaged)")
     wave = torch.from_numpy(data)
     if rate != sample_rate:

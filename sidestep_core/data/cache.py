@@ -186,11 +186,19 @@ def load_dataset(path: str | Path) -> list[Sample]:
         if version > FORMAT_VERSION:
             raise ValueError(f"{folder / MANIFEST}: cache format {version} is newer than this version understands")
         samples = []
-        for entry in manifest.get("samples", []):
+        entries = manifest.get("samples", [])
+        for entry in entries if isinstance(entries, list) else [None]:
+            if not isinstance(entry, dict) or not isinstance(entry.get("file"), str) or "id" not in entry:
+                raise ValueError(f"{folder / MANIFEST}: a sample entry without 'id' and 'file'; re-run preprocessing")
+            # sample files are named by their key, directly in the cache folder: an absolute or ../ entry
+            # (a tampered manifest) would make training read files from anywhere
+            if not is_sample_filename(entry["file"]):
+                raise ValueError(f"{folder / MANIFEST}: refusing sample file {entry['file'][:200]!r}: not a "
+                                 "tensor file of this cache folder (absolute or outside paths are never read)")
             file = folder / entry["file"]
             if not file.is_file():
                 raise ValueError(f"{file}: listed in {MANIFEST} but missing; re-run preprocessing")
-            samples.append(Sample(entry["id"], file, "sidestep", dict(entry)))
+            samples.append(Sample(str(entry["id"]), file, "sidestep", dict(entry)))
         return samples
     from .legacy import load_legacy_folder
 
