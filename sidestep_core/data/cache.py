@@ -10,13 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from ..fsutil import atomic_save_file, atomic_write_json
+from ..fsutil import atomic_write_bytes, atomic_write_json
 
 FORMAT = "sidestep-preprocessed"
 FORMAT_VERSION = 1
@@ -81,7 +82,30 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor], record: Optional
     meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION)}
     if record is not None:
         meta[_META_KEY] = canonical_json(record)
-    atomic_save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path, metadata=meta)
+    write_safetensors(path, tensors, meta)
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Atomic safetensors write whose failures are OSErrors naming the file.
+
+    Serialised here and written by Python: safetensors' own writer reports a full disk as a SafetensorError
+    without the path. Cache files are a few MB at most."""
+    from safetensors.torch import save
+
+    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
+    with _naming(path):
+        atomic_write_bytes(path, data)
+
+
+@contextmanager
+def _naming(path: Path):
+    """OS errors of a write name the file (a failed ``write()`` on an open file carries no name)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename or exc.errno is None:
+            raise
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
 
 
 def read_record(path: Path) -> Optional[dict]:
@@ -117,7 +141,8 @@ def read_manifest(folder: Path) -> Optional[dict]:
 
 def write_manifest(folder: Path, manifest: dict) -> Path:
     path = folder / MANIFEST
-    atomic_write_json(path, manifest)
+    with _naming(path):
+        atomic_write_json(path, manifest)
     return path
 
 

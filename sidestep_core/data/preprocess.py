@@ -46,6 +46,7 @@ from .cache import (
     read_record,
     sample_filename,
     write_manifest,
+    write_safetensors,
     write_tensors,
 )
 from . import quality
@@ -405,9 +406,7 @@ def _load_silence(work: Path, vae_identity: str) -> Optional[torch.Tensor]:
 
 
 def _save_silence(work: Path, vae_identity: str, silence: torch.Tensor) -> None:
-    from ..fsutil import atomic_save_file
-
-    atomic_save_file({"silence_latent": silence}, work / SILENCE_CACHE, metadata={"vae": vae_identity})
+    write_safetensors(work / SILENCE_CACHE, {"silence_latent": silence}, {"vae": vae_identity})
 
 
 def _tensor_identity(t: torch.Tensor) -> str:
