@@ -124,7 +124,8 @@ def report(samples: list[dict], *, crop_seconds: float = DEFAULT_CROP_SECONDS) -
     if len(rates) > 1:
         text = ", ".join(f"{n} at {r / 1000:g} kHz" for r, n in sorted(rates.items(), key=lambda kv: -kv[1]))
         warnings.append(_warn("sample_rates", f"mixed sample rates ({text}); low-rate files lack the highs", []))
-    warnings += _duplicates(songs, measured)
+    duplicates, redundant = _duplicates(songs)
+    warnings += duplicates
     short = [s["audio"] for s in songs if s.get("duration", 0) < crop_seconds / 2]
     if short:
         warnings.append(_warn("short", f"{len(short)} clip(s) shorter than half the {crop_seconds:g} s training "
@@ -141,9 +142,11 @@ def report(samples: list[dict], *, crop_seconds: float = DEFAULT_CROP_SECONDS) -
     if no_lyrics:
         warnings.append(_warn("no_lyrics", f"{len(no_lyrics)} song(s) without lyrics, trained as instrumental: "
                                            f"{_names(no_lyrics)}", no_lyrics))
-    if len(songs) < MIN_SONGS:
-        warnings.append(_warn("few_songs", f"{len(songs)} song(s); fewer than {MIN_SONGS} rarely teach a style "
-                                           "without copying the songs", []))
+    distinct = len(songs) - redundant
+    if distinct < MIN_SONGS:
+        count = f"{len(songs)} files, {distinct} distinct songs" if redundant else f"{len(songs)} song(s)"
+        warnings.append(_warn("few_songs", f"{count}; fewer than {MIN_SONGS} songs rarely teach a style without "
+                                           "copying them", []))
     return {
         "songs": len(songs),
         "measured": len(measured),
@@ -152,19 +155,23 @@ def report(samples: list[dict], *, crop_seconds: float = DEFAULT_CROP_SECONDS) -
     }
 
 
-def _duplicates(songs: list[dict], measured: list[dict]) -> list[dict]:
+def _duplicates(songs: list[dict]) -> tuple[list[dict], int]:
+    """Warnings for files with the same content, and how many files repeat an earlier one."""
     out = []
-    groups: dict[str, list[str]] = {}
-    for s in songs:
+    groups: dict[str, list[dict]] = {}
+    for s in songs:  # the same decoded samples (a WAV and its FLAC) or, unmeasured, the same bytes
         content = s["quality"].get("content_sha256") if isinstance(s.get("quality"), dict) else None
-        groups.setdefault(content or s.get("audio_sha256") or s["audio"], []).append(s["audio"])
-    exact = [g for g in groups.values() if len(g) > 1]
-    for g in exact:
-        out.append(_warn("exact_duplicate", f"same audio: {', '.join(g)}", g))
-    seen = {f for g in exact for f in g}
-    prints = [s for s in measured if s["quality"].get("fingerprint") and s["audio"] not in seen]
-    for i, a in enumerate(prints):
-        for b in prints[i + 1:]:
+        groups.setdefault(content or s.get("audio_sha256") or s["audio"], []).append(s)
+    redundant = 0
+    for g in groups.values():
+        if len(g) > 1:
+            out.append(_warn("exact_duplicate", f"same audio: {', '.join(s['audio'] for s in g)}",
+                             [s["audio"] for s in g]))
+            redundant += len(g) - 1
+    firsts = [g[0] for g in groups.values() if isinstance(g[0].get("quality"), dict) and g[0]["quality"].get("fingerprint")]
+    matched: set[str] = set()
+    for i, a in enumerate(firsts):
+        for b in firsts[i + 1:]:
             da, db = a.get("duration", 0.0), b.get("duration", 0.0)
             if abs(da - db) > DURATION_TOLERANCE * max(da, db):
                 continue
@@ -172,7 +179,8 @@ def _duplicates(songs: list[dict], measured: list[dict]) -> list[dict]:
             if sim >= NEAR_DUPLICATE:
                 out.append(_warn("near_duplicate", f"probably the same song ({sim:.2f} alike): {a['audio']}, "
                                                    f"{b['audio']}", [a["audio"], b["audio"]]))
-    return out
+                matched.add(b["audio"])
+    return out, redundant + len(matched)
 
 
 def report_lines(rep: dict) -> list[str]:
