@@ -151,11 +151,14 @@ class PreprocessResult:
     def ok(self) -> bool:
         return self.samples > 0
 
-    def report_lines(self) -> list[str]:
-        """Skipped files, per-file warnings and the dataset report, as the CLI and the node show them."""
-        lines = [f"skipped {f.path}: {f.reason}" for f in self.failures]
-        lines += [f"warning {path}: {text}" for path, text in self.warnings]
+    def warning_lines(self) -> list[str]:
+        """Per-file warnings and the dataset report, as the CLI and the node show them."""
+        lines = [f"warning {path}: {text}" for path, text in self.warnings]
         return lines + (quality.report_lines(self.quality) if self.quality else [])
+
+    def report_lines(self) -> list[str]:
+        """Skipped files, then :meth:`warning_lines`."""
+        return [f"skipped {f.path}: {f.reason}" for f in self.failures] + self.warning_lines()
 
 
 # ----------------------------------------------------------------------------------------------------------
