@@ -195,3 +195,38 @@ def test_full_disk_is_one_line_and_exit_two(tmp_path):
     assert last.startswith(f"error: {out}/") and last.endswith(": File too large"), last
     assert "Traceback" not in proc.stderr
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp") or ".tmp-" in p.name]  # no debris
+
+
+def test_a_manifest_cannot_point_outside_its_cache(tmp_path):
+    """Training reads the files a manifest lists: absolute or ../ entries (a tampered manifest) are refused."""
+    from safetensors.torch import save_file
+    import torch
+
+    secret = tmp_path / "elsewhere" / ("0" * 32 + ".safetensors")
+    secret.parent.mkdir()
+    save_file({"x": torch.zeros(1)}, str(secret))
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for bad in (str(secret), f"../elsewhere/{secret.name}", "sub/" + secret.name):
+        (cache / "manifest.json").write_text(json.dumps({
+            "format": "sidestep-preprocessed", "format_version": 1,
+            "samples": [{"id": "a.wav", "file": bad}]}))
+        with pytest.raises(ValueError, match="refusing sample file"):
+            load_dataset(cache)
+    # legacy .pt manifests: an entry out of the folder is looked up by its name inside the folder only
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    outside = tmp_path / "elsewhere" / "s.pt"
+    torch.save({"target_latents": torch.zeros(2, 64)}, outside)
+    (legacy / "manifest.json").write_text(json.dumps({"samples": [str(outside)]}))
+    with pytest.raises(ValueError, match="does not exist"):
+        load_dataset(legacy)
+
+
+def test_preprocess_help_describes_the_sidecars(capsys):
+    with pytest.raises(SystemExit):
+        main(["preprocess", "--help"])
+    text = capsys.readouterr().out
+    for needle in ("song.txt", "song.caption.txt", "song.lyrics.txt", "lyrics:", "[Instrumental]", "--dataset-json",
+                   "Windows-1252", "dataset report", "exit codes"):
+        assert needle in text, needle

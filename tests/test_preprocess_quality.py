@@ -111,3 +111,14 @@ def test_long_and_trimmed_clips_and_few_songs(tmp_path):
     assert checks["long"]["files"] == ["a.wav", "b.wav"]
     assert checks["few_songs"]["message"].startswith("3 song(s); fewer than 8 songs")
     assert Q.report(recs)["measured"] == 0  # records of an older cache without measurements are still reported
+
+
+def test_loudness_of_long_clips_is_estimated_from_excerpts():
+    import torch
+
+    from sidestep_core.audio.loudness import measure_lufs
+
+    rate = 16000
+    t = torch.arange(rate * 150) / rate
+    wave = torch.stack([torch.sin(2 * np.pi * 440 * t) * (0.05 + 0.5 * torch.sin(2 * np.pi * t / 37).abs())] * 2)
+    assert abs(Q._loudness(wave, rate) - measure_lufs(wave, rate)) < 1.0

@@ -28,6 +28,7 @@ DEFAULT_CROP_SECONDS = 60.0  # TrainConfig.crop_seconds' default
 MIN_SONGS = 8  # fewer distinct songs than this rarely make an adapter that generalises
 _BANDS, _SEGMENTS = 8, 16  # fingerprint: log band energies over equal time segments
 _FLOOR_DB = 60.0  # bands this far under the loudest count as empty (codecs differ in what they leave there)
+_EXCERPTS, _EXCERPT_SECONDS = 10, 10  # loudness of long clips: ten 10 s excerpts
 
 
 def _fingerprint(wave: torch.Tensor, rate: int) -> Optional[list[float]]:
@@ -52,16 +53,28 @@ def _fingerprint(wave: torch.Tensor, rate: int) -> Optional[list[float]]:
     return [round(float(v), 3) for v in (db / std).flatten()]
 
 
+def _loudness(wave: torch.Tensor, rate: int) -> Optional[float]:
+    """Integrated loudness; of evenly spaced excerpts for long clips, so a 10-minute song costs what 100 s do
+    (gating over excerpts of music lands within a fraction of an LU of the whole, plenty for a spread check)."""
+    total, part = wave.shape[-1], _EXCERPT_SECONDS * rate
+    if total > _EXCERPTS * part:
+        starts = torch.linspace(0, total - part, _EXCERPTS).long().tolist()
+        wave = torch.cat([wave[:, a:a + part] for a in starts], dim=-1)
+    return measure_lufs(wave, rate)
+
+
 def measure(decoded: DecodedAudio) -> dict[str, Any]:
     """The per-file numbers the report needs, from the decoded (trimmed, clamped, un-normalised) audio."""
     wave, rate = decoded.waveform, decoded.sample_rate
-    hot = wave.abs() >= CLIP_LEVEL
-    clipped = int((hot[:, 1:] & hot[:, :-1]).sum()) if wave.shape[-1] > 1 else 0
     peak = float(wave.abs().max()) if wave.numel() else 0.0
+    clipped = 0
+    if peak >= CLIP_LEVEL and wave.shape[-1] > 1:
+        hot = wave.abs() >= CLIP_LEVEL
+        clipped = int((hot[:, 1:] & hot[:, :-1]).sum())
     return {
         "peak_dbfs": round(20 * math.log10(peak), 2) if peak > 0 else None,
         "clipped_share": clipped / max(1, wave.numel()),
-        "lufs": _round(measure_lufs(wave, rate)),
+        "lufs": _round(_loudness(wave, rate)),
         "codec": decoded.codec,
         "bit_rate": decoded.bit_rate,
         "lossless": decoded.lossless,
