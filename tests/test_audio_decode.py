@@ -232,3 +232,14 @@ def test_long_files_are_cut_while_decoding(tmp_path):
     out = D.decode_audio(path, max_duration=30)
     assert time.perf_counter() - start < 10
     assert out.trimmed and out.duration == 30 and out.source_duration == pytest.approx(60 * minutes, abs=0.01)
+
+
+@pytest.mark.parametrize("rate", [1, 3000, 1_000_000])
+def test_absurd_sample_rates_are_refused(tmp_path, rate):
+    path = _pcm_wav(tmp_path / "r.wav", tone(0.05, 48000), 48000)
+    raw = bytearray(path.read_bytes())
+    raw[24:28] = rate.to_bytes(4, "little")  # the fmt chunk's sample rate
+    raw[28:32] = (rate * 4).to_bytes(4, "little")
+    path.write_bytes(bytes(raw))
+    with pytest.raises(D.AudioError, match="sample rate"):
+        D.decode_audio(path)

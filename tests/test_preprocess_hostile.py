@@ -153,6 +153,9 @@ def test_said_early_with_exit_two(tmp_path, capsys):
     assert code == 2 and "no usable audio files" in err and "pipe.wav: not a regular file" in err
     assert "null.flac: not a regular file (a character device)" in err and "y.wav: unreadable metadata" in err
 
+    code, err = run("--checkpoint", ck.root, "--audio-dir", audio, "--out", audio)
+    assert code == 2 and "must not be the audio folder" in err
+
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     code, err = run("--checkpoint", ck.root, "--audio-dir", audio, "--out", blocker / "cache")

@@ -321,3 +321,45 @@ def test_json_paths_longer_than_the_file_system_allows(tmp_path):
     assert [i.id for i in items] == ["a.wav"]
     assert [f.reason.split(" (")[0] for f in failures] == ["audio file not found", "audio file not found",
                                                           "unreadable metadata: a path of 100000 characters"]
+
+
+def test_file_names_that_are_not_utf8_are_skipped_with_a_reason(tmp_path):
+    import os
+
+    _touch(tmp_path / "ok.wav")
+    with open(os.path.join(os.fsencode(tmp_path), b"caf\xe9.wav"), "wb") as fh:  # Latin-1 bytes in the name
+        fh.write(b"RIFF")
+    items, failures, _ = collect_items(tmp_path)
+    assert [i.id for i in items] == ["ok.wav"]
+    assert [(f.path, f.reason) for f in failures] == [("caf\ufffd.wav", "the file name is not valid UTF-8 (rename the file)")]
+    json.dumps([f.to_dict() for f in failures]).encode("utf-8")  # the manifest can hold it
+
+
+def test_absurd_repeat_is_lowered():
+    meta = M.json_entry_meta({"audio_path": "a.wav", "repeat": 10**9})
+    assert meta.repeat == M.MAX_REPEAT and meta.warnings == [f"repeat {10**9} lowered to {M.MAX_REPEAT}"]
+
+
+def test_json_with_a_huge_number_is_an_error_not_a_traceback(tmp_path):
+    path = tmp_path / "big.json"
+    path.write_text('[{"audio_path": "a.wav", "bpm": ' + "9" * 5000 + "}]")
+    with pytest.raises(M.MetadataError, match="not a readable dataset JSON"):
+        M.load_dataset_json(path)
+
+
+def test_lone_surrogates_in_json_are_replaced_with_a_warning(tmp_path):
+    path = tmp_path / "s.json"
+    path.write_text('[{"audio_path": "a.wav", "caption": "rock \\ud800 roll", "x": ["\\udfff"], '
+                    '"lyrics": "\\ud83d\\ude00"}]')
+    settings, entries = M.load_dataset_json(path)
+    meta = M.json_entry_meta(entries[0])
+    assert meta.caption == "rock ? roll" and meta.extra["x"] == ["?"] and meta.lyrics == "\U0001F600"
+    assert settings.warnings == ["invalid characters (lone UTF-16 surrogates) replaced by '?'"]
+
+
+def test_a_dataset_json_that_is_a_fifo_does_not_hang(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "d.json")
+    with pytest.raises(M.MetadataError, match="not a regular file"):
+        M.load_dataset_json(tmp_path / "d.json")

@@ -29,6 +29,7 @@ from .native import channel_names, downmix_matrix, to_stereo  # noqa: F401 (part
 
 TARGET_RATE = 48000
 HUGE_PEAK = 16.0  # float samples beyond +24 dBFS are not a hot master but a corrupt or unscaled file
+MIN_RATE, MAX_RATE = 4000, 768000  # sample rates of real audio files
 DECODE_TIMEOUT = 600.0  # seconds one file may take in the worker before it counts as hung
 
 
@@ -175,6 +176,8 @@ def decode_audio(
             return decode_audio(path, sample_rate=sample_rate, max_duration=max_duration, worker=own)
     header, data = worker.raw(path, max_duration)
     rate, kept = int(header["rate"]), int(header["samples"])
+    if not MIN_RATE <= rate <= MAX_RATE:  # a damaged header; nothing to resample from
+        raise AudioError(f"{path}: sample rate {rate} Hz is outside {MIN_RATE}–{MAX_RATE} Hz")
     if header["nonfinite"]:
         raise AudioError(f"{path}: {header['nonfinite']} NaN/Inf samples (the file is corrupt)")
     peak = float(header["peak"])

@@ -133,6 +133,9 @@ def scan_audio(
             if name.startswith(".") or Path(name).suffix.lower() not in AUDIO_EXTENSIONS:
                 continue
             rel = _lexical(path, root)
+            if not _utf8(rel):  # the manifest, the cache's headers and the terminal all need text
+                failures.append(Failure(_printable(rel), "the file name is not valid UTF-8 (rename the file)"))
+                continue
             why = _not_regular(path)
             if why is None and path.is_symlink():
                 target = path.resolve()
@@ -146,6 +149,18 @@ def scan_audio(
                 continue
             found.append(path)
     return found, failures, notes
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # undecodable bytes of the file name, kept as surrogates by Python
+        return False
+
+
+def _printable(text: str) -> str:
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def discover_audio(root: Path, exclude: Iterable[Path] = ()) -> list[Path]:

@@ -50,6 +50,8 @@ MAX_LYRICS_CHARS = 16_000
 MAX_CAPTION_CHARS = 4_000
 MAX_FIELD_CHARS = 200  # bpm, key, language, tag ...
 MAX_SIDECAR_BYTES = 1 << 20
+MAX_JSON_BYTES = 256 << 20  # a dataset JSON of 100,000 songs is a few tens of MB
+MAX_REPEAT = 100  # visits per epoch; a typo of 10**9 would make training build a list of a billion visits
 MAX_EXTRA_DEPTH = 32  # passed-through JSON values nested deeper are dropped (they would break JSON writing)
 _INSTRUMENTAL_LYRICS = re.compile(r"^\s*\[?\s*instrumental\s*\]?\s*$", re.IGNORECASE)
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f]")
@@ -231,6 +233,10 @@ def meta_from_fields(fields: dict[str, Any], source: str, warnings: Optional[lis
             warnings.append(f"{key} ignored: nested deeper than {MAX_EXTRA_DEPTH} levels")
         else:
             extra[key] = value
+    repeat = norm_int(fields.get("repeat"))
+    if repeat is not None and repeat > MAX_REPEAT:
+        warnings.append(f"repeat {repeat} lowered to {MAX_REPEAT}")
+        repeat = MAX_REPEAT
     lang = norm_optional(fields.get("language"))
     return SampleMeta(
         caption=_text(fields.get("caption")),
@@ -244,7 +250,7 @@ def meta_from_fields(fields: dict[str, Any], source: str, warnings: Optional[lis
         is_instrumental=norm_bool(fields.get("is_instrumental")),
         custom_tag=_text(fields.get("custom_tag")),
         prompt_override=norm_override(fields.get("prompt_override")),
-        repeat=norm_int(fields.get("repeat")),
+        repeat=repeat,
         source=source,
         extra=extra,
         warnings=warnings,
@@ -260,13 +266,28 @@ def load_dataset_json(path: str | Path) -> tuple[DatasetSettings, list[Any]]:
     """Read a dataset JSON in any of its three shapes; returns the settings and the raw sample entries."""
     path = Path(path)
     try:
+        st = path.stat()
+    except OSError as exc:
+        raise MetadataError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
+    if not stat.S_ISREG(st.st_mode):
+        raise MetadataError(f"{path}: not a regular file")
+    if st.st_size > MAX_JSON_BYTES:
+        raise MetadataError(f"{path}: {st.st_size >> 20} MiB is too large for a dataset JSON")
+    try:
         data = json.loads(path.read_text(encoding="utf-8-sig"))
     except OSError as exc:
         raise MetadataError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MetadataError(f"{path}: not a readable dataset JSON ({exc})") from exc
+    except ValueError as exc:  # not UTF-8, not JSON, a number of more than 4300 digits
+        raise MetadataError(f"{path}: not a readable dataset JSON ({str(exc)[:200]})") from exc
     except RecursionError:
         raise MetadataError(f"{path}: not a readable dataset JSON (nested too deeply)") from None
+    warnings = []
+    text = json.dumps(data, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # "\ud800" escapes: lone surrogates no file, prompt or header can hold
+        data = json.loads(text.encode("utf-8", "replace").decode("utf-8"))
+        warnings.append("invalid characters (lone UTF-16 surrogates) replaced by '?'")
     meta: dict[str, Any] = {}
     if isinstance(data, list):
         samples = data
@@ -277,7 +298,6 @@ def load_dataset_json(path: str | Path) -> tuple[DatasetSettings, list[Any]]:
             raise MetadataError(f"{path}: 'metadata' must be an object")
     else:
         raise MetadataError(f"{path}: expected a list of samples or an object with a 'samples' list")
-    warnings = []
     meta = dict(meta)
     for key in ("custom_tag", "tag_position", "genre_ratio", "all_instrumental", "name"):
         value = meta.get(key)

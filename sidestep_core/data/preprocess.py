@@ -445,6 +445,8 @@ def preprocess(
     device = resolve_device(cfg.device)
 
     # Cheap checks first, so a wrong model or an empty folder is reported before anything loads or is written.
+    if audio_dir.is_dir() and _inside_or_same(audio_dir, out):
+        raise ValueError(f"{out}: the output folder must not be the audio folder or hold it")
     info_model = load_acestep(checkpoint, parts=set(), variant=cfg.variant)  # metadata only, no weights
     items, failures, settings = collect_items(
         audio_dir, dataset_json=dataset_json, allow_outside=cfg.allow_outside_paths, exclude=[out]
@@ -653,6 +655,14 @@ def preprocess(
     path = write_manifest(out, manifest)
     report("done", len(samples), len(plans))
     return PreprocessResult(out, path, len(samples), encoded, reused, failures, passes, warnings, dataset_report)
+
+
+def _inside_or_same(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return True
+    except (ValueError, OSError):
+        return False
 
 
 def _nothing_usable(audio_dir: Path, failures: list[Failure]) -> str:
