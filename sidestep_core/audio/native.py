@@ -7,7 +7,7 @@ so it starts fast and can be run by path from wherever the pack is installed.
 Frames are converted to *packed* float32 (``flt``): PyAV's ``to_ndarray`` on planar audio with 8 or more
 channels reads past its plane pointers and segfaults; a packed frame is one buffer, whatever the channel count.
 
-Protocol (binary, over stdin/stdout): the parent writes one JSON line ``{"path", "max_samples"}``; the worker
+Protocol (binary, over stdin/stdout): the parent writes one JSON line ``{"path", "max_seconds"}``; the worker
 answers one JSON line (``{"ok": false, "reason"}`` or the header below) followed, when ok, by the stereo samples
 as ``2 * samples`` little-endian float32 values, channel-major.
 """
@@ -86,10 +86,10 @@ def _short(exc: BaseException) -> str:
     return str(text).splitlines()[0][:160]
 
 
-def decode(path: str, max_samples: Optional[float] = None) -> tuple[dict, np.ndarray]:
-    """Decode ``path`` at its own rate to stereo float32 [2, S], keeping at most ``max_samples`` seconds × rate
-    (``max_samples`` is in seconds; the sample limit is computed once the rate is known). Non-finite samples are
-    counted and zeroed; the peak of the finite ones is reported, nothing is clamped here."""
+def decode(path: str, max_seconds: Optional[float] = None) -> tuple[dict, np.ndarray]:
+    """Decode ``path`` at its own rate to stereo float32 [2, S], keeping at most ``max_seconds`` (decoding stops
+    there). Non-finite samples are counted and zeroed; the peak of the finite ones is reported, nothing is clamped
+    here."""
     import av
 
     try:
@@ -107,6 +107,7 @@ def decode(path: str, max_samples: Optional[float] = None) -> tuple[dict, np.nda
         rate = kept = nonfinite = 0
         peak = 0.0
         limit: Optional[int] = None
+        mix: Optional[np.ndarray] = None  # the down-mix, computed once for files with more than two channels
 
         def take(frames) -> bool:
             nonlocal kept, nonfinite, peak
@@ -120,7 +121,7 @@ def decode(path: str, max_samples: Optional[float] = None) -> tuple[dict, np.nda
                     part[bad] = 0.0
                 if part.size:
                     peak = max(peak, float(np.abs(part).max()))
-                chunks.append(to_stereo(part, names))
+                chunks.append(to_stereo(part, names) if mix is None else (mix @ part).astype(np.float32))
                 kept += part.shape[1]
             return limit is None or kept < limit
 
@@ -130,9 +131,11 @@ def decode(path: str, max_samples: Optional[float] = None) -> tuple[dict, np.nda
                 if not rate:
                     rate = frame.sample_rate
                     names = [c.name for c in frame.layout.channels]
-                    if max_samples is not None:
+                    if len(names) > 2:
+                        mix = downmix_matrix(channel_names(names)).astype(np.float32)
+                    if max_seconds is not None:
                         # a little extra so the resampler's right edge sees real signal; trimmed after
-                        limit = int(math.ceil(max_samples * rate)) + 64
+                        limit = int(math.ceil(max_seconds * rate)) + 64
                 elif len(frame.layout.channels) != len(names):
                     raise DecodeFailure("channel count changes mid-stream")
                 if not take(to_float.resample(frame)):
