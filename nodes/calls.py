@@ -73,7 +73,7 @@ def dataset_ref(out: Path, result, trigger_tag: str) -> DatasetRef:
     identity = hashlib.sha256("|".join(keys).encode()).hexdigest()[:16]
     failures = tuple((f.path, f.reason) for f in result.failures)
     return DatasetRef(out, result.samples, result.encoded, result.reused, failures, identity,
-                      trigger_tag=trigger_tag.strip())
+                      trigger_tag=trigger_tag.strip(), report=tuple(result.warning_lines()))
 
 
 # ----- Train Adapter -----

@@ -55,12 +55,13 @@ class DatasetRef:
     failures: tuple[tuple[str, str], ...]  # (file, reason)
     identity: str  # hash of the samples' content keys: changes when any sample's tensors would
     trigger_tag: str = ""
+    report: tuple[str, ...] = ()  # per-file warnings and the dataset quality report, one line each
 
     def summary(self) -> str:
         text = f"{self.samples} samples ({self.encoded} encoded, {self.reused} reused) in {self.path}"
         if self.failures:
             text += f"; {len(self.failures)} file(s) failed:\n" + "\n".join(f"  {f}: {r}" for f, r in self.failures)
-        return text
+        return "\n".join((text, *self.report))
 
 
 @dataclass(frozen=True)

@@ -404,6 +404,7 @@ def test_core_calls_behind_the_nodes(tmp_path):
     dataset = calls.dataset_ref(out, result, pre_values["trigger_tag"])
     assert dataset.samples == 2 and [f for f, _ in dataset.failures] == ["broken.wav"]
     assert "broken.wav" in dataset.summary()
+    assert "dataset report: 2 song(s)" in dataset.summary()  # the quality report reaches the node's text
     again = calls.dataset_ref(out, preprocess(bundle.checkpoint, audio, out, dataset_json=json_path, config=cfg),
                               pre_values["trigger_tag"])
     assert (again.encoded, again.reused, again.identity) == (0, 2, dataset.identity)

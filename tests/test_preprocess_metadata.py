@@ -102,9 +102,75 @@ def test_plain_txt_is_lyrics(tmp_path):
 def test_no_sidecar_and_unreadable_sidecar(tmp_path):
     audio = _touch(tmp_path / "c.wav")
     assert M.read_sidecars(audio) is None
-    (tmp_path / "c.txt").write_bytes(b"caption: \xff\xfe broken")
-    with pytest.raises(M.MetadataError, match="not UTF-8"):
+    (tmp_path / "c.txt").write_bytes(b"caption: \x00\x01\x02 binary")
+    with pytest.raises(M.MetadataError, match="not text"):
         M.read_sidecars(audio)
+
+
+@pytest.mark.parametrize("encoding,name", [("latin-1", "Windows-1252"), ("cp1252", "Windows-1252"),
+                                           ("utf-16", "UTF-16")])
+def test_legacy_encoded_sidecar_is_read_with_a_note(tmp_path, encoding, name):
+    audio = _touch(tmp_path / "d.wav")
+    (tmp_path / "d.txt").write_bytes("caption: café crème, Motörhead – ‘live’\nlyrics:\nÄrger über Öl\n"
+                                     .replace("–", "-" if encoding == "latin-1" else "–")
+                                     .replace("‘live’", "live" if encoding == "latin-1" else "‘live’")
+                                     .encode(encoding))
+    meta = M.read_sidecars(audio)
+    assert meta.caption.startswith("café crème, Motörhead") and meta.lyrics == "Ärger über Öl"
+    assert meta.warnings == [f"d.txt is not UTF-8; read as {name}"]
+
+
+def test_wrong_json_types_are_ignored_with_a_warning_never_stringified():
+    meta = M.json_entry_meta({"audio_path": "a.wav", "caption": ["rock", "pop"], "bpm": {"value": 120},
+                              "custom_tag": ["zz"], "lyrics": True, "keyscale": "C major", "language": "en"})
+    assert (meta.caption, meta.bpm, meta.custom_tag, meta.lyrics) == ("", None, "", "")
+    assert meta.keyscale == "C major" and meta.language == "en"
+    assert sorted(meta.warnings) == ["bpm ignored: an object is not a valid bpm",
+                                     "caption ignored: a list is not a valid caption",
+                                     "custom_tag ignored: a list is not a valid custom_tag",
+                                     "lyrics ignored: a true/false value is not a valid lyrics"]
+    r = M.resolve(meta, M.DatasetSettings(), audio_sha256="0" * 64, default_caption="", default_language="en")
+    assert "[" not in r.caption and "{" not in str(r.bpm)
+
+
+def test_wrong_types_in_dataset_metadata_are_ignored(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps({"metadata": {"custom_tag": ["a", "b"], "all_instrumental": True},
+                                "samples": [{"audio_path": "a.wav"}]}))
+    settings, _ = M.load_dataset_json(path)
+    assert settings.custom_tag == "" and settings.all_instrumental
+    assert settings.warnings == ["metadata.custom_tag ignored: a list is not a valid custom_tag"]
+
+
+def test_deeply_nested_json_is_an_error_not_a_traceback(tmp_path):
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(M.MetadataError, match="nested too deeply"):
+        M.load_dataset_json(path)
+    # nested values that parse but would break writing the manifest are dropped from the pass-through
+    deep: list = []
+    for _ in range(200):
+        deep = [deep]
+    meta = M.json_entry_meta({"audio_path": "a.wav", "deep": deep, "id": 7})
+    assert meta.extra == {"id": 7} and "deep ignored: nested deeper than 32 levels" in meta.warnings
+
+
+def test_absurd_text_is_cut_with_a_warning(tmp_path):
+    audio = _touch(tmp_path / "e.wav")
+    (tmp_path / "e.txt").write_text("caption: ok\nlyrics:\n" + "la " * 4_000_000)  # 12 MB
+    meta = M.read_sidecars(audio)
+    assert len(meta.lyrics) == M.MAX_LYRICS_CHARS
+    assert any("read only to its first 1 MiB" in w for w in meta.warnings)
+    assert any(w.startswith("lyrics cut to 16000 characters") for w in meta.warnings)
+
+
+@pytest.mark.parametrize("lyrics", ["[instrumental]", "[Instrumental]", "  [INSTRUMENTAL]\n", "instrumental"])
+def test_instrumental_lyrics_mean_instrumental(lyrics):
+    meta = M.SampleMeta(lyrics=lyrics)
+    r = M.resolve(meta, M.DatasetSettings(), audio_sha256="0" * 64, default_caption="", default_language="en")
+    none = M.resolve(M.SampleMeta(), M.DatasetSettings(), audio_sha256="0" * 64, default_caption="",
+                     default_language="en")
+    assert r.is_instrumental and r == none
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -163,7 +229,7 @@ def test_folder_items_take_sidecars_and_report_bad_metadata(tmp_path):
     _touch(tmp_path / "a.wav")
     _touch(tmp_path / "b.wav")
     (tmp_path / "a.txt").write_text("caption: hi\n")
-    (tmp_path / "b.txt").write_bytes(b"\xff\xfe\x00bad")
+    (tmp_path / "b.txt").write_bytes(b"\x00\x01bad")
     items, failures, settings = collect_items(tmp_path)
     assert [i.id for i in items] == ["a.wav"] and items[0].meta.caption == "hi"
     assert failures[0].path == "b.wav" and failures[0].reason.startswith("unreadable metadata")
@@ -200,3 +266,100 @@ def test_json_paths_resolve_inside_the_folder_only(tmp_path):
     (ds / "by_name.json").write_text(json.dumps([{"filename": "one.wav"}]))
     items, _, _ = collect_items(ds, dataset_json=ds / "by_name.json")
     assert items[0].rel == "audio/one.wav"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# hostile folders: only regular files are read, everything else is skipped with a reason
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_special_files_and_links_are_skipped_with_a_reason(tmp_path):
+    import os
+
+    root = tmp_path / "songs"
+    _touch(root / "good.wav")
+    os.symlink("loop_b.wav", root / "loop_a.wav")
+    os.symlink("loop_a.wav", root / "loop_b.wav")
+    os.mkfifo(root / "pipe.wav")
+    os.symlink("/dev/zero", root / "zero.wav")
+    os.symlink("missing.wav", root / "broken.wav")
+    os.symlink("good.wav", root / "alias.wav")  # inside: followed, with a note
+    outside = _touch(tmp_path / "elsewhere" / "far.wav")
+    os.symlink(outside, root / "far.wav")
+    os.symlink(tmp_path / "elsewhere", root / "linked_dir")
+    items, failures, _ = collect_items(root)  # must return at once: nothing may open the FIFO or the device
+    reasons = {f.path: f.reason for f in failures}
+    assert [i.id for i in items] == ["alias.wav", "good.wav"]
+    assert items[0].meta.warnings == ["followed the symbolic link to good.wav"]
+    assert reasons["loop_a.wav"] == reasons["loop_b.wav"] == "a symbolic link loop"
+    assert reasons["pipe.wav"] == "not a regular file (a FIFO (named pipe))"
+    assert reasons["zero.wav"] == "not a regular file (a character device)"
+    assert reasons["broken.wav"] == "a broken symbolic link"
+    assert reasons["far.wav"].startswith(f"a symbolic link to {outside.resolve()}, outside the audio folder")
+    assert reasons["linked_dir/"] == "a symbolic link to a folder (not entered)"
+    # outside links follow the JSON rule: allowed on request, and then named
+    items, failures, _ = collect_items(root, allow_outside=True)
+    far = next(i for i in items if i.id == "far.wav")
+    assert far.meta.warnings == [f"followed the symbolic link to {outside.resolve()}"]
+
+
+def test_a_sidecar_that_is_a_fifo_does_not_hang(tmp_path):
+    import os
+
+    _touch(tmp_path / "a.wav")
+    os.mkfifo(tmp_path / "a.txt")
+    items, failures, _ = collect_items(tmp_path)
+    assert not items and "not a regular file" in failures[0].reason
+
+
+def test_json_paths_longer_than_the_file_system_allows(tmp_path):
+    _touch(tmp_path / "a.wav")
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([{"audio_path": "x" * 300 + ".wav"}, {"audio_path": "/".join(["y" * 200] * 20)},
+                                {"filename": "z" * 100_000}, {"audio_path": "a.wav"}]))
+    items, failures, _ = collect_items(tmp_path, dataset_json=path)
+    assert [i.id for i in items] == ["a.wav"]
+    assert [f.reason.split(" (")[0] for f in failures] == ["audio file not found", "audio file not found",
+                                                          "unreadable metadata: a path of 100000 characters"]
+
+
+def test_file_names_that_are_not_utf8_are_skipped_with_a_reason(tmp_path):
+    import os
+
+    _touch(tmp_path / "ok.wav")
+    with open(os.path.join(os.fsencode(tmp_path), b"caf\xe9.wav"), "wb") as fh:  # Latin-1 bytes in the name
+        fh.write(b"RIFF")
+    items, failures, _ = collect_items(tmp_path)
+    assert [i.id for i in items] == ["ok.wav"]
+    assert [(f.path, f.reason) for f in failures] == [("caf\ufffd.wav", "the file name is not valid UTF-8 (rename the file)")]
+    json.dumps([f.to_dict() for f in failures]).encode("utf-8")  # the manifest can hold it
+
+
+def test_absurd_repeat_is_lowered():
+    meta = M.json_entry_meta({"audio_path": "a.wav", "repeat": 10**9})
+    assert meta.repeat == M.MAX_REPEAT and meta.warnings == [f"repeat {10**9} lowered to {M.MAX_REPEAT}"]
+
+
+def test_json_with_a_huge_number_is_an_error_not_a_traceback(tmp_path):
+    path = tmp_path / "big.json"
+    path.write_text('[{"audio_path": "a.wav", "bpm": ' + "9" * 5000 + "}]")
+    with pytest.raises(M.MetadataError, match="not a readable dataset JSON"):
+        M.load_dataset_json(path)
+
+
+def test_lone_surrogates_in_json_are_replaced_with_a_warning(tmp_path):
+    path = tmp_path / "s.json"
+    path.write_text('[{"audio_path": "a.wav", "caption": "rock \\ud800 roll", "x": ["\\udfff"], '
+                    '"lyrics": "\\ud83d\\ude00"}]')
+    settings, entries = M.load_dataset_json(path)
+    meta = M.json_entry_meta(entries[0])
+    assert meta.caption == "rock ? roll" and meta.extra["x"] == ["?"] and meta.lyrics == "\U0001F600"
+    assert settings.warnings == ["invalid characters (lone UTF-16 surrogates) replaced by '?'"]
+
+
+def test_a_dataset_json_that_is_a_fifo_does_not_hang(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "d.json")
+    with pytest.raises(M.MetadataError, match="not a regular file"):
+        M.load_dataset_json(tmp_path / "d.json")

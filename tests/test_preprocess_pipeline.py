@@ -50,7 +50,7 @@ def _dataset(folder):
     write_audio(broken / "silent.wav", np.zeros((2, 9000), np.float32), 48000)
     write_audio(broken / "tiny.wav", tone(0.02, 48000), 48000)  # half a latent frame
     write_audio(broken / "badmeta.wav", tone(SECONDS, 48000), 48000)
-    (broken / "badmeta.txt").write_bytes(b"caption: \xff\xfe\xfd")
+    (broken / "badmeta.txt").write_bytes(b"caption: \x00\x01\x02")  # binary, not text
 
 
 EXPECTED_FAILURES = {
@@ -263,7 +263,7 @@ def test_interrupted_run_resumes_after_pass_one(tmp_path):
 
 
 @pytest.mark.slow
-def test_nothing_usable_exits_non_zero(tmp_path, capsys):
+def test_nothing_usable_exits_two(tmp_path, capsys):
     # a model whose VAE produces NaN: every file fails with that reason
     src = tiny_checkpoint("original")
     root = tmp_path / "ck"
@@ -275,7 +275,7 @@ def test_nothing_usable_exits_non_zero(tmp_path, capsys):
     audio, out = tmp_path / "audio", tmp_path / "out"
     write_audio(audio / "a.wav", tone(SECONDS, 48000, 2), 48000)
     (audio / "b.mp3").write_bytes(b"not audio" * 100)
-    assert _run(["--checkpoint", root, "--audio-dir", audio, "--out", out]) == 1
+    assert _run(["--checkpoint", root, "--audio-dir", audio, "--out", out]) == 2
     m = _manifest(out)
     assert m["num_samples"] == 0
     failed = {f["path"]: f["reason"] for f in m["failed"]}
@@ -287,7 +287,8 @@ def test_nothing_usable_exits_non_zero(tmp_path, capsys):
 def test_empty_folder_and_bad_settings(tmp_path):
     ck = tiny_checkpoint("original")
     (tmp_path / "audio").mkdir()
-    assert _run(["--checkpoint", ck.root, "--audio-dir", tmp_path / "audio", "--out", tmp_path / "out"]) == 1
+    assert _run(["--checkpoint", ck.root, "--audio-dir", tmp_path / "audio", "--out", tmp_path / "out"]) == 2
+    assert not (tmp_path / "out").exists()  # said early: nothing loaded, no empty manifest
     assert _run(["--checkpoint", ck.root, "--audio-dir", tmp_path / "nope", "--out", tmp_path / "out"]) == 2
     with pytest.raises(ValueError, match="max_duration"):
         preprocess(ck.root, tmp_path / "audio", tmp_path / "out", config=PreprocessConfig(max_duration=601))

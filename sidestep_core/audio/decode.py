@@ -1,28 +1,36 @@
 """Decode any audio file FFmpeg reads into float32 stereo at 48 kHz.
 
-PyAV decodes (wav, flac, mp3, ogg/vorbis, opus, m4a/aac, aiff, ...); channels are mapped to stereo here (mono is
-duplicated, more than two are downmixed by their layout); the band-limited resampler in ``resample.py`` changes
-the rate. Nothing here needs torchaudio.
+PyAV decodes (wav, flac, mp3, ogg/vorbis, opus, m4a/aac, aiff, ...) in a worker process (``native.py``), which
+also maps the channels to stereo (mono is duplicated, more than two are downmixed by their layout): a file that
+crashes or hangs FFmpeg is skipped with a reason instead of ending the run. The band-limited resampler in
+``resample.py`` changes the rate here. Nothing here needs torchaudio.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+import signal
+import stat
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeout
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
+from . import native
 from . import resample as rs
+from .native import channel_names, downmix_matrix, to_stereo  # noqa: F401 (part of this module's API)
 
 TARGET_RATE = 48000
-# Channel names (FFmpeg's) that belong to the left / right side; centre-like ones go to both at -3 dB.
-_LEFT = {"FL", "FLC", "SL", "BL", "TFL", "TBL", "TSL", "WL", "SDL", "LH", "TFLC", "BFL", "LSD"}
-_RIGHT = {"FR", "FRC", "SR", "BR", "TFR", "TBR", "TSR", "WR", "SDR", "RH", "TFRC", "BFR", "RSD"}
-_DROP = {"LFE", "LFE2", "LFE1"}  # sub-bass effects are not part of a stereo mix
-_CENTRE_GAIN = 1 / math.sqrt(2)
+HUGE_PEAK = 16.0  # float samples beyond +24 dBFS are not a hot master but a corrupt or unscaled file
+MIN_RATE, MAX_RATE = 4000, 768000  # sample rates of real audio files
+DECODE_TIMEOUT = 600.0  # seconds one file may take in the worker before it counts as hung
 
 
 class AudioError(ValueError):
@@ -36,146 +44,158 @@ class DecodedAudio:
     source_rate: int
     source_channels: int
     source_layout: str
-    source_duration: float  # seconds decoded before trimming
+    source_duration: float  # seconds the file holds (declared length when decoding stopped at max_duration)
     trimmed: bool  # True when max_duration cut the file
+    codec: str = ""
+    bit_rate: Optional[int] = None  # bits/s as the file declares it
+    lossless: bool = True
+    source_peak: float = 0.0  # largest |sample| before clamping (above 1 only for float sources)
+    warnings: list[str] = field(default_factory=list)  # kept, but the user should know
 
     @property
     def duration(self) -> float:
         return self.waveform.shape[-1] / self.sample_rate
 
 
-def downmix_matrix(names: list[str]) -> np.ndarray:
-    """[2, C] weights mapping named channels to stereo; each row is normalised to sum 1, so nothing clips.
+def _signal_text(code: int) -> str:
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit code {code}"
 
-    Left-side channels feed the left output, right-side the right, centre and unknown channels both at -3 dB,
-    LFE is dropped. Unnamed layouts (all unknown) therefore become an equal-power average.
+
+class DecodeWorker:
+    """A decoder process (``native.py``) reused across files; a native crash or hang costs one file.
+
+    The process is started on first use and restarted after a crash, so later files still decode.
     """
-    m = np.zeros((2, len(names)), dtype=np.float64)
-    for i, name in enumerate(names):
-        if name in _LEFT:
-            m[0, i] = 1.0
-        elif name in _RIGHT:
-            m[1, i] = 1.0
-        elif name not in _DROP:
-            m[:, i] = _CENTRE_GAIN
-    for row in m:
-        total = row.sum()
-        if total > 0:
-            row /= total
-    if not m.any():  # only LFE channels: keep something rather than nothing
-        m[:] = 1.0 / len(names)
-    return m
 
+    def __init__(self, timeout: float = DECODE_TIMEOUT, command: Optional[list[str]] = None):
+        self.timeout = timeout
+        self.command = command or [sys.executable, "-u", native.__file__]  # tests give one that crashes
+        self._proc: Optional[subprocess.Popen] = None
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sidestep-decode")
 
-# Layouts assumed for files that do not name their channels (e.g. plain WAV without a channel mask).
-_DEFAULT_LAYOUTS = {3: "3.0", 4: "quad", 5: "5.0", 6: "5.1", 7: "6.1", 8: "7.1"}
+    def _start(self) -> subprocess.Popen:
+        if self._proc is None or self._proc.poll() is not None:
+            self._proc = subprocess.Popen(
+                self.command,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            )
+        return self._proc
 
+    def _kill(self) -> Optional[int]:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.kill()
+        return proc.wait()
 
-def channel_names(names: list[str]) -> list[str]:
-    """The file's channel names, or the usual layout for its channel count when it names none."""
-    known = _LEFT | _RIGHT | _DROP | {"FC", "BC", "TC", "TFC", "TBC", "LFE"}
-    if len(names) > 2 and not any(n in known for n in names):
-        import av
+    def _read(self, proc: subprocess.Popen) -> Optional[tuple[dict, np.ndarray]]:
+        line = proc.stdout.readline()
+        if not line:
+            return None
+        header = json.loads(line)
+        if not header.get("ok"):
+            return header, np.zeros((2, 0), np.float32)
+        data = np.empty(2 * header["samples"], dtype="<f4")
+        view, got = memoryview(data).cast("B"), 0
+        while got < len(view):
+            n = proc.stdout.readinto(view[got:])
+            if not n:
+                return None
+            got += n
+        return header, data.reshape(2, -1)
 
-        layout = _DEFAULT_LAYOUTS.get(len(names))
-        if layout:
-            return [c.name for c in av.AudioLayout(layout).channels]
-        return ["FL", "FR"] + ["FC"] * (len(names) - 2)
-    return names
+    def raw(self, path: Path, max_seconds: Optional[float]) -> tuple[dict, np.ndarray]:
+        """The worker's answer for ``path``; raises :class:`AudioError` when it crashed, hung or refused."""
+        proc = self._start()
+        try:
+            proc.stdin.write((json.dumps({"path": str(path), "max_seconds": max_seconds}) + "\n").encode())
+            proc.stdin.flush()
+            answer = self._reader.submit(self._read, proc).result(timeout=self.timeout)
+        except FuturesTimeout:
+            self._kill()
+            raise AudioError(f"{path}: decoding did not finish in {self.timeout:g} s (the decoder hung)") from None
+        except (OSError, ValueError):
+            answer = None
+        if answer is None:
+            code = self._kill()
+            raise AudioError(f"{path}: the decoder crashed on this file ({_signal_text(code or 0)})")
+        header, data = answer
+        if not header.get("ok"):
+            raise AudioError(f"{path}: {header.get('reason') or 'cannot be decoded'}")
+        return header, data
 
+    def close(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            try:
+                proc.stdin.close()
+                proc.wait(timeout=5)
+            except (OSError, subprocess.TimeoutExpired):
+                proc.kill()
+                proc.wait()
+        self._reader.shutdown(wait=False)
 
-def to_stereo(x: np.ndarray, names: list[str]) -> np.ndarray:
-    """[C, S] -> [2, S]: mono duplicated, stereo kept, more channels downmixed by layout."""
-    if x.shape[0] == 1:
-        return np.concatenate([x, x], axis=0)
-    if x.shape[0] == 2:
-        return x
-    return (downmix_matrix(channel_names(names)) @ x.astype(np.float64)).astype(np.float32)
+    def __enter__(self) -> "DecodeWorker":
+        return self
 
-
-def _open(path: Path):
-    import av
-
-    try:
-        return av.open(str(path), metadata_errors="ignore")
-    except (av.error.FFmpegError, OSError, UnicodeDecodeError) as exc:
-        raise AudioError(f"{path}: cannot be opened as audio ({_short(exc)})") from exc
-
-
-def _short(exc: Exception) -> str:
-    """One line without the file name (the message already starts with it)."""
-    text = getattr(exc, "strerror", None) or str(exc).strip() or type(exc).__name__
-    return str(text).splitlines()[0][:160]
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def decode_audio(
-    path: str | Path, *, sample_rate: int = TARGET_RATE, max_duration: Optional[float] = None
+    path: str | Path,
+    *,
+    sample_rate: int = TARGET_RATE,
+    max_duration: Optional[float] = None,
+    worker: Optional[DecodeWorker] = None,
 ) -> DecodedAudio:
     """Decode ``path`` to stereo float32 at ``sample_rate``, keeping at most ``max_duration`` seconds.
 
-    Raises :class:`AudioError` for files that do not open, hold no audio stream or fail to decode.
+    Decoding runs in ``worker`` (a fresh one when None) and stops once ``max_duration`` is reached, so a long
+    file costs only what is kept. Raises :class:`AudioError` for files that are not regular, do not open, hold
+    no audio, fail or crash the decoder, or hold NaN/Inf or absurd samples. A file that declares more than it
+    holds, or float samples over full scale, is kept with a ``warnings`` entry.
     """
-    import av
-
     path = Path(path)
-    if path.stat().st_size == 0:
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise AudioError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
+    if not stat.S_ISREG(st.st_mode):
+        raise AudioError(f"{path}: not a regular file")
+    if st.st_size == 0:
         raise AudioError(f"{path}: empty file (0 bytes)")
-    container = _open(path)
-    with container:
-        if not container.streams.audio:
-            raise AudioError(f"{path}: no audio stream")
-        stream = container.streams.audio[0]
-        to_float = av.AudioResampler(format="fltp")  # sample format only; keeps rate and layout
-        chunks: list[np.ndarray] = []
-        names: list[str] = []
-        rate = 0
-        kept = 0
-        limit: Optional[int] = None
-
-        def take(frames) -> bool:
-            """Keep decoded samples up to the limit; False once it is reached."""
-            nonlocal kept
-            for out in frames:
-                arr = out.to_ndarray()
-                if arr.shape[0] != len(names):
-                    raise AudioError(f"{path}: channel count changes mid-stream")
-                part = arr if limit is None else arr[:, : limit - kept]
-                chunks.append(np.ascontiguousarray(part, dtype=np.float32))
-                kept += part.shape[1]
-            return limit is None or kept < limit
-
-        try:
-            more = True
-            for frame in container.decode(stream):
-                if not rate:
-                    rate = frame.sample_rate
-                    names = [c.name for c in frame.layout.channels]
-                    if max_duration is not None:
-                        # a little extra so the resampler's right edge sees real signal; trimmed after
-                        limit = int(math.ceil(max_duration * rate)) + 64
-                if not take(to_float.resample(frame)):
-                    more = False
-                    break  # stop decoding: a long file is not read past what is kept
-            if more and rate:
-                take(to_float.resample(None))  # flush
-        except AudioError:
-            raise
-        except (av.error.FFmpegError, ValueError, OSError) as exc:
-            raise AudioError(f"{path}: decoding failed ({_short(exc)})") from exc
-        total = kept if more else _declared_samples(container, stream, rate) or kept
-    if not chunks or kept == 0:
-        raise AudioError(f"{path}: no audio samples (empty stream)")
-    data = np.concatenate(chunks, axis=1)
-    if not np.isfinite(data).all():
-        data = np.nan_to_num(data, nan=0.0, posinf=1.0, neginf=-1.0)
-    stereo = to_stereo(data, names)
-    wave = torch.from_numpy(np.ascontiguousarray(stereo))
+    if worker is None:
+        with DecodeWorker() as own:
+            return decode_audio(path, sample_rate=sample_rate, max_duration=max_duration, worker=own)
+    header, data = worker.raw(path, max_duration)
+    rate, kept = int(header["rate"]), int(header["samples"])
+    if not MIN_RATE <= rate <= MAX_RATE:  # a damaged header; nothing to resample from
+        raise AudioError(f"{path}: sample rate {rate} Hz is outside {MIN_RATE}–{MAX_RATE} Hz")
+    if header["nonfinite"]:
+        raise AudioError(f"{path}: {header['nonfinite']} NaN/Inf samples (the file is corrupt)")
+    peak = float(header["peak"])
+    if peak > HUGE_PEAK:
+        raise AudioError(f"{path}: samples up to {peak:.3g} times full scale (corrupt, or float audio not scaled to ±1)")
+    warnings = []
+    if peak > 1.0:
+        warnings.append(f"float samples up to {20 * math.log10(peak):+.1f} dB over full scale were clipped to ±1")
+    declared = header.get("declared_samples")
+    if header["complete"] and declared and declared - kept > max(rate // 10, declared // 50):
+        warnings.append(f"holds {kept / rate:.1f} s of the {declared / rate:.1f} s it declares (truncated or damaged)")
+    wave = torch.from_numpy(data)
     if rate != sample_rate:
         if rs.supported(rate, sample_rate):
             wave = rs.resample(wave, rate, sample_rate)
         else:
             wave = _swr_resample(wave, rate, sample_rate)
-    source_duration = total / rate
+    total = kept if header["complete"] else (declared or kept)
     trimmed = False
     if max_duration is not None:
         max_samples = int(round(max_duration * sample_rate))
@@ -184,24 +204,21 @@ def decode_audio(
             trimmed = True
     # Lossy decoders overshoot full scale slightly; the VAE expects [-1, 1].
     wave = wave.clamp_(-1.0, 1.0).contiguous()
+    codec = header.get("codec") or ""
     return DecodedAudio(
         waveform=wave,
         sample_rate=sample_rate,
         source_rate=rate,
-        source_channels=len(names),
-        source_layout=",".join(names),
-        source_duration=source_duration,
+        source_channels=len(header["names"]),
+        source_layout=",".join(header["names"]),
+        source_duration=total / rate,
         trimmed=trimmed,
+        codec=codec,
+        bit_rate=header.get("bit_rate"),
+        lossless=codec.startswith(native.LOSSLESS_PREFIXES),
+        source_peak=peak,
+        warnings=warnings,
     )
-
-
-def _declared_samples(container, stream, rate: int) -> Optional[int]:
-    """The length the file declares (stream, then container duration), for reporting what was trimmed."""
-    if stream.duration is not None and stream.time_base is not None:
-        return int(stream.duration * stream.time_base * rate)
-    if container.duration is not None:
-        return int(container.duration / 1_000_000 * rate)  # AV_TIME_BASE units
-    return None
 
 
 def _swr_resample(wave: torch.Tensor, orig: int, new: int) -> torch.Tensor:

@@ -47,11 +47,8 @@ def normalize(
     if mode == "peak" or wave.shape[-1] < _MIN_LUFS_SECONDS * sample_rate:
         note = "" if mode == "peak" else "too short for LUFS; peak-normalised instead"
         return LoudnessResult(wave * _db_to_gain(ceiling_gain_db), ceiling_gain_db, peak_dbfs, note)
-    import pyloudnorm
-
-    meter = pyloudnorm.Meter(sample_rate)
-    measured = float(meter.integrated_loudness(wave.transpose(0, 1).double().numpy()))
-    if not math.isfinite(measured):  # gated away entirely (near-silence)
+    measured = measure_lufs(wave, sample_rate)
+    if measured is None:  # gated away entirely (near-silence)
         return LoudnessResult(wave * _db_to_gain(ceiling_gain_db), ceiling_gain_db, peak_dbfs,
                               "loudness below the gate; peak-normalised instead")
     gain_db = lufs - measured
@@ -59,3 +56,14 @@ def normalize(
     if gain_db > ceiling_gain_db:
         gain_db, note = ceiling_gain_db, f"limited by the {peak_db:g} dBFS peak ceiling"
     return LoudnessResult(wave * _db_to_gain(gain_db), gain_db, measured, note)
+
+
+def measure_lufs(wave: torch.Tensor, sample_rate: int) -> float | None:
+    """Integrated loudness (BS.1770) of [2, S] audio; None when too short or gated away (near-silence)."""
+    if wave.shape[-1] < _MIN_LUFS_SECONDS * sample_rate:
+        return None
+    import pyloudnorm
+
+    meter = pyloudnorm.Meter(sample_rate)
+    measured = float(meter.integrated_loudness(wave.transpose(0, 1).double().numpy()))
+    return measured if math.isfinite(measured) else None

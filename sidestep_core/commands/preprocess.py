@@ -2,11 +2,47 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from ..audio.loudness import MODES as LOUDNESS_MODES
 from ..data.preprocess import MODEL_MAX_SECONDS, PreprocessConfig, preprocess
 from ..text.prompts import PROMPT_STYLES
+
+
+SIDECAR_HELP = """\
+metadata per song (next to song.wav; without any, the song gets --default-caption):
+  song.txt               key: value lines, then a final "lyrics:" block, e.g.
+                           caption: dreamy synthwave, female vocals
+                           bpm: 120
+                           key: A minor
+                           signature: 4/4
+                           language: en
+                           lyrics:
+                           [verse]
+                           ...
+                         keys (any case; aliases in brackets): caption (description, prompt), genre (style),
+                         bpm (tempo), keyscale (key, scale), timesignature (signature, meter),
+                         language (lang), instrumental (is_instrumental), custom_tag (trigger, tag),
+                         repeat, duration. A song.txt without such lines is all lyrics.
+  song.caption.txt +     the caption and the lyrics as two plain files (ACE-Step's convention);
+  song.lyrics.txt        they override the same fields of song.txt
+  --dataset-json FILE    an ACE-Step / Side-Step dataset JSON: a list of samples, or {"metadata": {...},
+                         "samples": [...]}, each sample with audio_path or filename and the keys above
+  Sidecars are UTF-8; UTF-16 with a BOM and Windows-1252/Latin-1 are read with a note. Lyrics that are only
+  [Instrumental] (any case), or none at all, mark an instrumental.
+
+what is skipped, what is kept with a warning:
+  Files that cannot be used (unreadable, silent, corrupt, NaN samples, not a regular file, a link out of the
+  folder without --allow-outside-paths) are listed as "skipped" with the reason; the rest go on. Files kept
+  with something to know (truncated, clipped float samples, a metadata value of the wrong type ignored, text
+  cut, a legacy encoding, a followed link) are listed as "warning" and recorded in manifest.json. The run ends
+  with a dataset report (clipping, lossy files under 192 kbit/s, loudness spread, mixed sample rates,
+  duplicates, clip lengths, songs without caption or lyrics, too few songs): advice, never a refusal.
+
+exit codes: 0 done, 2 bad options, an unusable model, no usable audio, or an operating-system error on an
+input or output (the message names the path), 130 interrupted.
+"""
 
 
 def register(sub, name):
@@ -16,6 +52,8 @@ def register(sub, name):
         description="Decode every audio file of a folder, encode it with the VAE, the Qwen3 text encoder and the "
         "model's condition encoder, and cache the tensors (one safetensors file per sample + manifest.json). "
         "Re-running re-encodes only new or changed files.",
+        epilog=SIDECAR_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--checkpoint", required=True,
                    help="ACE-Step 1.5 model: original folder, ComfyUI diffusion model file or all-in-one checkpoint")
@@ -42,7 +80,7 @@ def register(sub, name):
                    help="where the trigger tag goes in the caption (default: prepend)")
     p.add_argument("--default-language", help="lyric language for files without one (default: unknown / en)")
     p.add_argument("--allow-outside-paths", action="store_true",
-                   help="let dataset-JSON paths point outside the audio folder")
+                   help="let dataset-JSON paths and symbolic links point outside the audio folder")
     p.add_argument("--posterior-mean", action="store_true",
                    help="encode with the VAE posterior mean instead of a seeded sample")
     p.add_argument("--seed", type=int, default=0, help="seed of the posterior samples (default: 0)")
@@ -134,6 +172,15 @@ def _mib(n) -> str:
     return "n/a" if n is None else f"{n / 2**20:.0f} MiB"
 
 
+def _os_error(exc: OSError) -> str:
+    """One line: the path and what the system said (``[Errno 28] …`` and tracebacks help no one)."""
+    where = exc.filename or ""
+    if exc.filename2:
+        where = f"{where} -> {exc.filename2}"
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    return f"{where}: {reason}" if where else reason
+
+
 def run(args) -> int:
     render = _Renderer(getattr(args, "plain", False))
     try:
@@ -141,10 +188,14 @@ def run(args) -> int:
             args.checkpoint, args.audio_dir, args.out, dataset_json=args.dataset_json, config=_config(args),
             progress=render,
         )
+    except OSError as exc:  # a read-only or full output folder, an input that vanished ...
+        render.close()
+        print(f"error: {_os_error(exc)}", file=sys.stderr)
+        return 2
     finally:
         render.close()
-    for f in result.failures:
-        print(f"skipped {f.path}: {f.reason}")
+    for line in result.report_lines():
+        print(line)
     for rep in result.passes:
         speed = rep.audio_seconds / rep.seconds if rep.seconds else 0.0
         print(
@@ -156,6 +207,6 @@ def run(args) -> int:
         f"{len(result.failures)} skipped)"
     )
     if not result.ok:
-        print("error: no usable samples", file=sys.stderr)
-        return 1
+        print("error: no usable samples (every file was skipped; reasons above)", file=sys.stderr)
+        return 2
     return 0

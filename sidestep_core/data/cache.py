@@ -10,13 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from ..fsutil import atomic_save_file, atomic_write_json
+from ..fsutil import atomic_write_bytes, atomic_write_json
 
 FORMAT = "sidestep-preprocessed"
 FORMAT_VERSION = 1
@@ -81,7 +82,30 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor], record: Optional
     meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION)}
     if record is not None:
         meta[_META_KEY] = canonical_json(record)
-    atomic_save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path, metadata=meta)
+    write_safetensors(path, tensors, meta)
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Atomic safetensors write whose failures are OSErrors naming the file.
+
+    Serialised here and written by Python: safetensors' own writer reports a full disk as a SafetensorError
+    without the path. Cache files are a few MB at most."""
+    from safetensors.torch import save
+
+    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
+    with _naming(path):
+        atomic_write_bytes(path, data)
+
+
+@contextmanager
+def _naming(path: Path):
+    """OS errors of a write name the file (a failed ``write()`` on an open file carries no name)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename or exc.errno is None:
+            raise
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
 
 
 def read_record(path: Path) -> Optional[dict]:
@@ -117,7 +141,8 @@ def read_manifest(folder: Path) -> Optional[dict]:
 
 def write_manifest(folder: Path, manifest: dict) -> Path:
     path = folder / MANIFEST
-    atomic_write_json(path, manifest)
+    with _naming(path):
+        atomic_write_json(path, manifest)
     return path
 
 
@@ -186,11 +211,19 @@ def load_dataset(path: str | Path) -> list[Sample]:
         if version > FORMAT_VERSION:
             raise ValueError(f"{folder / MANIFEST}: cache format {version} is newer than this version understands")
         samples = []
-        for entry in manifest.get("samples", []):
+        entries = manifest.get("samples", [])
+        for entry in entries if isinstance(entries, list) else [None]:
+            if not isinstance(entry, dict) or not isinstance(entry.get("file"), str) or "id" not in entry:
+                raise ValueError(f"{folder / MANIFEST}: a sample entry without 'id' and 'file'; re-run preprocessing")
+            # sample files are named by their key, directly in the cache folder: an absolute or ../ entry
+            # (a tampered manifest) would make training read files from anywhere
+            if not is_sample_filename(entry["file"]):
+                raise ValueError(f"{folder / MANIFEST}: refusing sample file {entry['file'][:200]!r}: not a "
+                                 "tensor file of this cache folder (absolute or outside paths are never read)")
             file = folder / entry["file"]
             if not file.is_file():
                 raise ValueError(f"{file}: listed in {MANIFEST} but missing; re-run preprocessing")
-            samples.append(Sample(entry["id"], file, "sidestep", dict(entry)))
+            samples.append(Sample(str(entry["id"]), file, "sidestep", dict(entry)))
         return samples
     from .legacy import load_legacy_folder
 

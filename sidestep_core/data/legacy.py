@@ -66,13 +66,23 @@ def _listed(folder: Path) -> list[Path]:
             p = Path(str(raw).replace("\\", "/"))
             if not p.is_absolute():
                 p = folder / p
-            if not p.is_file():  # manifests written on another machine: fall back to the file name here
+            # manifests written on another machine, and entries that point out of the folder (never read):
+            # fall back to the file name here
+            if not _within(p, folder) or not p.is_file():
                 p = folder / p.name
             if not p.is_file():
                 raise ValueError(f"{folder / MANIFEST}: lists {raw}, which does not exist")
             paths.append(p)
         return paths
     return sorted(p for p in folder.glob("*.pt") if not p.name.endswith(".tmp.pt"))
+
+
+def _within(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return True
+    except (ValueError, OSError):
+        return False
 
 
 def load_legacy_folder(folder: Path) -> list[Sample]:

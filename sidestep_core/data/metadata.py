@@ -3,15 +3,22 @@ or nothing at all.
 
 Dataset JSON: a bare list of samples, ``{"samples": [...]}`` or ``{"metadata": {...}, "samples": [...]}``.
 Sidecars next to ``song.wav``: ``song.txt`` with ``key: value`` lines and a final ``lyrics:`` block (aliases
-below), or ``song.caption.txt`` + ``song.lyrics.txt``, or a plain ``song.txt`` that is only lyrics.
+below), or ``song.caption.txt`` + ``song.lyrics.txt``, or a plain ``song.txt`` that is only lyrics. Sidecars are
+UTF-8 (with or without BOM); UTF-16 with a BOM and Windows-1252 / Latin-1 are read too, with a note.
+
+Hostile input costs a field, never the run: a value of the wrong JSON type (a list as caption, an object as bpm)
+is ignored with a warning instead of being turned into prompt text, absurdly long text is cut with a warning, and
+only regular files are read as sidecars.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import errno
 import math
 import re
+import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -38,6 +45,16 @@ KEY_ALIASES: dict[str, tuple[str, ...]] = {
 }
 _ALIAS = {alias: key for key, aliases in KEY_ALIASES.items() for alias in aliases}
 _KEY_LINE = re.compile(r"^\s*([A-Za-z][A-Za-z _-]*?)\s*:\s?(.*)$")
+# Text longer than the prompts can use is cut (the model reads at most 2048 lyric and 256 caption tokens).
+MAX_LYRICS_CHARS = 16_000
+MAX_CAPTION_CHARS = 4_000
+MAX_FIELD_CHARS = 200  # bpm, key, language, tag ...
+MAX_SIDECAR_BYTES = 1 << 20
+MAX_JSON_BYTES = 256 << 20  # a dataset JSON of 100,000 songs is a few tens of MB
+MAX_REPEAT = 100  # visits per epoch; a typo of 10**9 would make training build a list of a billion visits
+MAX_EXTRA_DEPTH = 32  # passed-through JSON values nested deeper are dropped (they would break JSON writing)
+_INSTRUMENTAL_LYRICS = re.compile(r"^\s*\[?\s*instrumental\s*\]?\s*$", re.IGNORECASE)
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f]")
 
 
 class MetadataError(ValueError):
@@ -62,6 +79,12 @@ class SampleMeta:
     repeat: Optional[int] = None
     source: str = "default"  # dataset-json | sidecar:<names> | default
     extra: dict[str, Any] = field(default_factory=dict)  # passed through untouched (id, raw_lyrics, labeled ...)
+    warnings: list[str] = field(default_factory=list)  # fields ignored or cut, legacy encodings read
+
+    @property
+    def declares_instrumental(self) -> bool:
+        """The user said so: ``is_instrumental`` true, or lyrics that are only ``[Instrumental]``."""
+        return bool(self.is_instrumental) or bool(_INSTRUMENTAL_LYRICS.match(self.lyrics or "x"))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -76,6 +99,7 @@ class DatasetSettings:
     genre_ratio: float = 0.0  # percent of samples (with a genre) whose prompt uses the genre instead
     all_instrumental: bool = False
     name: str = ""
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -152,10 +176,67 @@ def norm_override(value: Any) -> Optional[str]:
     return text if text in PROMPT_OVERRIDES else None
 
 
-def meta_from_fields(fields: dict[str, Any], source: str) -> SampleMeta:
-    """Build a :class:`SampleMeta` from canonical keys (values may be strings, numbers or bools)."""
+def _kind(value: Any) -> str:
+    kinds = {bool: "a true/false value", list: "a list", dict: "an object"}
+    return kinds.get(type(value), type(value).__name__)
+
+
+def _type_problem(key: str, value: Any) -> Optional[str]:
+    """Why ``value`` cannot be the ``key`` field (None when it can): prompts take text and numbers only, and
+    true/false only for ``is_instrumental``."""
+    if value is None or isinstance(value, str):
+        return None
+    if isinstance(value, bool):
+        return None if key == "is_instrumental" else _kind(value)
+    return None if isinstance(value, (int, float)) else _kind(value)
+
+
+def _cut(value: str, limit: int, key: str, warnings: list[str]) -> str:
+    if len(value) <= limit:
+        return value
+    warnings.append(f"{key} cut to {limit} characters (it has {len(value)})")
+    return value[:limit]
+
+
+def _too_deep(value: Any, limit: int = MAX_EXTRA_DEPTH) -> bool:
+    stack = [(value, 0)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (list, dict)):
+            if d >= limit:
+                return True
+            stack.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return False
+
+
+def meta_from_fields(fields: dict[str, Any], source: str, warnings: Optional[list[str]] = None) -> SampleMeta:
+    """Build a :class:`SampleMeta` from canonical keys (values may be strings, numbers or bools).
+
+    Values of another type are ignored with a warning; text is cut to what prompts can use."""
     known = {"caption", "genre", "lyrics", "bpm", "keyscale", "timesignature", "language", "duration",
              "is_instrumental", "custom_tag", "prompt_override", "repeat"}
+    warnings = list(warnings or [])
+    fields = dict(fields)
+    for key in known & fields.keys():
+        problem = _type_problem(key, fields[key])
+        if problem:
+            warnings.append(f"{key} ignored: {problem} is not a valid {key}")
+            fields[key] = None
+        elif isinstance(fields[key], str):
+            limit = {"lyrics": MAX_LYRICS_CHARS, "caption": MAX_CAPTION_CHARS, "genre": MAX_CAPTION_CHARS}
+            fields[key] = _cut(fields[key], limit.get(key, MAX_FIELD_CHARS), key, warnings)
+    extra = {}
+    for key, value in fields.items():
+        if key in known:
+            continue
+        if _too_deep(value):
+            warnings.append(f"{key} ignored: nested deeper than {MAX_EXTRA_DEPTH} levels")
+        else:
+            extra[key] = value
+    repeat = norm_int(fields.get("repeat"))
+    if repeat is not None and repeat > MAX_REPEAT:
+        warnings.append(f"repeat {repeat} lowered to {MAX_REPEAT}")
+        repeat = MAX_REPEAT
     lang = norm_optional(fields.get("language"))
     return SampleMeta(
         caption=_text(fields.get("caption")),
@@ -169,9 +250,10 @@ def meta_from_fields(fields: dict[str, Any], source: str) -> SampleMeta:
         is_instrumental=norm_bool(fields.get("is_instrumental")),
         custom_tag=_text(fields.get("custom_tag")),
         prompt_override=norm_override(fields.get("prompt_override")),
-        repeat=norm_int(fields.get("repeat")),
+        repeat=repeat,
         source=source,
-        extra={k: v for k, v in fields.items() if k not in known},
+        extra=extra,
+        warnings=warnings,
     )
 
 
@@ -184,9 +266,28 @@ def load_dataset_json(path: str | Path) -> tuple[DatasetSettings, list[Any]]:
     """Read a dataset JSON in any of its three shapes; returns the settings and the raw sample entries."""
     path = Path(path)
     try:
+        st = path.stat()
+    except OSError as exc:
+        raise MetadataError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
+    if not stat.S_ISREG(st.st_mode):
+        raise MetadataError(f"{path}: not a regular file")
+    if st.st_size > MAX_JSON_BYTES:
+        raise MetadataError(f"{path}: {st.st_size >> 20} MiB is too large for a dataset JSON")
+    try:
         data = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MetadataError(f"{path}: not a readable dataset JSON ({exc})") from exc
+    except OSError as exc:
+        raise MetadataError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
+    except ValueError as exc:  # not UTF-8, not JSON, a number of more than 4300 digits
+        raise MetadataError(f"{path}: not a readable dataset JSON ({str(exc)[:200]})") from exc
+    except RecursionError:
+        raise MetadataError(f"{path}: not a readable dataset JSON (nested too deeply)") from None
+    warnings = []
+    text = json.dumps(data, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # "\ud800" escapes: lone surrogates no file, prompt or header can hold
+        data = json.loads(text.encode("utf-8", "replace").decode("utf-8"))
+        warnings.append("invalid characters (lone UTF-16 surrogates) replaced by '?'")
     meta: dict[str, Any] = {}
     if isinstance(data, list):
         samples = data
@@ -197,16 +298,23 @@ def load_dataset_json(path: str | Path) -> tuple[DatasetSettings, list[Any]]:
             raise MetadataError(f"{path}: 'metadata' must be an object")
     else:
         raise MetadataError(f"{path}: expected a list of samples or an object with a 'samples' list")
+    meta = dict(meta)
+    for key in ("custom_tag", "tag_position", "genre_ratio", "all_instrumental", "name"):
+        value = meta.get(key)
+        if isinstance(value, (list, dict)) or (isinstance(value, bool) and key != "all_instrumental"):
+            warnings.append(f"metadata.{key} ignored: {_kind(value)} is not a valid {key}")
+            meta[key] = None
     position = _text(meta.get("tag_position")).lower() or "prepend"
     if position not in TAG_POSITIONS:
         raise MetadataError(f"{path}: tag_position must be one of {', '.join(TAG_POSITIONS)}, not {position!r}")
     ratio = norm_float(meta.get("genre_ratio")) or 0.0
     settings = DatasetSettings(
-        custom_tag=_text(meta.get("custom_tag")),
+        custom_tag=_cut(_text(meta.get("custom_tag")), MAX_FIELD_CHARS, "metadata.custom_tag", warnings),
         tag_position=position,
         genre_ratio=min(100.0, max(0.0, ratio)),
         all_instrumental=bool(norm_bool(meta.get("all_instrumental"))),
-        name=_text(meta.get("name")),
+        name=_cut(_text(meta.get("name")), MAX_FIELD_CHARS, "metadata.name", warnings),
+        warnings=warnings,
     )
     return settings, samples
 
@@ -226,13 +334,38 @@ def json_entry_meta(entry: dict[str, Any]) -> SampleMeta:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _read_text(path: Path) -> str:
+def _decode_text(data: bytes) -> tuple[str, Optional[str]]:
+    """Text of a sidecar and, when it was not UTF-8, the encoding it was read as."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return data.decode("utf-16"), "UTF-16"
     try:
-        return path.read_text(encoding="utf-8-sig").replace("\r\n", "\n").replace("\r", "\n")
-    except UnicodeDecodeError as exc:
-        raise MetadataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+        return data.decode("utf-8-sig"), None
+    except UnicodeDecodeError:
+        pass
+    try:
+        return data.decode("cp1252"), "Windows-1252"
+    except UnicodeDecodeError:
+        return data.decode("latin-1"), "Latin-1"
+
+
+def _read_text(path: Path, warnings: list[str]) -> str:
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_SIDECAR_BYTES + 1)
     except OSError as exc:
         raise MetadataError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
+    if len(data) > MAX_SIDECAR_BYTES:
+        warnings.append(f"{path.name} read only to its first {MAX_SIDECAR_BYTES >> 20} MiB")
+        data = data[:MAX_SIDECAR_BYTES]
+    try:
+        text, encoding = _decode_text(data)
+    except UnicodeDecodeError as exc:
+        raise MetadataError(f"{path}: not text ({exc.reason})") from exc
+    if _CONTROL.search(text):
+        raise MetadataError(f"{path}: not text (holds control characters; binary data?)")
+    if encoding:
+        warnings.append(f"{path.name} is not UTF-8; read as {encoding}")
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def _canonical(key: str) -> Optional[str]:
@@ -280,19 +413,34 @@ def read_sidecars(audio: Path) -> Optional[SampleMeta]:
     """Metadata from the sidecar files of ``audio``, or None when it has none."""
     paths = sidecar_paths(audio)
     fields: dict[str, Any] = {}
-    used = []
-    if paths["txt"].is_file():
-        text = _read_text(paths["txt"])
+    used: list[str] = []
+    warnings: list[str] = []
+    if _sidecar_exists(paths["txt"]):
+        text = _read_text(paths["txt"], warnings)
         parsed = parse_sidecar_text(text)
         fields.update(parsed if parsed is not None else {"lyrics": text.strip()})
         used.append(paths["txt"].name)
     for key in ("caption", "lyrics"):  # the upstream pair overrides song.txt for its own field
-        if paths[key].is_file():
-            fields[key] = _read_text(paths[key]).strip()
+        if _sidecar_exists(paths[key]):
+            fields[key] = _read_text(paths[key], warnings).strip()
             used.append(paths[key].name)
     if not used:
         return None
-    return meta_from_fields(fields, "sidecar:" + "+".join(used))
+    return meta_from_fields(fields, "sidecar:" + "+".join(used), warnings)
+
+
+def _sidecar_exists(path: Path) -> bool:
+    """A sidecar is a regular file; anything else by that name (a FIFO, a device, a link loop) is an error
+    instead of a hang or a traceback."""
+    try:
+        st = path.stat()
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENAMETOOLONG, errno.ENOTDIR) and not path.is_symlink():
+            return False  # no such file (a name one step too long cannot exist either)
+        raise MetadataError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
+    if not stat.S_ISREG(st.st_mode):
+        raise MetadataError(f"{path}: not a regular file")
+    return True
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -351,8 +499,8 @@ def resolve(
     used_genre = uses_genre(meta, settings, audio_sha256)
     text = meta.genre if used_genre else (meta.caption or default_caption)
     tag = meta.custom_tag or settings.custom_tag
-    instrumental = bool(settings.all_instrumental or meta.is_instrumental or not meta.lyrics)
-    lyrics = INSTRUMENTAL if (settings.all_instrumental or meta.is_instrumental or not meta.lyrics) else meta.lyrics
+    instrumental = bool(settings.all_instrumental or meta.declares_instrumental or not meta.lyrics)
+    lyrics = INSTRUMENTAL if instrumental else meta.lyrics
     return ResolvedMeta(
         caption=apply_tag(text, tag, settings.tag_position),
         lyrics=lyrics,

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file
 
 from .. import __version__
-from ..audio.decode import AudioError, decode_audio, peak_dbfs
+from ..audio.decode import AudioError, DecodeWorker, decode_audio, peak_dbfs
 from ..audio.loudness import MODES as LOUDNESS_MODES
 from ..audio.loudness import normalize
 from ..conditioning import encode_conditions
@@ -46,9 +46,11 @@ from .cache import (
     read_record,
     sample_filename,
     write_manifest,
+    write_safetensors,
     write_tensors,
 )
-from .discovery import Failure, Item, collect_items
+from . import quality
+from .discovery import AUDIO_EXTENSIONS, Failure, Item, collect_items
 from .metadata import TAG_POSITIONS, ResolvedMeta, resolve
 
 Progress = Callable[[dict], None]
@@ -129,6 +131,10 @@ class PassReport:
         return asdict(self)
 
 
+class NoUsableSamples(ValueError):
+    """Nothing in the audio folder can be preprocessed; the message lists why, file by file."""
+
+
 @dataclass
 class PreprocessResult:
     out_dir: Path
@@ -138,10 +144,21 @@ class PreprocessResult:
     reused: int
     failures: list[Failure]
     passes: list[PassReport] = field(default_factory=list)
+    warnings: list[tuple[str, str]] = field(default_factory=list)  # (file, warning): kept, but worth knowing
+    quality: dict = field(default_factory=dict)  # the dataset report (quality.report)
 
     @property
     def ok(self) -> bool:
         return self.samples > 0
+
+    def warning_lines(self) -> list[str]:
+        """Per-file warnings and the dataset report, as the CLI and the node show them."""
+        lines = [f"warning {path}: {text}" for path, text in self.warnings]
+        return lines + (quality.report_lines(self.quality) if self.quality else [])
+
+    def report_lines(self) -> list[str]:
+        """Skipped files, then :meth:`warning_lines`."""
+        return [f"skipped {f.path}: {f.reason}" for f in self.failures] + self.warning_lines()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -270,6 +287,7 @@ class _Plan:
     resolved: ResolvedMeta
     key: str
     seed: Optional[int]
+    declared_instrumental: bool = False
 
 
 def _sample_seed(cfg: PreprocessConfig, audio_sha: str) -> Optional[int]:
@@ -288,10 +306,12 @@ def _finite(*tensors: torch.Tensor) -> bool:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _pass1_item(plan: _Plan, cfg: PreprocessConfig, vae, text: te_mod.TextEncoder) -> tuple[dict, dict]:
+def _pass1_item(
+    plan: _Plan, cfg: PreprocessConfig, vae, text: te_mod.TextEncoder, worker: DecodeWorker
+) -> tuple[dict, dict]:
     """Tensors and manifest record of one sample; raises ValueError with a one-line reason."""
     item = plan.item
-    decoded = decode_audio(item.path, max_duration=cfg.max_duration)
+    decoded = decode_audio(item.path, max_duration=cfg.max_duration, worker=worker)
     wave = decoded.waveform
     notes = []
     if decoded.trimmed:
@@ -349,6 +369,8 @@ def _pass1_item(plan: _Plan, cfg: PreprocessConfig, vae, text: te_mod.TextEncode
         "loudness": {"mode": cfg.normalize, "gain_db": loud.gain_db, "measured": loud.measured},
         "seed": plan.seed,
         "notes": notes,
+        "audio_warnings": decoded.warnings,
+        "quality": quality.measure(decoded),
     }
     tensors = {"target_latents": latents, "text_hidden_states": caption_states, "lyric_hidden_states": lyric_states}
     return tensors, record
@@ -387,9 +409,7 @@ def _load_silence(work: Path, vae_identity: str) -> Optional[torch.Tensor]:
 
 
 def _save_silence(work: Path, vae_identity: str, silence: torch.Tensor) -> None:
-    from ..fsutil import atomic_save_file
-
-    atomic_save_file({"silence_latent": silence}, work / SILENCE_CACHE, metadata={"vae": vae_identity})
+    write_safetensors(work / SILENCE_CACHE, {"silence_latent": silence}, {"vae": vae_identity})
 
 
 def _tensor_identity(t: torch.Tensor) -> str:
@@ -422,22 +442,26 @@ def preprocess(
     report = _Reporter(progress)
     out = Path(out_dir).expanduser()
     audio_dir = Path(audio_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    work = out / WORK_DIR
-    work.mkdir(exist_ok=True)
     device = resolve_device(cfg.device)
 
-    comps = find_components(checkpoint, cfg)
+    # Cheap checks first, so a wrong model or an empty folder is reported before anything loads or is written.
+    if audio_dir.is_dir() and _inside_or_same(audio_dir, out):
+        raise ValueError(f"{out}: the output folder must not be the audio folder or hold it")
     info_model = load_acestep(checkpoint, parts=set(), variant=cfg.variant)  # metadata only, no weights
+    items, failures, settings = collect_items(
+        audio_dir, dataset_json=dataset_json, allow_outside=cfg.allow_outside_paths, exclude=[out]
+    )
+    if not items:
+        raise NoUsableSamples(_nothing_usable(audio_dir, failures))
+    comps = find_components(checkpoint, cfg)
     info = info_model.info
     ids = comps.identities()
     silence = info_model.silence_latent
     silence_id = f"checkpoint:{_tensor_identity(silence)}" if silence is not None else f"vae:{ids['vae']}"
     model_key = {"dit": info.identity, **ids, "silence": silence_id}
-
-    items, failures, settings = collect_items(
-        audio_dir, dataset_json=dataset_json, allow_outside=cfg.allow_outside_paths, exclude=[out]
-    )
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / WORK_DIR
+    work.mkdir(exist_ok=True)
     if cfg.custom_tag.strip() and not settings.custom_tag:
         settings = replace(settings, custom_tag=cfg.custom_tag.strip(), tag_position=cfg.tag_position)
     previous = read_manifest(out) or {}
@@ -454,7 +478,8 @@ def preprocess(
         resolved = resolve(item.meta, settings, audio_sha256=sha, default_caption=cfg.default_caption,
                            default_language=cfg.language())
         key = content_key(audio=sha, meta=resolved.to_dict(), settings=cfg.key_settings(), model=model_key)
-        plans.append(_Plan(item, sha, resolved, key, _sample_seed(cfg, sha)))
+        declared = settings.all_instrumental or item.meta.declares_instrumental
+        plans.append(_Plan(item, sha, resolved, key, _sample_seed(cfg, sha), declared))
     report("hash", len(items), len(items))
 
     def final_path(key: str) -> Path:
@@ -503,24 +528,25 @@ def preprocess(
                         f"{comps.text_encoder}: text encoder width {text.hidden_size} does not match the model's "
                         f"text input ({info_model.config.text_hidden_dim}); it belongs to another model"
                     )
-            for n, plan in enumerate(todo1):
-                report("pass1", n, len(todo1), plan.item.rel)
-                try:
-                    tensors, record = _pass1_item(plan, cfg, vae, text)
-                except te_mod.TextEncoderError:
-                    raise  # a tokenizer that does not fit the encoder fails every file: stop with its message
-                except (AudioError, ValueError, OSError) as exc:
-                    reason = str(exc)
-                    prefix = f"{plan.item.path}: "
-                    reason = reason[len(prefix):] if reason.startswith(prefix) else reason
-                    failures.append(Failure(plan.item.rel, reason, plan.key))
-                    failed_keys.add(plan.key)
-                    continue
-                for note in record["notes"]:
-                    report.note("pass1", plan.item.rel, note)
-                write_tensors(work / sample_filename(plan.key), tensors, record)
-                rep.items += 1
-                rep.audio_seconds += record["duration"]
+            with DecodeWorker() as worker:
+                for n, plan in enumerate(todo1):
+                    report("pass1", n, len(todo1), plan.item.rel)
+                    try:
+                        tensors, record = _pass1_item(plan, cfg, vae, text, worker)
+                    except te_mod.TextEncoderError:
+                        raise  # a tokenizer that does not fit the encoder fails every file: stop with its message
+                    except (AudioError, ValueError, OSError) as exc:
+                        reason = str(exc)
+                        prefix = f"{plan.item.path}: "
+                        reason = reason[len(prefix):] if reason.startswith(prefix) else reason
+                        failures.append(Failure(plan.item.rel, reason, plan.key))
+                        failed_keys.add(plan.key)
+                        continue
+                    for note in record["notes"] + record["audio_warnings"]:
+                        report.note("pass1", plan.item.rel, note)
+                    write_tensors(work / sample_filename(plan.key), tensors, record)
+                    rep.items += 1
+                    rep.audio_seconds += record["duration"]
             report("pass1", len(todo1), len(todo1))
             vae = text = te_model = None  # noqa: F841 (drop the last references before measuring)
             _release(device)
@@ -562,13 +588,20 @@ def preprocess(
 
     # ---------------- manifest ----------------
     samples = []
+    warnings = [(str(dataset_json), w) for w in settings.warnings]
     for p in plans:
         record = done_records.get(p.key)
         if record is None or p.key in failed_keys:
             continue
         entry = {k: v for k, v in record.items() if not k.startswith("_")}
-        entry.update({"id": p.item.id, "file": sample_filename(p.key), "audio": p.item.rel})
+        # metadata warnings come from the current metadata (a re-used file keeps its key when only a
+        # rejected value changed); the audio's come from its decode
+        entry.update({"id": p.item.id, "file": sample_filename(p.key), "audio": p.item.rel,
+                      "warnings": p.item.meta.warnings + record.get("audio_warnings", []),
+                      "declared_instrumental": p.declared_instrumental})
         samples.append(entry)
+        warnings += [(p.item.id, w) for w in entry["warnings"]]
+    dataset_report = quality.report(samples)
     keep = {s["file"] for s in samples}
     for f in out.iterdir():  # stale samples of earlier runs
         if is_sample_filename(f.name) and f.name not in keep:
@@ -614,9 +647,28 @@ def preprocess(
         "num_samples": len(samples),
         "samples": samples,
         "failed": [f.to_dict() for f in failures],
+        "warnings": [{"path": path, "warning": text} for path, text in warnings],
+        "quality": dataset_report,
         "stats": {"encoded": encoded, "reused": reused, "passes": [r.to_dict() for r in passes]},
         "audio_index": index.entries,
     }
     path = write_manifest(out, manifest)
     report("done", len(samples), len(plans))
-    return PreprocessResult(out, path, len(samples), encoded, reused, failures, passes)
+    return PreprocessResult(out, path, len(samples), encoded, reused, failures, passes, warnings, dataset_report)
+
+
+def _inside_or_same(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return True
+    except (ValueError, OSError):
+        return False
+
+
+def _nothing_usable(audio_dir: Path, failures: list[Failure]) -> str:
+    if not failures:
+        kinds = ", ".join(sorted(AUDIO_EXTENSIONS))
+        return f"{audio_dir}: no audio files found (looked for {kinds}, in sub-folders too)"
+    lines = "\n".join(f"  {f.path}: {f.reason}" for f in failures[:50])
+    more = f"\n  … and {len(failures) - 50} more" if len(failures) > 50 else ""
+    return f"{audio_dir}: no usable audio files; every one was skipped:\n{lines}{more}"
