@@ -94,7 +94,7 @@ def test_folder_with_every_format_and_broken_files(tmp_path):
     assert _run(["--checkpoint", ck.root, "--audio-dir", audio, "--out", out]) == 0
 
     m = _manifest(out)
-    assert (m["format"], m["format_version"], m["prompt_style"]) == ("sidestep-preprocessed", 1, "acestep")
+    assert (m["format"], m["format_version"], m["prompt_style"]) == ("sidestep-preprocessed", 2, "acestep")
     assert m["model"]["layout"] == "original" and m["model"]["variant"] == "turbo" and m["model"]["dtype"] == "bfloat16"
     samples = _by_id(m)
     assert sorted(samples) == sorted(f[0] for f in FORMATS)

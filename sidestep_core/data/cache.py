@@ -20,7 +20,9 @@ import torch
 from ..fsutil import atomic_write_bytes, atomic_write_json
 
 FORMAT = "sidestep-preprocessed"
-FORMAT_VERSION = 1
+# 2: the XL condition encoder now follows upstream (timbre special token, padded lyric windows), so every
+# sample key changes and caches made before are encoded again instead of reused with the old states.
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 WORK_DIR = ".work"  # pass-1 intermediates and the derived silence latent
 TENSOR_KEYS = ("target_latents", "encoder_hidden_states", "encoder_attention_mask", "context_latents")
