@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..model.config import AceStepConfig
+from . import PROFILES
 
-PROFILES = ("tiny", "comfyui-min")
 
 
 @dataclass(frozen=True)
