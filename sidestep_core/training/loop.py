@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import resource
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -402,10 +403,15 @@ class _Trainer:
         return plan
 
     def _measure(self, n: int, n_params: int) -> dict[str, Any]:
-        """Time forward+backward on the epoch's longest micro-batch without changing any training state."""
+        """Estimate time and memory without changing any training state: one untimed pass on the epoch's largest
+        micro-batch (warm-up, and the memory peak), then ``n`` timed passes (loading included) on a median-sized
+        one. Time is scaled by padded frames to the epoch's mean micro-batch and multiplied by the micro-batches a
+        step really has (an epoch shorter than the accumulation ends steps early). With fewer than two timings, or
+        timings that disagree, the plan says it cannot tell instead of guessing."""
         batches = self._epoch_plan(self.epoch)
-        items = max(batches, key=lambda b: (max(it.length for it in b), len(b)))
-        batch = load_batch(self.train_ds, items).to(self.device)
+        size = [len(b) * max(it.length for it in b) for b in batches]  # padded frames in each micro-batch
+        largest = max(range(len(batches)), key=lambda i: size[i])
+        median = sorted(range(len(batches)), key=lambda i: size[i])[len(batches) // 2]
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize(self.device)
@@ -413,19 +419,27 @@ class _Trainer:
         times = []
         devices = [self.device.index or 0] if cuda else []
         with torch.random.fork_rng(devices=devices):
-            for i in range(n):
+            for i in range(n + 1):
                 t0 = time.perf_counter()
+                batch = load_batch(self.train_ds, batches[largest if i == 0 else median]).to(self.device)
                 gen = torch.Generator().manual_seed(_seed_for(self.cfg.seed, 77, i))
                 with self.dist.no_sync(self.model):
                     loss, _ = self.objective(self.model, batch, gen)
                     self.scaler.scale(loss).backward()
                 if cuda:
                     torch.cuda.synchronize(self.device)
-                times.append(time.perf_counter() - t0)
+                if i:
+                    times.append(time.perf_counter() - t0)
         self.optimizer.zero_grad(set_to_none=True)
-        per_micro = min(times[1:]) if len(times) > 1 else times[0]
-        per_step = per_micro * self.cfg.gradient_accumulation
-        out = {"seconds_per_step": per_step, "estimated_seconds": per_step * (self.total - self.step)}
+        out: dict[str, Any] = {}
+        if len(times) < 2 or max(times) > 1.5 * min(times):
+            out["estimate_note"] = (f"cannot tell the time per step yet (timings {', '.join(f'{t:.3g}' for t in times)}"
+                                    " s per micro-batch)" if len(times) > 1 else
+                                    "cannot tell the time per step from one timing (--estimate-steps 2 or more)")
+        else:
+            per_micro = statistics.median(times) * statistics.fmean(size) / size[median]
+            per_step = per_micro * len(batches) / self.steps_per_epoch
+            out.update(seconds_per_step=per_step, estimated_seconds=per_step * (self.total - self.step))
         if cuda:
             opt_bytes = OPTIMIZER_BYTES.get(self.cfg.optimizer, 8) * n_params
             out["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(self.device) + opt_bytes)
@@ -726,11 +740,11 @@ def _plan_text(plan: dict[str, Any]) -> str:
         f"      timesteps {plan['timestep_mode']} (mu {plan['timestep_mu']:.3g}, sigma {plan['timestep_sigma']:.3g}),"
         f" CFG dropout {plan['cfg_ratio']}",
     ]
-    if "seconds_per_step" in plan:
-        lines.append(
-            f"      estimate: {plan['seconds_per_step']:.3g} s/step, about {_duration(plan['estimated_seconds'])} "
-            f"to go; peak memory about {plan['peak_memory_bytes'] / 2**30:.2f} GiB ({plan['memory_kind']})"
-        )
+    if "peak_memory_bytes" in plan:
+        time_text = (f"{plan['seconds_per_step']:.3g} s/step, about {_duration(plan['estimated_seconds'])} to go"
+                     if "seconds_per_step" in plan else plan["estimate_note"])
+        lines.append(f"      estimate: {time_text}; peak memory about {plan['peak_memory_bytes'] / 2**30:.2f} GiB "
+                     f"({plan['memory_kind']})")
     return "\n".join(lines)
 
 
