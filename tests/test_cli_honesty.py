@@ -155,3 +155,77 @@ def test_an_adapter_of_another_model_of_the_same_shape_is_warned_about(tiny_orig
     assert f"warning: {adapter} was trained on another model" in capsys.readouterr().err
     assert main([*base, "--checkpoint", str(tiny_original), "--out", str(tmp_path / "b.flac")]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# progress
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _Terminal:
+    """A stderr that says it is a terminal and keeps what was drawn (tqdm redraws with carriage returns)."""
+
+    def __init__(self):
+        self.text = ""
+
+    def isatty(self):
+        return True
+
+    def write(self, s):
+        self.text += s
+
+    def flush(self):
+        pass
+
+
+def _step(step, loss):
+    return {"event": "step", "step": step, "total": 10, "epoch": 0, "loss": loss, "smoothed_loss": loss, "lr": 1e-3,
+            "grad_norm": 1.0, "steps_per_s": 1.0, "eta_s": 10.0 - step}
+
+
+def test_progress_is_plain_lines_when_the_output_is_not_a_terminal(monkeypatch, capsys):
+    from sidestep_core.commands.train import _Renderer
+
+    r = _Renderer(False, unit="step")
+    r(_step(1, 0.5))
+    r.close()
+    assert capsys.readouterr().err.strip() == "1/10 loss 0.5000 (avg 0.5000) lr 1.00e-03 eta 0:09"
+
+
+def test_the_bar_shows_the_current_steps_loss_and_one_eta(monkeypatch):
+    from sidestep_core.commands.train import _Renderer
+
+    term = _Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    r = _Renderer(False, unit="step")
+    assert not r.plain
+    r(_step(1, 1.0))
+    r.bar.mininterval, r.bar.miniters, r.bar.dynamic_miniters = 0, 0, False  # redraw on every update
+    r(_step(2, 2.0))
+    last = term.text.split("\r")[-1]
+    assert "2/10" in last and "loss 2.0000" in last, last
+    assert "eta" not in last  # tqdm's own remaining time is the one ETA
+    r.close()
+
+
+def test_a_finished_stage_bar_stops_its_clock(monkeypatch):
+    """Preprocessing-style stage events: the bar of a finished stage is closed at once, so the time until the next
+    stage starts (e.g. loading the model after hashing) is not counted in it."""
+    from sidestep_core.commands._progress import Renderer
+
+    monkeypatch.setattr(sys, "stderr", _Terminal())
+    r = Renderer(False)
+    r({"stage": "hash", "done": 1, "total": 2})
+    assert r.bar is not None
+    r({"stage": "hash", "done": 2, "total": 2})
+    assert r.bar is None
+
+
+def test_training_ends_with_one_final_line(tiny_original, tmp_path, capsys):
+    data = make_cache(tmp_path / "c", frames=(40, 56), cond_len=(6, 9))
+    assert main(["train", "--checkpoint", str(tiny_original), "--dataset", str(data), "--out", str(tmp_path / "o"),
+                 "--rank", "4", "--max-steps", "2", "--precision", "fp32", "--device", "cpu", "--crop-seconds",
+                 "0", "--no-tensorboard", "--estimate-steps", "0"]) == 0
+    err = capsys.readouterr().err
+    assert err.count(str(tmp_path / "o" / "final")) == 1 and err.rstrip().endswith(
+        f"done: 2 steps; adapter: {tmp_path / 'o' / 'final'}"), err
