@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import re
 import shutil
@@ -19,13 +20,9 @@ from typing import Any, Mapping, Optional
 
 # Temporary names this project creates: files ``.NAME.tmp-PID-RANDOM`` (atomic writes), folders ``.NAME.tmp-PID``
 # and ``.NAME.old-PID`` (atomic folder swaps, training/state.py), and ``.NAME.RANDOM.tmp`` from earlier versions.
+log = logging.getLogger("sidestep")
+
 _TEMP_NAME = re.compile(r"^\..+\.(?:tmp|old)-(?P<pid>\d+)(?:-[0-9a-f]+)?$|^\..+\.[A-Za-z0-9_]+\.tmp$")
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)  # the only portable way to read it is to set it
-    os.umask(mask)
-    return mask
 
 
 def _temp_in(dest: Path) -> Path:
@@ -131,6 +128,10 @@ class RunLock:
             _lock_fd(fd)
         except OSError as exc:
             os.close(fd)
+            if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):  # e.g. some network file systems
+                log.warning("%s: this file system cannot lock files; make sure no other run uses this folder",
+                            self.folder)
+                return self
             if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK, errno.EDEADLK):
                 raise
             holder = _read_holder(path)

@@ -135,7 +135,8 @@ def test_outputs_progress_and_pruning(tiny_original, two_clips, tmp_path):
     kinds = [e["event"] for e in events]
     assert kinds.index("plan") < kinds.index("step") and kinds[-1] == "done"
     plan = next(e for e in events if e["event"] == "plan")
-    assert plan["total_steps"] == 5 and plan["seconds_per_step"] > 0 and plan["peak_memory_bytes"] > 0
+    assert plan["total_steps"] == 5 and plan["peak_memory_bytes"] > 0
+    assert plan.get("seconds_per_step", 0) > 0 or plan["estimate_note"].startswith("cannot tell")  # a busy machine
     step = [e for e in events if e["event"] == "step"][-1]
     assert {"step", "total", "loss", "smoothed_loss", "lr", "steps_per_s", "eta_s", "grad_norm"} <= step.keys()
     assert step["step"] == 5 and step["total"] == 5

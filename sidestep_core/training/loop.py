@@ -566,7 +566,10 @@ class _Trainer:
     def _write_loss_png(self) -> None:
         from .chart import write_loss_png
 
-        write_loss_png(self.out, title=f"{self.out.name}: loss (thin) and smoothed loss, step {self.step}")
+        try:
+            write_loss_png(self.out, title=f"{self.out.name}: loss (thin) and smoothed loss, step {self.step}")
+        except ImportError as exc:  # Pillow missing: the chart is not worth a run
+            log.warning("loss.png not written: %s", exc)
 
     def _write_run_files(self, plan: dict[str, Any]) -> None:
         if not self.dist.main:

@@ -229,6 +229,13 @@ def check_state(state: Any, folder: Path, params: list[torch.nn.Parameter]) -> N
         raise bad(f"missing or malformed {exc}") from None
     if not rngs:
         raise bad("no RNG state")
+    sched = state.get("schedule")
+    if sched is not None:
+        ints = [sched.get(k) if isinstance(sched, dict) else None for k in ("total", "warmup", "anchor_step")]
+        progress = sched.get("anchor_progress") if isinstance(sched, dict) else None
+        if (any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in ints) or ints[0] < 1
+                or not isinstance(progress, (int, float)) or not 0.0 <= progress <= 1.0):
+            raise bad(f"learning-rate schedule {sched!r}")
     for rng in rngs:
         _check_rng(rng, bad)
     index = [i for g in groups for i in g.get("params", [])]
