@@ -113,7 +113,8 @@ class RunLock:
     """An exclusive, non-blocking lock on a folder (``FOLDER/.sidestep.lock``), held while a run writes there.
 
     It is an OS file lock (``flock`` / ``msvcrt.locking``), released by the OS when the holder exits — also after
-    ``kill -9`` — so a stale lock never blocks. The file records the holder's pid for the message."""
+    ``kill -9`` — so a stale lock file never blocks. The file records the holder's pid for the message and is
+    removed on release."""
 
     def __init__(self, folder: str | Path, what: str = "a training run"):
         self.folder = Path(folder)
@@ -123,21 +124,24 @@ class RunLock:
     def acquire(self) -> "RunLock":
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / LOCK_NAME
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            _lock_fd(fd)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):  # e.g. some network file systems
-                log.warning("%s: this file system cannot lock files; make sure no other run uses this folder",
-                            self.folder)
-                return self
-            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK, errno.EDEADLK):
-                raise
-            holder = _read_holder(path)
-            raise FolderBusyError(
-                f"{self.folder}: {self.what} is already using this folder{holder}; wait for it to finish or "
-                "choose another output folder") from None
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                _lock_fd(fd)
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):  # e.g. some network file systems
+                    log.warning("%s: this file system cannot lock files; make sure no other run uses this folder",
+                                self.folder)
+                    return self
+                if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK, errno.EDEADLK):
+                    raise
+                raise FolderBusyError(
+                    f"{self.folder}: {self.what} is already using this folder{_read_holder(path)}; wait for it to "
+                    "finish or choose another output folder") from None
+            if _same_file(fd, path):
+                break
+            os.close(fd)  # its holder released and removed it between our open and our lock: open anew
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
@@ -146,10 +150,10 @@ class RunLock:
     def release(self) -> None:
         if self._fd is not None:
             try:
-                os.ftruncate(self._fd, 0)
+                os.unlink(self.folder / LOCK_NAME)  # while still locked, so nobody locks a file about to vanish
             except OSError:
-                pass
-            os.close(self._fd)  # closing drops the lock
+                pass  # Windows cannot remove an open file; the next run reuses it
+            os.close(self._fd)
             self._fd = None
 
     def __enter__(self) -> "RunLock":
@@ -168,6 +172,14 @@ def _lock_fd(fd: int) -> None:
         msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
         return
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def _read_holder(path: Path) -> str:
