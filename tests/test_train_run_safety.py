@@ -80,6 +80,16 @@ def test_output_under_a_file_is_one_line_and_exit_2(tiny_original, two_clips, tm
     assert err.startswith(f"error: {tmp_path / 'a_file'}") and err.count("\n") == 1, err
 
 
+def test_a_folder_that_is_no_model_fails_early_and_leaves_no_output_folder(two_clips, tmp_path, capsys):
+    folder = tmp_path / "not_a_model"
+    folder.mkdir()
+    (folder / "readme.txt").write_text("hello")
+    out = tmp_path / "out"
+    assert run_cli(*_args(folder, two_clips, out, "--max-steps", "2")) == 2
+    assert "not an ACE-Step model" in capsys.readouterr().err
+    assert not out.exists()
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/sys is Linux's read-only file system")
 def test_export_into_a_read_only_folder_is_one_line_and_exit_2(tiny_original, two_clips, tmp_path, capsys):
     from sidestep_core.cli import main

@@ -608,11 +608,18 @@ class _Trainer:
         if not self.dist.main:
             return self._run()
         # Creating OUT and its lock is the first write: a read-only or missing place fails here, before any loading.
-        with RunLock(self.out, "another training run"):
-            for folder in (self.out, self.out / "checkpoints"):
-                for p in clean_stale_temps(folder):
-                    self.say(f"removed {p} (left by an interrupted save)")
-            return self._run()
+        created = not self.out.exists()
+        try:
+            with RunLock(self.out, "another training run"):
+                for folder in (self.out, self.out / "checkpoints"):
+                    for p in clean_stale_temps(folder):
+                        self.say(f"removed {p} (left by an interrupted save)")
+                return self._run()
+        except BaseException:
+            if created:  # a run that failed before writing anything leaves no empty folder behind
+                with contextlib.suppress(OSError):
+                    self.out.rmdir()
+            raise
 
     def _run(self) -> TrainResult:
         self.setup()
