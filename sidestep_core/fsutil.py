@@ -18,10 +18,10 @@ import uuid
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-# Temporary names this project creates: files ``.NAME.tmp-PID-RANDOM`` (atomic writes), folders ``.NAME.tmp-PID``
-# and ``.NAME.old-PID`` (atomic folder swaps, training/state.py), and ``.NAME.RANDOM.tmp`` from earlier versions.
 log = logging.getLogger("sidestep")
 
+# Temporary names this project creates: files ``.NAME.tmp-PID-RANDOM`` (atomic writes), folders ``.NAME.tmp-PID``
+# and ``.NAME.old-PID`` (atomic folder swaps, training/state.py), and ``.NAME.RANDOM.tmp`` from earlier versions.
 _TEMP_NAME = re.compile(r"^\..+\.(?:tmp|old)-(?P<pid>\d+)(?:-[0-9a-f]+)?$|^\..+\.[A-Za-z0-9_]+\.tmp$")
 
 
@@ -65,6 +65,8 @@ def atomic_save_file(tensors: Mapping[str, Any], dest: str | Path, metadata: Opt
 def pid_alive(pid: int) -> bool:
     if pid <= 0:
         return False
+    if os.name == "nt":  # os.kill(pid, 0) would send Ctrl-C there; assume alive (nothing of others is removed)
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

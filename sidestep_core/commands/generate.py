@@ -168,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
         trained_on = aw.metadata.get("sidestep_base_identity")  # the raw string: a hex id may look like a number
         if trained_on and trained_on != gen.info.identity:
             print(f"warning: {path} was trained on another model (identity {trained_on}; {args.checkpoint} is "
-                  f"{gen.info.identity}); it fits this model's shapes but will not sound as trained",
+                  f"{gen.info.identity}); it fits this model's shapes but may not sound as trained",
                   file=sys.stderr)
 
     if not args.compare:
