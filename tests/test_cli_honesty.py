@@ -22,7 +22,7 @@ HEAVY = ("torch", "numpy", "safetensors", "transformers", "peft", "diffusers", "
 def _python(code: str, *args: str, **kw) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=120, **kw)
+                          timeout=600, **kw)
 
 
 def _heavy_after(code: str) -> list[str]:
