@@ -1,87 +1,18 @@
-"""The loss curve as an image (Pillow only; ComfyUI IMAGE layout [1, H, W, 3], values 0..1)."""
+"""The loss curve as a ComfyUI IMAGE ([1, H, W, 3], values 0..1); the drawing is the core's (``OUT/loss.png``)."""
 
 from __future__ import annotations
 
-import csv
-import math
-from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
-BG = (24, 24, 28)
-GRID = (60, 60, 68)
-RAW = (120, 160, 220)
-SMOOTH = (255, 170, 60)
-TEXT = (220, 220, 220)
+from sidestep_core.training.chart import read_loss_csv, render_loss_image
 
-
-def read_loss_csv(path: Path) -> tuple[list[int], list[float], list[float]]:
-    """(steps, loss, smoothed loss) from the trainer's ``loss.csv``; empty lists when it is missing."""
-    steps, loss, smooth = [], [], []
-    if not path.is_file():
-        return steps, loss, smooth
-    with open(path, newline="") as fh:
-        for row in csv.DictReader(fh):
-            try:
-                s, l = int(row["step"]), float(row["loss"])
-            except (KeyError, TypeError, ValueError):
-                continue
-            steps.append(s)
-            loss.append(l)
-            try:
-                smooth.append(float(row.get("smoothed_loss") or l))
-            except ValueError:
-                smooth.append(l)
-    return steps, loss, smooth
+__all__ = ["read_loss_csv", "render_loss_curve"]
 
 
 def render_loss_curve(steps: Sequence[int], loss: Sequence[float], smoothed: Optional[Sequence[float]] = None,
                       title: str = "", width: int = 768, height: int = 384) -> torch.Tensor:
-    from PIL import Image, ImageDraw
-
-    img = Image.new("RGB", (width, height), BG)
-    draw = ImageDraw.Draw(img)
-    left, right, top, bottom = 60, 16, 28, 32
-    pw, ph = width - left - right, height - top - bottom
-    draw.text((left, 6), title or "loss", fill=TEXT)
-    finite = [(s, v) for s, v in zip(steps, loss) if math.isfinite(v)]
-    if not finite:
-        draw.text((left, top + ph // 2), "no steps yet", fill=TEXT)
-        return _to_tensor(img)
-    s0, s1 = min(s for s, _ in finite), max(s for s, _ in finite)
-    vals = [v for _, v in finite] + [v for v in (smoothed or []) if math.isfinite(v)]
-    lo, hi = min(vals), max(vals)
-    if hi - lo < 1e-12:
-        lo, hi = lo - 0.5, hi + 0.5
-    pad = (hi - lo) * 0.05
-    lo, hi = lo - pad, hi + pad
-
-    def xy(s: float, v: float) -> tuple[float, float]:
-        x = left + (0.5 if s1 == s0 else (s - s0) / (s1 - s0)) * pw
-        return x, top + (1 - (v - lo) / (hi - lo)) * ph
-
-    for i in range(5):
-        y = top + i * ph / 4
-        draw.line([(left, y), (left + pw, y)], fill=GRID)
-        draw.text((4, y - 6), f"{hi - i * (hi - lo) / 4:.4g}", fill=TEXT)
-    draw.text((left, top + ph + 8), f"step {s0}", fill=TEXT)
-    draw.text((left + pw - 70, top + ph + 8), f"step {s1}", fill=TEXT)
-    _polyline(draw, [xy(s, v) for s, v in finite], RAW, 1)
-    if smoothed:
-        pts = [xy(s, v) for s, v in zip(steps, smoothed) if math.isfinite(v)]
-        _polyline(draw, pts, SMOOTH, 2)
-    return _to_tensor(img)
-
-
-def _polyline(draw, pts, color, width) -> None:
-    if len(pts) == 1:
-        x, y = pts[0]
-        draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=color)
-    elif pts:
-        draw.line(pts, fill=color, width=width)
-
-
-def _to_tensor(img) -> torch.Tensor:
+    img = render_loss_image(steps, loss, smoothed, title, width, height)
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Optional, Sequence
 
 from . import __version__
+from .fsutil import os_error_message
 
 # Subcommand name -> module in sidestep_core.commands exposing register(subparsers) and run(args) -> int.
 COMMANDS = {
@@ -57,6 +59,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as exc:  # user-facing errors: bad files, bad settings
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `sidestep presets show x | head`: the reader left; nothing to report
+        _silence_stdout()
+        return 0
+    except OSError as exc:  # unreadable input, read-only or full output folder, …: the path and the reason
+        print(f"error: {os_error_message(exc)}", file=sys.stderr)
+        return 2
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not raise on the closed pipe again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ PRECISIONS = ("bf16", "fp16", "fp32")
 RUN_ONLY_FIELDS = frozenset(
     {"checkpoint", "dataset", "out", "resume", "device", "base_variant", "preview_prompts"}
 )
+# A run needs these; they may come from a --config file, so the parser cannot enforce them itself.
+REQUIRED_RUN_FIELDS = ("checkpoint", "dataset", "out")
 
 
 def _f(default: Any, help: str, *, choices: Optional[tuple] = None, group: str = "training", factory=None):
@@ -237,7 +239,11 @@ class TrainConfig:
             tp = _field_type(cls, f.name)
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             flag = "--" + f.name.replace("_", "-")
-            helptext = f"{f.metadata.get('help', '')} (default: {json.dumps(default)})"
+            helptext = f.metadata.get("help", "")
+            if f.name in REQUIRED_RUN_FIELDS:
+                helptext += " (required, here or in --config)"
+            elif "(default:" not in helptext and default not in ("", None):
+                helptext += f" (default: {json.dumps(default)})"
             kw: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=helptext)
             if tp is bool:
                 group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)

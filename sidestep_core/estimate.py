@@ -25,13 +25,13 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from . import __version__
 from .fsutil import atomic_write_json
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT = "sidestep-estimate"
 FORMAT_VERSION = 1
@@ -135,6 +135,8 @@ def timestep_range(focus: str) -> Optional[tuple[float, float]]:
 
 def candidate_modules(decoder: torch.nn.Module) -> dict[str, str]:
     """Adapter targets of the decoder -> their group, in module order."""
+    import torch
+
     out = {}
     for name, mod in decoder.named_modules():
         if not isinstance(mod, torch.nn.Linear) or not name.startswith("layers."):
@@ -148,11 +150,15 @@ def candidate_modules(decoder: torch.nn.Module) -> dict[str, str]:
 
 
 def _seed(*key: int) -> int:
+    import numpy as np
+
     return int(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in key]).generate_state(1)[0])
 
 
 def _plan_batches(frames: list[int], crop: int, settings: EstimateSettings, run: int) -> list[tuple[int, int, int]]:
     """(clip, start, length) for each batch of a run: a seeded shuffle of the clips, cycled, with random crops."""
+    import numpy as np
+
     rng = np.random.default_rng(_seed(settings.seed, 1, run))
     order: list[int] = []
     while len(order) < settings.batches:
@@ -167,6 +173,8 @@ def _plan_batches(frames: list[int], crop: int, settings: EstimateSettings, run:
 
 
 def _sample_t(n: int, settings: EstimateSettings, mu: float, sigma: float, g: torch.Generator) -> torch.Tensor:
+    import torch
+
     from .training.objective import sample_timesteps
 
     rng = timestep_range(settings.focus)
@@ -190,6 +198,9 @@ def estimate(
     (``batches=4, focus="texture", top_k=16, device="cuda"`` …); ``variant`` is accepted for ``base_variant``.
     ``should_stop()`` is polled before every batch; returning True raises ``KeyboardInterrupt``."""
     import dataclasses
+
+    import numpy as np
+    import torch
 
     if "variant" in overrides:
         base_variant = overrides.pop("variant") or base_variant
@@ -335,6 +346,8 @@ def _round4(x: float) -> int:
 
 
 def rank_pattern(rows: list[dict], chosen: list[str], s: EstimateSettings) -> dict[str, int]:
+    import numpy as np
+
     scores = {r["module"]: r["score"] for r in rows}
     positive = [scores[m] for m in chosen if scores[m] > 0]
     median = float(np.median(positive)) if positive else 0.0

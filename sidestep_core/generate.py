@@ -380,6 +380,7 @@ class Generator:
         from . import vae as vae_mod
         from .data.preprocess import PreprocessConfig, find_components
         from .model import load_acestep
+        from .model.loading import open_source
         from .text import encoder as te_mod
         from .text.prompts import PROMPT_STYLES
 
@@ -387,6 +388,7 @@ class Generator:
             raise ValueError(f"prompt style must be one of {', '.join(PROMPT_STYLES)}, not {prompt_style!r}")
         dev = resolve_device(device)
         dt = default_dtype(dev, dtype)
+        open_source(Path(checkpoint).expanduser())  # "not an ACE-Step model" before any search for its parts
         comps = find_components(checkpoint, PreprocessConfig(
             vae=str(vae) if vae else None, text_encoder=str(text_encoder) if text_encoder else None,
             tokenizer=str(tokenizer) if tokenizer else None))

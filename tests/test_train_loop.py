@@ -112,7 +112,7 @@ def test_resume_with_other_adapter_settings_fails_loudly(tiny_original, two_clip
     out = tmp_path / "o"
     train(fast_config(max_steps=2), tiny_original, two_clips, out)
     before = sorted(p.name for p in (out / "checkpoints").iterdir())
-    with pytest.raises(AdapterMismatchError, match="shape mismatch"):
+    with pytest.raises(AdapterMismatchError, match=r"trained with rank 4; these settings ask for rank 8\."):
         train(fast_config(max_steps=4, rank=8, resume="auto"), tiny_original, two_clips, out)
     with pytest.raises(AdapterMismatchError, match="loha adapter"):
         train(fast_config(max_steps=4, adapter="loha", resume="auto"), tiny_original, two_clips, out)
@@ -135,7 +135,8 @@ def test_outputs_progress_and_pruning(tiny_original, two_clips, tmp_path):
     kinds = [e["event"] for e in events]
     assert kinds.index("plan") < kinds.index("step") and kinds[-1] == "done"
     plan = next(e for e in events if e["event"] == "plan")
-    assert plan["total_steps"] == 5 and plan["seconds_per_step"] > 0 and plan["peak_memory_bytes"] > 0
+    assert plan["total_steps"] == 5 and plan["peak_memory_bytes"] > 0
+    assert plan.get("seconds_per_step", 0) > 0 or plan["estimate_note"].startswith("cannot tell")  # a busy machine
     step = [e for e in events if e["event"] == "step"][-1]
     assert {"step", "total", "loss", "smoothed_loss", "lr", "steps_per_s", "eta_s", "grad_norm"} <= step.keys()
     assert step["step"] == 5 and step["total"] == 5
@@ -190,7 +191,8 @@ def test_other_optimizers(tiny_original, two_clips, tmp_path, opt):
 
 
 def test_learning_rate_schedules():
-    f = lambda s, kind, total=100, warm=10: lr_factor(s, total, warm, kind, 0.01, 4)  # noqa: E731
+    f = lambda s, kind, total=100, warm=10: lr_factor(s, {"total": total, "warmup": warm, "anchor_step": warm,  # noqa: E731
+                                                          "anchor_progress": 0.0}, kind, 0.01, 4)
     assert [f(s, "cosine") for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
     assert f(10, "cosine") == pytest.approx(1.0) and f(99, "cosine") == pytest.approx(0.01, abs=2e-3)
     assert f(55, "linear") == pytest.approx(0.505)

@@ -1,6 +1,6 @@
-"""Progress rendering shared by the estimate / export / presets / demo commands: a tqdm bar on stderr, or plain
-lines with ``--plain``. Events are the core's ``progress(event)`` dicts; ``step`` events carry ``step`` and
-``total``, ``log`` events a ``message``."""
+"""Progress rendering shared by the commands: a tqdm bar on stderr, or plain lines with ``--plain`` or when stderr
+is not a terminal (a log file, a pipe, CI). Events are the core's ``progress(event)`` dicts; ``step`` events carry
+``step`` and ``total``, ``log`` events a ``message``."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def add_plain(parser) -> None:
 
 class Renderer:
     def __init__(self, plain: bool, label: str = "", unit: str = "batch", every: int = 10):
-        self.plain = plain
+        self.plain = plain or not _is_terminal(sys.stderr)
         self.label = label
         self.unit = unit
         self.every = every
@@ -44,6 +44,8 @@ class Renderer:
                 self.label = ev["stage"]
             if int(ev["total"]) > 0 and int(ev["done"]) > 0:
                 self({"event": "step", "step": int(ev["done"]), "total": int(ev["total"])})
+                if int(ev["done"]) >= int(ev["total"]):
+                    self.close()  # a finished stage's clock stops here, not when the next stage starts
             return
         kind = ev.get("event")
         if kind == "log":
@@ -60,9 +62,9 @@ class Renderer:
 
                 self.bar = tqdm(total=total, initial=step - 1, unit=self.unit, desc=self.label or None,
                                 dynamic_ncols=True, file=sys.stderr)
-            self.bar.update(step - self.bar.n)
-            if extra:
+            if extra:  # before update(), which redraws: the bar shows this step's values, not the last one's
                 self.bar.set_postfix_str(extra, refresh=False)
+            self.bar.update(step - self.bar.n)
         elif kind == "done":
             self.close()
 
@@ -76,6 +78,13 @@ class Renderer:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
 
 
 def _postfix(ev: dict) -> str:

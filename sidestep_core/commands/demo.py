@@ -15,8 +15,6 @@ import wave
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from ._progress import EXIT_CODES_HELP, EXIT_FAILED, EXIT_OK, Renderer, add_plain, is_plain, say
 
 SAMPLE_RATE = 48_000
@@ -54,6 +52,8 @@ def register(sub, name):
 
 def synth_clip(seconds: float, freq: float, seed: int) -> list[tuple[float, float]]:
     """A stereo clip: a few harmonics with a slow tremolo, a different detune per channel."""
+    import torch
+
     n = int(seconds * SAMPLE_RATE)
     g = torch.Generator().manual_seed(seed)
     phase = torch.rand(4, generator=g) * 2 * math.pi
@@ -102,6 +102,8 @@ class _Stage:
 def run_demo(workdir: Path, *, cache_dir: Optional[Path] = None, adapter: str = "lora", steps: int = 8,
              seed: int = 0, plain: bool = True) -> dict[str, Path]:
     """Run every stage; return where each output went."""
+    import torch
+
     from ..adapters import read_adapter_weights
     from ..adapters.comfy_export import export_comfyui
     from ..config import TrainConfig
@@ -192,6 +194,8 @@ def run_demo(workdir: Path, *, cache_dir: Optional[Path] = None, adapter: str = 
 
 
 def run(args) -> int:
+    import torch
+
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="sidestep-demo-"))
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
     out = run_demo(workdir, cache_dir=args.cache_dir, adapter=args.adapter, steps=args.steps, seed=args.seed,

@@ -7,12 +7,12 @@ import json
 from pathlib import Path
 from typing import Optional
 
-import torch
-
-from ..adapters.comfy_export import KEY_STYLES, default_export_path
 from ._progress import EXIT_CODES_HELP, EXIT_FAILED, EXIT_OK, add_plain, say
 
-DTYPES = {"keep": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Plain names here so that building the parser imports no torch (tests check they match the core's).
+KEY_STYLES = ("comfy", "peft", "lycoris")
+DTYPES = ("keep", "fp32", "bf16", "fp16")
+_TORCH_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 VERIFY_TOLERANCE = 1e-4
 
 
@@ -45,7 +45,7 @@ def register(sub, name):
     p.add_argument("--key-style", choices=KEY_STYLES, default="comfy",
                    help="comfy: diffusion_model.decoder.<path>; peft: base_model.model.<path>; "
                    "lycoris: lycoris_<path>; all three load in ComfyUI >= 0.16 (default: %(default)s)")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="keep",
+    p.add_argument("--dtype", choices=DTYPES, default="keep",
                    help="dtype of the adapter tensors in the file; alpha and DoRA scales stay fp32 (default: %(default)s)")
     p.add_argument("--no-overwrite", dest="overwrite", action="store_false", help="refuse to replace a file")
     p.add_argument("--no-verify", dest="verify", action="store_false",
@@ -71,8 +71,10 @@ def find_run_checkpoint(adapter: Path) -> Optional[Path]:
 
 
 def run(args) -> int:
+    import torch
+
     from ..adapters import export_comfyui, read_adapter_weights
-    from ..adapters.comfy_export import needs_base
+    from ..adapters.comfy_export import default_export_path, needs_base
     from ..adapters.upstream import default_peft_path, export_peft
     from ..adapters.formats import read_adapter_weights as read_back
     from ..adapters.apply import merged_state
@@ -121,7 +123,8 @@ def run(args) -> int:
         written = f"wrote {path}/ ({size / 2**20:.1f} MiB, PEFT folder for ACE-Step's own loader)"
     else:
         path, notes = export_comfyui(aw, out, base=base, base_identity=identity or "", base_variant=variant or "",
-                                     key_style=args.key_style, dtype=DTYPES[args.dtype])
+                                     key_style=args.key_style, dtype=None if args.dtype == "keep" else
+                                     getattr(torch, _TORCH_DTYPE[args.dtype]))
         written = f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, key style {args.key_style})"
     for note in notes:
         say(f"note: {note}")

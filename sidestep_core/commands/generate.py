@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from ..text.prompts import PROMPT_STYLES
-from ._progress import add_plain
+from ._progress import EXIT_CODES_HELP, add_plain
 
 
 def register(subparsers, name: str = "generate") -> argparse.ArgumentParser:
@@ -29,12 +29,19 @@ def register(subparsers, name: str = "generate") -> argparse.ArgumentParser:
             "does, sampled with the variant's sampler (turbo: 8 fixed steps; base/sft: CFG with APG) and decoded "
             "to 48 kHz stereo FLAC. --compare renders the same prompt at several adapter strengths and with each "
             "saved checkpoint."),
+        epilog=EXIT_CODES_HELP,
     )
     p.add_argument("--checkpoint", required=True,
                    help="ACE-Step 1.5 model: original folder, ComfyUI diffusion model file or all-in-one checkpoint")
-    p.add_argument("--adapter", help="adapter folder/file (PEFT, LyCORIS or ComfyUI format); with --compare also "
-                   "a training run folder (OUT of sidestep train)")
-    p.add_argument("--strength", type=float, default=1.0, help="adapter strength (default: 1.0)")
+    if comparing:
+        p.add_argument("--adapter",
+                       help="a training run folder (OUT of sidestep train: its final adapter and every checkpoint "
+                       "are compared) or one adapter folder/file (PEFT, LyCORIS or ComfyUI format)")
+        p.add_argument("--strength", type=float, default=1.0, help="strength of the --checkpoints (default: 1.0)")
+    else:
+        p.add_argument("--adapter", help="adapter folder/file (PEFT, LyCORIS or ComfyUI format); with --compare "
+                       "also a training run folder (OUT of sidestep train)")
+        p.add_argument("--strength", type=float, default=1.0, help="adapter strength (default: 1.0)")
     g = p.add_argument_group("prompt")
     g.add_argument("--caption", required=True, help="caption / tags describing the music")
     g.add_argument("--lyrics", default="", help="lyrics (empty: instrumental)")
@@ -59,12 +66,14 @@ def register(subparsers, name: str = "generate") -> argparse.ArgumentParser:
                    "ACE-Step does (generator on the device) (default: comfyui)")
     c = p.add_argument_group("comparison")
     c.add_argument("--compare", action="store_true", default=comparing,
-                   help="render base, each --strengths value and each checkpoint; --out is then a folder")
+                   help=argparse.SUPPRESS if comparing else
+                   "render base, each --strengths value and each checkpoint; --out is then a folder")
     c.add_argument("--strengths", type=float, nargs="+", default=[0.0, 0.5, 1.0],
                    help="strengths to compare (0 = base model) (default: 0 0.5 1)")
     c.add_argument("--checkpoints", nargs="*", default=[],
                    help="more adapters to compare at --strength (folders or files)")
-    p.add_argument("--out", required=True, help="output .flac file (a folder with --compare)")
+    p.add_argument("--out", required=True, help="output folder for the clips and the table" if comparing else
+                   "output .flac file (a folder with --compare)")
     p.add_argument("--vae", help="VAE to use instead of the one found beside the checkpoint")
     p.add_argument("--text-encoder", help="Qwen3-Embedding-0.6B folder or qwen_0.6b_ace15.safetensors")
     p.add_argument("--tokenizer", help="tokenizer folder (needed for ComfyUI files outside a ComfyUI installation)")
@@ -118,6 +127,25 @@ def _progress(plain: bool):
     return cb
 
 
+def _read_adapters(args) -> list:
+    """(path, AdapterWeights) of every adapter the command will apply (a training run: each of its adapters)."""
+    from ..adapters import read_adapter_weights
+    from ..generate import is_training_run, run_checkpoints
+
+    paths = []
+    if args.adapter:
+        if args.compare and is_training_run(args.adapter):
+            found = run_checkpoints(args.adapter)
+            if not found:
+                raise ValueError(f"{args.adapter}: training run without checkpoints or final adapter")
+            paths += [p for _, p in found]
+        else:
+            paths.append(Path(args.adapter).expanduser())
+    if args.compare:
+        paths += [Path(c).expanduser() for c in args.checkpoints]
+    return [(p, read_adapter_weights(p)) for p in paths]
+
+
 def run(args: argparse.Namespace) -> int:
     from ..generate import Generator, compare, write_flac
 
@@ -128,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{out}: with --compare, --out is a folder")
     if not args.compare and out.suffix.lower() != ".flac":
         raise ValueError(f"{out}: the output must be a .flac file")
+    adapters = _read_adapters(args)  # a file that is no adapter is refused before the model loads
     t0 = time.perf_counter()
     gen = Generator.load(args.checkpoint, vae=args.vae, text_encoder=args.text_encoder, tokenizer=args.tokenizer,
                          variant=args.variant, device=args.device, dtype=args.dtype,
@@ -135,6 +164,12 @@ def run(args: argparse.Namespace) -> int:
     resolved = gen.settings(settings)
     print(f"model: {gen.info.variant} ({resolved.describe(gen.turbo)}) on {gen.device}, loaded in "
           f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    for path, aw in adapters:
+        trained_on = aw.metadata.get("sidestep_base_identity")  # the raw string: a hex id may look like a number
+        if trained_on and trained_on != gen.info.identity:
+            print(f"warning: {path} was trained on another model (identity {trained_on}; {args.checkpoint} is "
+                  f"{gen.info.identity}); it fits this model's shapes but may not sound as trained",
+                  file=sys.stderr)
 
     if not args.compare:
         if args.adapter:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from ..tiny import LAYOUTS, PROFILES, make_tiny_checkpoint
-from ..tiny.writer import describe
+from ..tiny import LAYOUTS, PROFILES
 
 
 def register(sub, name):
@@ -22,6 +21,8 @@ def register(sub, name):
 
 
 def run(args) -> int:
+    from ..tiny.writer import describe, make_tiny_checkpoint
+
     ckpt = make_tiny_checkpoint(args.dir, args.layout, args.profile, args.seed)
     print(describe(ckpt))
     return 0

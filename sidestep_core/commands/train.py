@@ -12,8 +12,8 @@ import dataclasses
 import signal
 import sys
 
-from ..config import TrainConfig
-from ._progress import Renderer, add_plain
+from ..config import REQUIRED_RUN_FIELDS, TrainConfig
+from ._progress import EXIT_CODES_HELP, Renderer, add_plain
 
 
 def register(subparsers, name: str = "train") -> argparse.ArgumentParser:
@@ -22,7 +22,9 @@ def register(subparsers, name: str = "train") -> argparse.ArgumentParser:
         help="train an adapter (LoRA, DoRA, LoKR, LoHA, OFT) on a preprocessed dataset",
         description="Train an ACE-Step 1.5 adapter. Writes OUT/final/ (inference-ready adapter), "
         "OUT/checkpoints/step_N/ (adapter + training state), OUT/runs/ (TensorBoard), OUT/loss.csv and "
-        "OUT/training_config.json. --resume auto continues an interrupted run exactly.",
+        "OUT/training_config.json and OUT/loss.png. --resume auto continues an interrupted run exactly; see the "
+        "README for what changed settings do on resume. One training at a time per OUT (the folder is locked).",
+        epilog=EXIT_CODES_HELP,
     )
     src = p.add_argument_group("where settings come from (later ones win; options given here win over all)")
     src.add_argument("--preset", metavar="NAME", help="start from a preset (see `sidestep presets list`)")
@@ -41,9 +43,9 @@ class _Renderer(Renderer):
     def __call__(self, ev: dict) -> None:
         kind = ev.get("event")
         if kind == "step":
-            eta = ev.get("eta_s")
+            eta = ev.get("eta_s") if self.plain else None  # the bar shows its own ETA: one is enough
             ev = {**ev, "extra": f"loss {ev['loss']:.4f} (avg {ev['smoothed_loss']:.4f}) lr {ev['lr']:.2e}"
-                                 + (f" eta {eta:.0f}s" if eta is not None else "")}
+                                 + (f" eta {_eta(eta)}" if eta is not None else "")}
         elif kind == "validation":
             self.write(f"step {ev['step']}: validation loss {ev['val_loss']:.5f}")
         elif kind == "checkpoint":
@@ -51,6 +53,12 @@ class _Renderer(Renderer):
         elif kind == "preview":
             self.write(f"step {ev['step']}: {len(ev['paths'])} preview(s) rendered in {ev['seconds']:.1f} s")
         super().__call__(ev)
+
+
+def _eta(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 def build_config(args: argparse.Namespace) -> TrainConfig:
@@ -72,9 +80,9 @@ def run(args: argparse.Namespace) -> int:
     from ..training import NonFiniteLossError, train
 
     cfg = build_config(args)
-    for name in ("checkpoint", "dataset", "out"):
+    for name in REQUIRED_RUN_FIELDS:
         if not getattr(cfg, name):
-            raise ValueError(f"--{name}: required")
+            raise ValueError(f"--{name} is required (give it here or in the --config file)")
     renderer = _Renderer(bool(getattr(args, "plain", False)), unit="step")
 
     stop_requested = {"flag": False}

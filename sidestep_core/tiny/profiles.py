@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..model.config import AceStepConfig
+from . import PROFILES
 
-PROFILES = ("tiny", "tiny-xl", "comfyui-min")
 
 
 @dataclass(frozen=True)

@@ -31,10 +31,10 @@ from .components import (
     write_tokenizer_folder,
     write_vae_folder,
 )
+from . import LAYOUTS
 from .profiles import Profile, get_profile
 from .weights import bf16_exact, seeded_state_dict
 
-LAYOUTS = ("original", "comfyui-split", "comfyui-aio")
 DIT_FOLDER = "acestep-v15-turbo"
 XL_DIT_FOLDER = "acestep-v15-xl-turbo"
 TEXT_FOLDER = "Qwen3-Embedding-0.6B"

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import resource
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -28,14 +29,14 @@ import torch
 
 from .. import __version__
 from ..config import TrainConfig
-from ..fsutil import atomic_write_json
+from ..fsutil import RunLock, atomic_write_json, clean_stale_temps
 from . import state as st
 from .adapters import Adapter, AdapterMismatchError, inject_adapter, load_adapter_weights, metadata_json
 from .data import FRAMES_PER_SECOND, LatentDataset, load_batch, open_dataset, plan_epoch, split_validation, \
     validation_items
 from .logs import CsvLog, LossSmoother, Speed, TensorBoard
 from .objective import Objective
-from .optim import build_optimizer, build_scheduler, effective_warmup
+from .optim import build_optimizer, build_scheduler, continue_at, extend_schedule, new_schedule
 
 log = logging.getLogger("sidestep.train")
 
@@ -231,7 +232,7 @@ class _Trainer:
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.gradient_accumulation)
         self.total = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * self.steps_per_epoch
         self.optimizer = build_optimizer(self.params, cfg)
-        self.scheduler = build_scheduler(self.optimizer, cfg, self.total)
+        self.schedule = new_schedule(cfg, self.total)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         mu = cfg.timestep_mu if cfg.timestep_mu is not None else self.info.timestep_mu
         sigma = cfg.timestep_sigma if cfg.timestep_sigma is not None else self.info.timestep_sigma
@@ -278,36 +279,69 @@ class _Trainer:
 
     # ----- resume -----
     def _resume(self) -> None:
+        """Continue from a checkpoint (the newest usable one with ``auto``, falling back past damaged ones); build
+        the learning-rate schedule either way."""
         cfg = self.cfg
-        if cfg.resume == "none":
-            return
+        state = folder = None
         if cfg.resume == "auto":
-            folder = st.latest_valid_checkpoint(self.out)
+            found = st.list_checkpoints(self.out)
+            for _, candidate in reversed(found):
+                try:
+                    state = self._read_state(candidate)
+                except st.CheckpointStateError as exc:
+                    self.say(f"skipping {candidate}: {_after_path(exc, candidate)}", logging.WARNING)
+                    continue
+                folder = candidate
+                break
+            if folder is None and found:
+                raise st.CheckpointStateError(
+                    f"{self.out / 'checkpoints'}: no checkpoint there can be resumed from (see above); move them "
+                    "away or choose another --out")
             if folder is None:
-                bad = st.list_checkpoints(self.out)
-                if bad:
-                    raise ValueError(f"{self.out / 'checkpoints'}: holds only incomplete checkpoints; move them away "
-                                     "or choose another --out")
                 self.say("resume auto: no checkpoint yet, starting from scratch")
-                return
-        else:
+        elif cfg.resume != "none":
             folder = Path(cfg.resume).expanduser()
             if not (folder / st.STATE_JSON).exists() and (folder / "checkpoints").is_dir():
                 folder = st.latest_valid_checkpoint(folder) or folder
+            state = self._read_state(folder)
+        if state is None:
+            self.scheduler = build_scheduler(self.optimizer, cfg, self.schedule)
+            return
+        self._apply_state(folder, state)
+
+    def _read_state(self, folder: Path) -> dict[str, Any]:
+        """A checkpoint's training state, checked completely before anything of it is used."""
         state = st.read_checkpoint(folder)
+        if not isinstance(state, dict) or not isinstance(state.get("adapter"), dict):
+            raise st.CheckpointStateError(f"{folder}: damaged training state: no adapter description")
         a = state["adapter"]
-        if a["kind"] != cfg.adapter or list(a["targets"]) != list(self.adapter.targets):
+        if a.get("kind") != self.cfg.adapter or list(a.get("targets", [])) != list(self.adapter.targets):
             raise AdapterMismatchError(
-                f"{folder}: checkpoint holds a {a['kind']} adapter on {len(a['targets'])} modules; these settings "
-                f"train a {cfg.adapter} adapter on {len(self.adapter.targets)} modules"
+                f"{folder}: checkpoint holds a {a.get('kind')} adapter on {len(a.get('targets', []))} modules; these "
+                f"settings train a {self.cfg.adapter} adapter on {len(self.adapter.targets)} modules"
             )
+        saved, now = a.get("options") or {}, self.adapter.options
+        differ = [k for k in saved if k in now and saved[k] != now[k]]
+        if differ:
+            raise AdapterMismatchError(
+                f"{folder}: the checkpoint's {a['kind']} adapter was trained with "
+                f"{_options_text(saved, differ)}; these settings ask for {_options_text(now, differ)}. Resume with "
+                "the checkpoint's adapter settings, or train into another --out")
+        if state.get("optimizer_name") != self.cfg.optimizer:
+            raise AdapterMismatchError(
+                f"{folder}: was trained with optimizer {state.get('optimizer_name')}; resume with the same optimizer"
+            )
+        st.check_state(state, folder, self.params)
+        if state["step"] > self.total:  # a settings problem, not a damaged checkpoint: no fallback
+            raise ValueError(
+                f"{folder}: is at step {state['step']}, beyond this run's {self.total} steps; nothing would be "
+                "trained (raise --max-steps / --epochs, or choose another checkpoint)")
+        return state
+
+    def _apply_state(self, folder: Path, state: dict[str, Any]) -> None:
+        cfg = self.cfg
         load_adapter_weights(self.adapter, folder)
-        if state["optimizer_name"] != cfg.optimizer:
-            raise st.CheckpointStateError(
-                f"{folder}: was trained with optimizer {state['optimizer_name']}; resume with the same optimizer"
-            )
         st.load_optimizer_state(self.optimizer, state["optimizer"], str(folder))
-        self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.batch_pos = state["step"], state["epoch"], state["batch_pos"]
@@ -319,14 +353,36 @@ class _Trainer:
             self.say(f"checkpoint was written by {len(rngs)} process(es), now {self.dist.world}: the data order and "
                      "noise continue, but the run will not repeat an uninterrupted one exactly", logging.WARNING)
         st.set_rng_state(rngs[self.dist.rank % len(rngs)])
+
         old = state.get("config", {})
-        changed = [k for k in ("seed", "batch_size", "gradient_accumulation", "crop_seconds", "timestep_mode",
-                               "cfg_ratio", "learning_rate", "scheduler", "max_steps", "epochs")
-                   if k in old and old[k] != getattr(cfg, k)]
-        if changed:
-            self.say(f"resuming with changed settings: {', '.join(changed)}", logging.WARNING)
+        saved = state.get("schedule") or _schedule_of_old_checkpoint(cfg, old, int(state.get("total_steps", 0)))
+        notes = []
+        if saved["total"] == self.total:
+            self.schedule = saved
+        else:
+            self.schedule = extend_schedule(saved, self.step, self.total)
+            notes.append(f"run length {saved['total']} -> {self.total} steps: the rest of the learning-rate schedule "
+                         f"is spread over steps {self.step}-{self.total}, continuing from where it is (no jump)")
+        self.scheduler = build_scheduler(self.optimizer, cfg, self.schedule)
+        continue_at(self.scheduler, self.optimizer, cfg, self.step)
+        for key, what in (("learning_rate", "learning rate"), ("scheduler", "schedule"),
+                          ("min_lr_ratio", "min_lr_ratio"), ("scheduler_cycles", "scheduler_cycles"),
+                          ("weight_decay", "weight decay"), ("max_grad_norm", "max_grad_norm")):
+            if key in old and old[key] != getattr(cfg, key):
+                notes.append(f"{what} {old[key]} -> {getattr(cfg, key)} from step {self.step}")
+        if "warmup_steps" in old and old["warmup_steps"] != cfg.warmup_steps:
+            notes.append(f"warmup_steps {cfg.warmup_steps} is not applied: a started run keeps its warmup "
+                         f"({self.schedule['warmup']} steps)")
+        data = [k for k in ("seed", "batch_size", "gradient_accumulation", "crop_seconds", "timestep_mode",
+                            "cfg_ratio") if k in old and old[k] != getattr(cfg, k)]
+        if data:
+            notes.append(f"{', '.join(data)} changed: applied from step {self.step}, so the run will not repeat an "
+                         "uninterrupted one")
+        for note in notes:
+            self.say(f"resuming with changed settings: {note}", logging.WARNING)
         self.last_checkpoint = folder
-        self.say(f"resumed from {folder} at step {self.step} (epoch {self.epoch})")
+        self.say(f"resumed from {folder} at step {self.step} (epoch {self.epoch}), learning rate "
+                 f"{self.scheduler.get_last_lr()[0]:.3g}")
 
     # ----- plan -----
     def _plan(self) -> dict[str, Any]:
@@ -338,7 +394,7 @@ class _Trainer:
             "processes": self.dist.world, "clips": len(self.train_ds), "val_clips": len(self.val_ds or []),
             "batch_size": cfg.batch_size, "gradient_accumulation": cfg.gradient_accumulation,
             "crop_frames": self.crop, "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total,
-            "start_step": self.step, "warmup_steps": effective_warmup(cfg, self.total),
+            "start_step": self.step, "warmup_steps": self.schedule["warmup"],
             "timestep_mode": cfg.timestep_mode, "timestep_mu": self.objective.mu,
             "timestep_sigma": self.objective.sigma, "cfg_ratio": cfg.cfg_ratio,
         }
@@ -347,10 +403,15 @@ class _Trainer:
         return plan
 
     def _measure(self, n: int, n_params: int) -> dict[str, Any]:
-        """Time forward+backward on the epoch's longest micro-batch without changing any training state."""
+        """Estimate time and memory without changing any training state: one untimed pass on the epoch's largest
+        micro-batch (warm-up, and the memory peak), then ``n`` timed passes (loading included) on a median-sized
+        one. Time is scaled by padded frames to the epoch's mean micro-batch and multiplied by the micro-batches a
+        step really has (an epoch shorter than the accumulation ends steps early). With fewer than two timings, or
+        timings that disagree, the plan says it cannot tell instead of guessing."""
         batches = self._epoch_plan(self.epoch)
-        items = max(batches, key=lambda b: (max(it.length for it in b), len(b)))
-        batch = load_batch(self.train_ds, items).to(self.device)
+        size = [len(b) * max(it.length for it in b) for b in batches]  # padded frames in each micro-batch
+        largest = max(range(len(batches)), key=lambda i: size[i])
+        median = sorted(range(len(batches)), key=lambda i: size[i])[len(batches) // 2]
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize(self.device)
@@ -358,19 +419,27 @@ class _Trainer:
         times = []
         devices = [self.device.index or 0] if cuda else []
         with torch.random.fork_rng(devices=devices):
-            for i in range(n):
+            for i in range(n + 1):
                 t0 = time.perf_counter()
+                batch = load_batch(self.train_ds, batches[largest if i == 0 else median]).to(self.device)
                 gen = torch.Generator().manual_seed(_seed_for(self.cfg.seed, 77, i))
                 with self.dist.no_sync(self.model):
                     loss, _ = self.objective(self.model, batch, gen)
                     self.scaler.scale(loss).backward()
                 if cuda:
                     torch.cuda.synchronize(self.device)
-                times.append(time.perf_counter() - t0)
+                if i:
+                    times.append(time.perf_counter() - t0)
         self.optimizer.zero_grad(set_to_none=True)
-        per_micro = min(times[1:]) if len(times) > 1 else times[0]
-        per_step = per_micro * self.cfg.gradient_accumulation
-        out = {"seconds_per_step": per_step, "estimated_seconds": per_step * (self.total - self.step)}
+        out: dict[str, Any] = {}
+        if len(times) < 2 or max(times) > 1.5 * min(times):
+            out["estimate_note"] = (f"cannot tell the time per step yet (timings {', '.join(f'{t:.3g}' for t in times)}"
+                                    " s per micro-batch)" if len(times) > 1 else
+                                    "cannot tell the time per step from one timing (--estimate-steps 2 or more)")
+        else:
+            per_micro = statistics.median(times) * statistics.fmean(size) / size[median]
+            per_step = per_micro * len(batches) / self.steps_per_epoch
+            out.update(seconds_per_step=per_step, estimated_seconds=per_step * (self.total - self.step))
         if cuda:
             opt_bytes = OPTIMIZER_BYTES.get(self.cfg.optimizer, 8) * n_params
             out["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(self.device) + opt_bytes)
@@ -467,7 +536,7 @@ class _Trainer:
                             "options": self.adapter.options},
                 "optimizer_name": self.cfg.optimizer,
                 "optimizer": st.optimizer_state(self.optimizer),
-                "scheduler": self.scheduler.state_dict(),
+                "schedule": self.schedule,
                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
                 "smoother": self.smoother.state(),
                 "best_val": self.best_val, "val_loss": self.last_val,
@@ -480,6 +549,7 @@ class _Trainer:
                                          state)
             st.prune_checkpoints(self.out, self.cfg.keep_checkpoints, protect=folder)
             self.last_checkpoint = folder
+            self._write_loss_png()
             self.emit("checkpoint", step=self.step, path=str(folder))
         self.dist.barrier()
         return folder
@@ -489,8 +559,17 @@ class _Trainer:
         if self.dist.main:
             meta = self._metadata(status)
             final = st.write_dir_atomically(self.out / "final", lambda d: self.adapter.save(d, meta))
+            self._write_loss_png()
         self.dist.barrier()
         return final
+
+    def _write_loss_png(self) -> None:
+        from .chart import write_loss_png
+
+        try:
+            write_loss_png(self.out, title=f"{self.out.name}: loss (thin) and smoothed loss, step {self.step}")
+        except ImportError as exc:  # Pillow missing: the chart is not worth a run
+            log.warning("loss.png not written: %s", exc)
 
     def _write_run_files(self, plan: dict[str, Any]) -> None:
         if not self.dist.main:
@@ -525,6 +604,24 @@ class _Trainer:
         )
 
     def run(self) -> TrainResult:
+        """Lock OUT (rank 0), clear what interrupted saves left there, then train."""
+        if not self.dist.main:
+            return self._run()
+        # Creating OUT and its lock is the first write: a read-only or missing place fails here, before any loading.
+        created = not self.out.exists()
+        try:
+            with RunLock(self.out, "another training run"):
+                for folder in (self.out, self.out / "checkpoints"):
+                    for p in clean_stale_temps(folder):
+                        self.say(f"removed {p} (left by an interrupted save)")
+                return self._run()
+        except BaseException:
+            if created:  # a run that failed before writing anything leaves no empty folder behind
+                with contextlib.suppress(OSError):
+                    self.out.rmdir()
+            raise
+
+    def _run(self) -> TrainResult:
         self.setup()
         cfg = self.cfg
         plan = self._plan()
@@ -619,11 +716,28 @@ class _Trainer:
         result.status = "stopped" if stop and self.step < self.total else "complete"
         result.final_dir = self._save_final(result.status)
         result.step, result.checkpoint, result.val_loss = self.step, self.last_checkpoint, self.last_val
-        self.say(f"{result.status} at step {self.step}/{self.total}; adapter in {result.final_dir}")
+        if self.dist.main:  # the caller reports the end (the CLI prints one line), so only the log gets this
+            log.info("%s at step %d/%d; adapter in %s", result.status, self.step, self.total, result.final_dir)
         self.emit("done", status=result.status, step=self.step, total=self.total,
                   final=str(result.final_dir) if result.final_dir else None,
                   checkpoint=str(result.checkpoint) if result.checkpoint else None)
         return result
+
+
+def _after_path(exc: Exception, path: Path) -> str:
+    """An error message without its leading ``PATH: `` (for lines that name the path already)."""
+    text = str(exc)
+    return text[len(str(path)) + 2:] if text.startswith(f"{path}: ") else text
+
+
+def _options_text(options: dict[str, Any], keys: list[str]) -> str:
+    return ", ".join(f"{k.replace('_', ' ')} {options[k]}" for k in keys)
+
+
+def _schedule_of_old_checkpoint(cfg: TrainConfig, old: dict[str, Any], total: int) -> dict[str, Any]:
+    """Checkpoints written before schedules were saved: rebuild it from the settings they recorded."""
+    return new_schedule(cfg.replace(**{k: old[k] for k in ("warmup_steps", "scheduler") if k in old}),
+                        total or 1)
 
 
 def _plan_text(plan: dict[str, Any]) -> str:
@@ -636,11 +750,11 @@ def _plan_text(plan: dict[str, Any]) -> str:
         f"      timesteps {plan['timestep_mode']} (mu {plan['timestep_mu']:.3g}, sigma {plan['timestep_sigma']:.3g}),"
         f" CFG dropout {plan['cfg_ratio']}",
     ]
-    if "seconds_per_step" in plan:
-        lines.append(
-            f"      estimate: {plan['seconds_per_step']:.3g} s/step, about {_duration(plan['estimated_seconds'])} "
-            f"to go; peak memory about {plan['peak_memory_bytes'] / 2**30:.2f} GiB ({plan['memory_kind']})"
-        )
+    if "peak_memory_bytes" in plan:
+        time_text = (f"{plan['seconds_per_step']:.3g} s/step, about {_duration(plan['estimated_seconds'])} to go"
+                     if "seconds_per_step" in plan else plan["estimate_note"])
+        lines.append(f"      estimate: {time_text}; peak memory about {plan['peak_memory_bytes'] / 2**30:.2f} GiB "
+                     f"({plan['memory_kind']})")
     return "\n".join(lines)
 
 

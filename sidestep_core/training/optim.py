@@ -1,13 +1,14 @@
 """Optimizers (AdamW, AdamW8bit, Adafactor, Prodigy) and learning-rate schedules.
 
-Every schedule is one ``LambdaLR`` whose factor is a pure function of the step, so its saved state is two numbers
-and a resumed run follows exactly the same curve.
+Every schedule is one ``LambdaLR`` whose factor is a pure function of the step and a small ``schedule`` dict (run
+length, warmup, and the (step, progress) the decay runs from), saved with each checkpoint, so a resumed run follows
+exactly the same curve — and a run whose length changes on resume continues its curve without a jump.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
@@ -52,14 +53,38 @@ def effective_warmup(cfg: TrainConfig, total_steps: int) -> int:
     return min(cfg.warmup_steps, max(1, total_steps // 10))
 
 
-def lr_factor(step: int, total: int, warmup: int, kind: str, min_ratio: float, cycles: int) -> float:
+def new_schedule(cfg: TrainConfig, total_steps: int) -> dict[str, Any]:
+    """The schedule of a fresh run: its length, its warmup, and the anchor (step, progress) the decay runs from."""
+    warmup = effective_warmup(cfg, total_steps)
+    return {"total": total_steps, "warmup": warmup, "anchor_step": warmup, "anchor_progress": 0.0}
+
+
+def schedule_progress(schedule: dict[str, Any], step: int) -> float:
+    """How far along its decay the schedule is at ``step`` (0 at the end of warmup, 1 at the end of the run)."""
+    a, p0 = schedule["anchor_step"], schedule["anchor_progress"]
+    span = max(schedule["total"] - a, 1)
+    return min(max(p0 + (1.0 - p0) * (step - a) / span, 0.0), 1.0)
+
+
+def extend_schedule(schedule: dict[str, Any], step: int, total_steps: int) -> dict[str, Any]:
+    """The schedule of a resumed run whose length changed: the warmup stays, and from ``step`` on the rest of the
+    decay is spread over the new remaining steps, so the learning rate continues from where it is, without a jump,
+    and reaches its final value at the new end. (A finished run that is extended keeps its final rate.)"""
+    warmup = schedule["warmup"]
+    if step < warmup:
+        return {**schedule, "total": total_steps}
+    return {"total": total_steps, "warmup": warmup, "anchor_step": step,
+            "anchor_progress": schedule_progress(schedule, step)}
+
+
+def lr_factor(step: int, schedule: dict[str, Any], kind: str, min_ratio: float, cycles: int) -> float:
     """LR multiplier used for optimizer step ``step`` (0-based)."""
+    warmup = schedule["warmup"]
     if step < warmup:
         return (step + 1) / warmup
     if kind in ("constant", "constant_with_warmup"):
         return 1.0
-    span = max(total - warmup, 1)
-    progress = min(max((step - warmup) / span, 0.0), 1.0)
+    progress = schedule_progress(schedule, step)
     if kind == "linear":
         return 1.0 - (1.0 - min_ratio) * progress
     if kind == "cosine":
@@ -70,11 +95,25 @@ def lr_factor(step: int, total: int, warmup: int, kind: str, min_ratio: float, c
     raise ValueError(f"scheduler: unknown schedule {kind!r}")
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> LambdaLR:
-    warmup = effective_warmup(cfg, total_steps)
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, schedule: dict[str, Any]) -> LambdaLR:
     kind, min_ratio, cycles = cfg.scheduler, cfg.min_lr_ratio, cfg.scheduler_cycles
 
     def factor(step: int) -> float:
-        return lr_factor(step, total_steps, warmup, kind, min_ratio, cycles)
+        return lr_factor(step, schedule, kind, min_ratio, cycles)
 
     return LambdaLR(optimizer, factor)
+
+
+def continue_at(scheduler: LambdaLR, optimizer: torch.optim.Optimizer, cfg: TrainConfig, step: int) -> None:
+    """After loading a checkpoint's optimizer state: put the schedule at ``step`` with the configured learning rate
+    and weight decay (the saved optimizer state carries the old ones), exactly as an uninterrupted run would be."""
+    for group in optimizer.param_groups:
+        group["initial_lr"] = cfg.learning_rate
+        if "weight_decay" in group:
+            group["weight_decay"] = cfg.weight_decay
+    scheduler.base_lrs = [cfg.learning_rate] * len(optimizer.param_groups)
+    scheduler.last_epoch = step
+    lrs = [base * lam(step) for base, lam in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs

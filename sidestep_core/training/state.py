@@ -197,6 +197,77 @@ def read_checkpoint(folder: Path) -> dict[str, Any]:
         raise CheckpointStateError(f"{tpath}: tensor {exc} referenced by {jpath.name} is missing") from exc
 
 
+# Optimizer state tensors shaped like their parameter (AdamW, Prodigy, momentum; Prodigy's p0 and s may be sliced).
+_PER_ELEMENT = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")
+
+
+def check_state(state: Any, folder: Path, params: list[torch.nn.Parameter]) -> None:
+    """Refuse a decoded training state that cannot be resumed from — tampered or damaged — before anything of it is
+    applied: the step must be the folder's own (``step_N``), counters non-negative integers, the RNG states
+    loadable and every optimizer moment shaped like its parameter and finite."""
+    folder = Path(folder)
+
+    def bad(what: str) -> CheckpointStateError:
+        return CheckpointStateError(f"{folder}: damaged training state: {what}")
+
+    if not isinstance(state, dict):
+        raise bad("not a mapping")
+    for key in ("step", "epoch", "batch_pos"):
+        v = state.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise bad(f"{key} is {v!r}, not a non-negative integer")
+    m = _STEP_DIR.match(folder.name)
+    if m and int(m.group(1)) != state["step"]:
+        raise bad(f"step {state['step']} in a folder named {folder.name}")
+    try:
+        saved = state["optimizer"]["state"]
+        groups = state["optimizer"]["param_groups"]
+        rngs = list(state["rng"])
+        smoother = dict(state["smoother"])
+        float(smoother.get("value", 0.0)), int(smoother.get("count", 0))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise bad(f"missing or malformed {exc}") from None
+    if not rngs:
+        raise bad("no RNG state")
+    sched = state.get("schedule")
+    if sched is not None:
+        ints = [sched.get(k) if isinstance(sched, dict) else None for k in ("total", "warmup", "anchor_step")]
+        progress = sched.get("anchor_progress") if isinstance(sched, dict) else None
+        if (any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in ints) or ints[0] < 1
+                or not isinstance(progress, (int, float)) or not 0.0 <= progress <= 1.0):
+            raise bad(f"learning-rate schedule {sched!r}")
+    for rng in rngs:
+        _check_rng(rng, bad)
+    index = [i for g in groups for i in g.get("params", [])]
+    if sorted(index) != list(range(len(params))):
+        raise bad(f"optimizer state for {len(index)} parameters, the adapter has {len(params)}")
+    for key, entry in saved.items():
+        try:
+            p = params[int(key)]
+        except (ValueError, IndexError):
+            raise bad(f"optimizer state for unknown parameter {key!r}") from None
+        if not isinstance(entry, dict):
+            raise bad(f"optimizer state of parameter {key} is not a mapping")
+        for name, value in entry.items():
+            if not isinstance(value, torch.Tensor):
+                continue
+            if name in _PER_ELEMENT and tuple(value.shape) != tuple(p.shape):
+                raise bad(f"optimizer {name} of parameter {key} has shape {tuple(value.shape)}, the parameter "
+                          f"{tuple(p.shape)}")
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise bad(f"optimizer {name} of parameter {key} holds NaN or infinite values")
+
+
+def _check_rng(rng: Any, bad) -> None:
+    """Load each generator's state into a scratch generator of the same kind (nothing global changes)."""
+    try:
+        random.Random().setstate(_to_python_state(rng["python"]))
+        np.random.RandomState().set_state(rng["numpy"])
+        torch.Generator().set_state(rng["torch_cpu"])
+    except Exception as exc:  # each library raises its own type for a malformed state
+        raise bad(f"unusable RNG state ({type(exc).__name__}: {exc})") from None
+
+
 def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
     """``(step, folder)`` of every checkpoint folder under ``OUT/checkpoints`` (valid or not), by step."""
     root = Path(out) / "checkpoints"

@@ -1,0 +1,94 @@
+"""The loss curve as a picture (Pillow only): ``OUT/loss.png`` of every run, and the Train Adapter node's IMAGE."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+from ..fsutil import atomic_write_bytes
+
+BG = (24, 24, 28)
+GRID = (60, 60, 68)
+RAW = (120, 160, 220)
+SMOOTH = (255, 170, 60)
+TEXT = (220, 220, 220)
+
+
+def read_loss_csv(path: Path) -> tuple[list[int], list[float], list[float]]:
+    """(steps, loss, smoothed loss) from the trainer's ``loss.csv``; empty lists when it is missing."""
+    steps, loss, smooth = [], [], []
+    if not Path(path).is_file():
+        return steps, loss, smooth
+    with open(path, newline="") as fh:
+        for row in csv.DictReader(fh):
+            try:
+                s, v = int(row["step"]), float(row["loss"])
+            except (KeyError, TypeError, ValueError):
+                continue
+            steps.append(s)
+            loss.append(v)
+            try:
+                smooth.append(float(row.get("smoothed_loss") or v))
+            except ValueError:
+                smooth.append(v)
+    return steps, loss, smooth
+
+
+def render_loss_image(steps: Sequence[int], loss: Sequence[float], smoothed: Optional[Sequence[float]] = None,
+                      title: str = "", width: int = 768, height: int = 384):
+    """A ``PIL.Image`` (RGB) of the raw loss (thin) and the smoothed loss (thick) over the steps."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (width, height), BG)
+    draw = ImageDraw.Draw(img)
+    left, right, top, bottom = 60, 16, 28, 32
+    pw, ph = width - left - right, height - top - bottom
+    draw.text((left, 6), title or "loss", fill=TEXT)
+    finite = [(s, v) for s, v in zip(steps, loss) if math.isfinite(v)]
+    if not finite:
+        draw.text((left, top + ph // 2), "no steps yet", fill=TEXT)
+        return img
+    s0, s1 = min(s for s, _ in finite), max(s for s, _ in finite)
+    vals = [v for _, v in finite] + [v for v in (smoothed or []) if math.isfinite(v)]
+    lo, hi = min(vals), max(vals)
+    if hi - lo < 1e-12:
+        lo, hi = lo - 0.5, hi + 0.5
+    pad = (hi - lo) * 0.05
+    lo, hi = lo - pad, hi + pad
+
+    def xy(s: float, v: float) -> tuple[float, float]:
+        x = left + (0.5 if s1 == s0 else (s - s0) / (s1 - s0)) * pw
+        return x, top + (1 - (v - lo) / (hi - lo)) * ph
+
+    for i in range(5):
+        y = top + i * ph / 4
+        draw.line([(left, y), (left + pw, y)], fill=GRID)
+        draw.text((4, y - 6), f"{hi - i * (hi - lo) / 4:.4g}", fill=TEXT)
+    draw.text((left, top + ph + 8), f"step {s0}", fill=TEXT)
+    draw.text((left + pw - 70, top + ph + 8), f"step {s1}", fill=TEXT)
+    _polyline(draw, [xy(s, v) for s, v in finite], RAW, 1)
+    if smoothed:
+        pts = [xy(s, v) for s, v in zip(steps, smoothed) if math.isfinite(v)]
+        _polyline(draw, pts, SMOOTH, 2)
+    return img
+
+
+def write_loss_png(out_dir: Path, title: str = "") -> Path:
+    """Render ``OUT/loss.csv`` into ``OUT/loss.png`` (written atomically)."""
+    out_dir = Path(out_dir)
+    img = render_loss_image(*read_loss_csv(out_dir / "loss.csv"), title=title)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    atomic_write_bytes(out_dir / "loss.png", buf.getvalue())
+    return out_dir / "loss.png"
+
+
+def _polyline(draw, pts, color, width) -> None:
+    if len(pts) == 1:
+        x, y = pts[0]
+        draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=color)
+    elif pts:
+        draw.line(pts, fill=color, width=width)

@@ -1,0 +1,353 @@
+"""A run survives a hostile folder and a failing machine, and tells the truth on resume: read-only and full output
+folders, damaged or tampered training state, two trainings on one folder, leftovers of interrupted saves, file
+modes, changed settings on resume, the time estimate and loss.png. Every hostile file is made here."""
+
+from __future__ import annotations
+
+import csv
+import errno
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from sidestep_core import fsutil
+from sidestep_core.training import train
+from sidestep_core.training.state import STATE_JSON, STATE_TENSORS, is_valid
+from train_helpers import fast_config, make_cache, run_cli, single_thread  # noqa: F401
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def two_clips(tmp_path_factory):
+    return make_cache(tmp_path_factory.mktemp("ds2") / "cache", frames=(40, 56), cond_len=(6, 9))
+
+
+def _args(ckpt, data, out, *extra):
+    return ["--checkpoint", str(ckpt), "--dataset", str(data), "--out", str(out), "--rank", "4", "--alpha", "4",
+            "--dropout", "0", "--precision", "fp32", "--learning-rate", "1e-2", "--scheduler", "constant",
+            "--warmup-steps", "0", "--crop-seconds", "0", "--estimate-steps", "0", "--device", "cpu", "--plain",
+            "--no-tensorboard", *map(str, extra)]
+
+
+def _rows(out):
+    with open(out / "loss.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _steps(out):
+    return sorted(int(p.name[5:]) for p in (out / "checkpoints").iterdir() if p.name.startswith("step_"))
+
+
+def _edit_state(folder: Path, edit) -> None:
+    doc = json.loads((folder / STATE_JSON).read_text())
+    edit(doc["state"])
+    (folder / STATE_JSON).write_text(json.dumps(doc))
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+# ----------------------------------------------------------------------------------------------------------
+# output folders the OS refuses
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/sys is Linux's read-only file system")
+def test_read_only_output_folder_is_one_line_and_exit_2(tiny_original, two_clips, capsys):
+    out = Path("/sys/sidestep-test-run/out")  # read-only even for root
+    assert run_cli(*_args(tiny_original, two_clips, out, "--max-steps", "2")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: /sys/sidestep-test-run") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+
+
+def test_output_under_a_file_is_one_line_and_exit_2(tiny_original, two_clips, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("x")
+    out = tmp_path / "a_file" / "run"
+    assert run_cli(*_args(tiny_original, two_clips, out, "--max-steps", "2")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'a_file'}") and err.count("\n") == 1, err
+
+
+def test_a_folder_that_is_no_model_fails_early_and_leaves_no_output_folder(two_clips, tmp_path, capsys):
+    folder = tmp_path / "not_a_model"
+    folder.mkdir()
+    (folder / "readme.txt").write_text("hello")
+    out = tmp_path / "out"
+    assert run_cli(*_args(folder, two_clips, out, "--max-steps", "2")) == 2
+    assert "not an ACE-Step model" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/sys is Linux's read-only file system")
+def test_export_into_a_read_only_folder_is_one_line_and_exit_2(tiny_original, two_clips, tmp_path, capsys):
+    from sidestep_core.cli import main
+
+    train(fast_config(max_steps=1), tiny_original, two_clips, tmp_path / "run")
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "run" / "final"), "--out", "/sys/sidestep-test.safetensors",
+                 "--no-verify", "--checkpoint", str(tiny_original)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: /sys/") and "Traceback" not in err and err.count("\n") == 1, err
+
+
+def test_full_disk_during_a_checkpoint_keeps_the_last_good_one(tiny_original, two_clips, tmp_path, monkeypatch,
+                                                               capsys):
+    """ENOSPC from the write itself (the one place bytes reach the disk) while step 4's checkpoint is saved."""
+    real_write = fsutil._write
+
+    def write(path, data):
+        if ".step_4." in str(path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real_write(path, data)
+
+    monkeypatch.setattr(fsutil, "_write", write)
+    out = tmp_path / "o"
+    assert run_cli(*_args(tiny_original, two_clips, out, "--max-steps", "6", "--save-every", "2")) == 2
+    err = capsys.readouterr().err
+    assert "no space left on device" in err and ".step_4." in err and "Traceback" not in err
+    assert _steps(out) == [2] and is_valid(out / "checkpoints" / "step_2")
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]  # no half-written folder
+    assert not (out / "final").exists()
+    monkeypatch.setattr(fsutil, "_write", real_write)
+    assert run_cli(*_args(tiny_original, two_clips, out, "--max-steps", "6", "--save-every", "2",
+                          "--resume", "auto")) == 0
+    assert "resumed from" in capsys.readouterr().err and [r["step"] for r in _rows(out)] == list("123456")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# damaged and tampered training state
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _moment_key(folder: Path) -> str:
+    return next(k for k in load_file(str(folder / STATE_TENSORS)) if k.endswith(".exp_avg"))
+
+
+def _wrong_moment_shape(folder: Path) -> None:
+    tensors = load_file(str(folder / STATE_TENSORS))
+    key = _moment_key(folder)
+    tensors[key] = tensors[key][:, :3].contiguous()
+    save_file(tensors, str(folder / STATE_TENSORS), {"format": "sidestep-training-state"})
+
+
+TAMPERING = {
+    "step is not a number": (lambda f: _edit_state(f, lambda s: s.update(step="three")), "step is 'three'"),
+    "step of 10^12": (lambda f: _edit_state(f, lambda s: s.update(step=10**12)), "step 1000000000000 in a folder"),
+    "broken RNG state": (lambda f: _edit_state(f, lambda s: s["rng"][0].update(python=[3, [1, 2], None])),
+                         "unusable RNG state"),
+    "moment of the wrong shape": (_wrong_moment_shape, "has shape (4, 3)"),
+}
+
+
+@pytest.mark.parametrize("case", list(TAMPERING))
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tiny_original, two_clips, tmp_path, capsys,
+                                                                     case):
+    damage, reason = TAMPERING[case]
+    out = tmp_path / "o"
+    train(fast_config(max_steps=4, save_every=2, keep_checkpoints=0), tiny_original, two_clips, out)
+    damage(out / "checkpoints" / "step_4")
+    capsys.readouterr()
+    assert run_cli(*_args(tiny_original, two_clips, out, "--max-steps", "5", "--resume", "auto")) == 0
+    err = capsys.readouterr().err
+    assert f"skipping {out / 'checkpoints' / 'step_4'}: damaged training state" in err and reason in err, err
+    assert f"resumed from {out / 'checkpoints' / 'step_2'} at step 2" in err
+    assert [r["step"] for r in _rows(out)] == list("12345")
+
+
+def test_only_damaged_checkpoints_exit_2_with_a_message(tiny_original, two_clips, tmp_path, capsys):
+    out = tmp_path / "o"
+    train(fast_config(max_steps=2, save_every=1, keep_checkpoints=0), tiny_original, two_clips, out)
+    for step in (1, 2):
+        TAMPERING["step is not a number"][0](out / "checkpoints" / f"step_{step}")
+    final_before = sorted(p.name for p in (out / "final").iterdir())
+    capsys.readouterr()
+    assert run_cli(*_args(tiny_original, two_clips, out, "--max-steps", "4", "--resume", "auto")) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint there can be resumed from" in err and "Traceback" not in err
+    assert sorted(p.name for p in (out / "final").iterdir()) == final_before
+
+
+def test_a_step_beyond_the_run_trains_nothing_and_writes_no_adapter(tiny_original, two_clips, tmp_path, capsys):
+    """A checkpoint folder and state both saying step 10^12: refused, and no "done" adapter appears."""
+    out = tmp_path / "o"
+    train(fast_config(max_steps=2, save_every=2), tiny_original, two_clips, out)
+    huge = out / "checkpoints" / f"step_{10**12}"
+    (out / "checkpoints" / "step_2").rename(huge)
+    _edit_state(huge, lambda s: s.update(step=10**12))
+    import shutil
+
+    shutil.rmtree(out / "final")
+    capsys.readouterr()
+    assert run_cli(*_args(tiny_original, two_clips, out, "--max-steps", "6", "--resume", "auto")) == 2
+    err = capsys.readouterr().err
+    assert f"is at step {10**12}, beyond this run's 6 steps" in err
+    assert not (out / "final").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# one run per folder; leftovers of interrupted saves; file modes
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_a_second_training_on_the_same_folder_is_refused_and_a_killed_holder_does_not_block(
+        tiny_original, two_clips, tmp_path, capsys):
+    out = tmp_path / "o"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from sidestep_core.fsutil import RunLock; "
+         "RunLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(600)", str(out)],
+        stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert run_cli(*_args(tiny_original, two_clips, out, "--max-steps", "2")) == 2
+        err = capsys.readouterr().err
+        assert f"error: {out}: another training run is already using this folder (process {holder.pid})" in err
+        assert not (out / "checkpoints").exists()
+        # the same from the core API (what the ComfyUI node calls), even within one process
+        with fsutil.RunLock(tmp_path / "p"):
+            with pytest.raises(fsutil.FolderBusyError, match="already using this folder"):
+                train(fast_config(max_steps=1), tiny_original, two_clips, tmp_path / "p")
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert (out / fsutil.LOCK_NAME).exists()  # the stale lock file stays; the OS lock died with its process
+    assert run_cli(*_args(tiny_original, two_clips, out, "--max-steps", "2")) == 0
+
+
+def test_leftovers_of_interrupted_saves_are_cleaned_on_the_next_run(tiny_original, two_clips, tmp_path, capsys):
+    out = tmp_path / "o"
+    train(fast_config(max_steps=2, save_every=2), tiny_original, two_clips, out)
+    dead = _dead_pid()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        stale = [out / "checkpoints" / f".step_3.tmp-{dead}", out / f".final.tmp-{dead}",
+                 out / f".final.old-{dead}"]
+        for d in stale:
+            d.mkdir()
+            (d / "adapter_model.safetensors").write_bytes(b"half")
+        stale_files = [out / f".training_config.json.tmp-{dead}-0a1b2c3d", out / ".loss.csv.k2j3h4x_.tmp"]
+        for f in stale_files:
+            f.write_bytes(b"half")
+        alive = out / f".final.tmp-{live.pid}"
+        alive.mkdir()
+        assert run_cli(*_args(tiny_original, two_clips, out, "--max-steps", "3", "--resume", "auto")) == 0
+        for p in stale + stale_files:
+            assert not p.exists(), p
+        assert alive.is_dir()  # another living process's: not ours to remove
+        assert f"removed {stale[0]} (left by an interrupted save)" in capsys.readouterr().err
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_files_respect_the_umask(tiny_original, two_clips, tmp_path):
+    from sidestep_core.cli import main
+
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "o"
+        train(fast_config(max_steps=2, save_every=1), tiny_original, two_clips, out)
+        assert main(["export", str(out / "final"), "--out", str(tmp_path / "x.safetensors"), "--no-verify"]) == 0
+    finally:
+        os.umask(old)
+    files = [p for p in out.rglob("*") if p.is_file()] + [tmp_path / "x.safetensors"]
+    assert len(files) > 8
+    for p in files:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o644, (p, oct(p.stat().st_mode))
+    for p in [out, *[d for d in out.rglob("*") if d.is_dir()]]:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o755, (p, oct(p.stat().st_mode))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# resume with changed settings
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_resume_with_a_changed_learning_rate_uses_it(tiny_original, two_clips, tmp_path, capsys):
+    out = tmp_path / "o"
+    train(fast_config(max_steps=3, learning_rate=1e-2), tiny_original, two_clips, out)
+    capsys.readouterr()
+    assert run_cli(*_args(tiny_original, two_clips, out, "--max-steps", "6", "--resume", "auto",
+                          "--learning-rate", "5e-3")) == 0
+    err = capsys.readouterr().err
+    assert "learning rate 0.01 -> 0.005 from step 3" in err
+    assert [float(r["lr"]) for r in _rows(out)] == [1e-2] * 3 + [5e-3] * 3
+
+
+def test_extending_a_run_continues_the_schedule_without_a_jump(tiny_original, two_clips, tmp_path, capsys):
+    """Cosine over 6 steps, stopped at 3, resumed with --max-steps 12: the learning rate goes on from where it was
+    and falls to its final value at step 12 (recomputing the curve for 12 steps would jump back up)."""
+    cfg = fast_config(max_steps=6, scheduler="cosine", learning_rate=1e-2, min_lr_ratio=0.01)
+    calls = {"n": 0}
+
+    def stop_at_three():
+        calls["n"] += 1
+        return calls["n"] == 3
+
+    out = tmp_path / "o"
+    train(cfg, tiny_original, two_clips, out, should_stop=stop_at_three)
+    full = train(cfg, tiny_original, two_clips, tmp_path / "full")
+    assert full.status == "complete"
+    res = train(cfg.replace(max_steps=12, resume="auto"), tiny_original, two_clips, out)
+    assert res.step == 12
+    lrs = [float(r["lr"]) for r in _rows(out)]
+    uninterrupted = [float(r["lr"]) for r in _rows(tmp_path / "full")]
+    assert lrs[:4] == pytest.approx(uninterrupted[:4], rel=1e-5)  # step 4 is where the 6-step run would be
+    assert all(b < a for a, b in zip(lrs, lrs[1:])), lrs  # falling all the way, no jump
+    assert lrs[-1] < 0.05 * lrs[0]
+    # a finished run that is extended keeps its final rate instead of jumping back up
+    more = train(cfg.replace(max_steps=9, resume="auto"), tiny_original, two_clips, tmp_path / "full")
+    assert more.step == 9
+    extra = [float(r["lr"]) for r in _rows(tmp_path / "full")][6:]
+    assert max(extra) <= uninterrupted[-1]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the plan's time estimate; loss.png
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_the_time_estimate_matches_the_measured_step_time(tiny_original, tmp_path):
+    """Two clips of different lengths with accumulation 4: an epoch has two micro-batches, so every step has two
+    (the old estimate took the longest clip times 4). Within ±25 % of the measured mean, or it says it cannot
+    tell (a busy machine whose timings disagree)."""
+    data = make_cache(tmp_path / "c", frames=(320, 160), cond_len=(6, 9))
+    plans = []
+    res = train(fast_config(max_steps=8, gradient_accumulation=4, estimate_steps=3), tiny_original, data,
+                tmp_path / "o", progress=lambda ev: plans.append(ev) if ev["event"] == "plan" else None)
+    elapsed = [float(r["elapsed_s"]) for r in _rows(res.out_dir)]
+    measured = (elapsed[-1] - elapsed[0]) / (len(elapsed) - 1)
+    plan = plans[0]
+    if "seconds_per_step" not in plan:
+        assert plan["estimate_note"].startswith("cannot tell")
+        pytest.skip(f"timings disagreed on this machine: {plan['estimate_note']}")
+    assert plan["seconds_per_step"] == pytest.approx(measured, rel=0.25), (plan["seconds_per_step"], measured)
+
+
+def test_every_run_folder_gets_a_loss_png(tiny_original, two_clips, tmp_path):
+    from PIL import Image
+
+    seen = {}
+
+    def hook(step, adapter):
+        png = tmp_path / "o" / "loss.png"
+        seen[step] = png.is_file() and png.stat().st_mtime_ns
+
+    train(fast_config(max_steps=4, save_every=2), tiny_original, two_clips, tmp_path / "o", step_hook=hook)
+    png = tmp_path / "o" / "loss.png"
+    assert seen[1] is False and seen[2] and seen[4]  # written with each checkpoint
+    with Image.open(png) as img:
+        assert img.format == "PNG" and img.size == (768, 384)
+        assert len(set(img.convert("RGB").getdata())) > 3  # a drawn curve, not a blank image
