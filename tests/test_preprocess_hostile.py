@@ -159,7 +159,7 @@ def test_said_early_with_exit_two(tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     code, err = run("--checkpoint", ck.root, "--audio-dir", audio, "--out", blocker / "cache")
-    assert code == 2 and err.strip() == f"error: {blocker / 'cache'}: Not a directory"
+    assert code == 2 and err.strip() == f"error: {blocker / 'cache'}: not a directory"
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
@@ -195,7 +195,7 @@ def test_full_disk_is_one_line_and_exit_two(tmp_path):
                           env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"error: {out}/") and last.endswith(": File too large"), last
+    assert last.startswith(f"error: {out}/") and last.endswith(": file too large"), last
     assert "Traceback" not in proc.stderr
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp") or ".tmp-" in p.name]  # no debris
 

@@ -34,6 +34,9 @@ class Renderer:
 
     def __call__(self, ev: dict) -> None:
         if "event" not in ev and "stage" in ev:  # preprocessing's {"stage", "done", "total"} events
+            if ev["stage"] == "done":  # the closing summary is printed by the command
+                self.close()
+                return
             if "done" not in ev:
                 if ev.get("message"):
                     self.write(f"{ev['stage']}: {ev.get('current', '')}: {ev['message']}")

@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..audio.loudness import MODES as LOUDNESS_MODES
-from ..data.preprocess import MODEL_MAX_SECONDS, PreprocessConfig, preprocess
-from ..text.prompts import PROMPT_STYLES
+from ._progress import Renderer, add_plain
+
+# Plain values here so that building the parser imports no torch (a test checks they match the core's).
+PROMPT_STYLES = ("acestep", "comfyui")
+LOUDNESS_MODES = ("none", "peak", "lufs")
+MODEL_MAX_SECONDS = 600.0
 
 
 SIDECAR_HELP = """\
@@ -90,10 +93,13 @@ def register(sub, name):
     p.add_argument("--text-encoder-dtype", choices=("float32", "bfloat16", "float16"),
                    help="text encoder precision (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--variant", help="base variant when names do not tell (turbo, base, sft, xl-...)")
+    add_plain(p)
     return p
 
 
-def _config(args) -> PreprocessConfig:
+def _config(args):
+    from ..data.preprocess import PreprocessConfig
+
     return PreprocessConfig(
         prompt_style=args.prompt_style,
         max_duration=args.max_duration,
@@ -119,79 +125,19 @@ def _config(args) -> PreprocessConfig:
     )
 
 
-class _Renderer:
-    """tqdm bars per stage, or plain lines with ``--plain`` / when tqdm is missing."""
-
-    def __init__(self, plain: bool):
-        self.plain = plain
-        self.bar = None
-        self.stage = None
-        if not plain:
-            try:
-                import tqdm  # noqa: F401
-            except ImportError:
-                self.plain = True
-
-    def __call__(self, event: dict) -> None:
-        if "message" in event and "done" not in event:
-            self._write(f"{event.get('current') or ''}: {event['message']}".lstrip(": "))
-            return
-        stage, done, total = event["stage"], event["done"], event["total"]
-        if stage == "done":
-            self.close()
-            return
-        if self.plain:
-            if done < total:
-                eta = event.get("eta_s")
-                eta_text = f", ~{eta:.0f} s left" if eta is not None else ""
-                print(f"[{stage}] {done + 1}/{total} {event.get('current', '')}{eta_text}", flush=True)
-            return
-        from tqdm import tqdm
-
-        if stage != self.stage:
-            self.close()
-            self.stage = stage
-            self.bar = tqdm(total=total, desc=stage, unit="file", file=sys.stderr)
-        self.bar.n = done
-        self.bar.set_postfix_str(event.get("current", ""), refresh=True)
-
-    def _write(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.write(text)
-        else:
-            print(text, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-            self.stage = None
-
-
 def _mib(n) -> str:
     return "n/a" if n is None else f"{n / 2**20:.0f} MiB"
 
 
-def _os_error(exc: OSError) -> str:
-    """One line: the path and what the system said (``[Errno 28] …`` and tracebacks help no one)."""
-    where = exc.filename or ""
-    if exc.filename2:
-        where = f"{where} -> {exc.filename2}"
-    reason = exc.strerror or str(exc) or type(exc).__name__
-    return f"{where}: {reason}" if where else reason
-
-
 def run(args) -> int:
-    render = _Renderer(getattr(args, "plain", False))
-    try:
+    from ..data.preprocess import preprocess
+
+    render = Renderer(getattr(args, "plain", False), unit="file")
+    try:  # an OSError (read-only or full output folder, a vanished input) is one line and exit 2 in cli.main
         result = preprocess(
             args.checkpoint, args.audio_dir, args.out, dataset_json=args.dataset_json, config=_config(args),
             progress=render,
         )
-    except OSError as exc:  # a read-only or full output folder, an input that vanished ...
-        render.close()
-        print(f"error: {_os_error(exc)}", file=sys.stderr)
-        return 2
     finally:
         render.close()
     for line in result.report_lines():
