@@ -18,7 +18,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from . import calls, spec as S
-from .comfy_glue import dora_base, log, text
+from .comfy_glue import dora_base, log, release_memory, text
 from .schema import build_schema
 from .values import AdapterRef
 
@@ -50,7 +50,13 @@ class ApplyAdapter(io.ComfyNode):
         if adapter is not None:
             aw = read_adapter_weights(adapter.path)
             check_fits(model, aw)
-            sd, notes = to_comfyui_state_dict(aw, base=dora_base(aw, adapter))
+            base = dora_base(aw, adapter)
+            try:
+                sd, notes = to_comfyui_state_dict(aw, base=base)
+            finally:
+                if base is not None:  # the decoder read for a DoRA conversion
+                    base = None
+                    release_memory()
             source = str(adapter.path)
             if lora_name not in ("", S.NONE):
                 notes.append(f"lora_name {lora_name!r} ignored: the connected adapter is used")
