@@ -83,16 +83,17 @@ class ApplyAdapter(io.ComfyNode):
         for value, part in calls.group_strengths(patches, strength, groups).items():
             applied.update(patched.add_patches(part, value))
         missing = [k for k in patches if k not in applied]
-        partial = []
+        left_out = []
         if unloaded:
-            partial.append(f"{len(unloaded)} of {len(sd)} adapter tensor(s) were not loaded by ComfyUI, first: "
-                           + ", ".join(unloaded[:3]))
+            left_out.append(f"{len(unloaded)} of {len(sd)} adapter tensor(s) were not loaded by ComfyUI, first: "
+                            + ", ".join(unloaded[:3]))
         if missing:
-            partial.append(f"{len(missing)} adapter module(s) not in this model, first: {missing[0]}")
-        for line in partial:
+            left_out.append(f"{len(missing)} adapter module(s) not in this model, first: {missing[0]}")
+        for line in left_out:
             log.warning("Apply Adapter: %s: only part of the adapter applies: %s", source, line)
-        partial = [f"warning: only part of the adapter applies: {p}" for p in partial]
-        return io.NodeOutput(patched, ui=text(f"applied {len(applied)} modules from {source}", *partial, *notes))
+        return io.NodeOutput(patched, ui=text(f"applied {len(applied)} modules from {source}",
+                                              *(f"warning: only part of the adapter applies: {w}" for w in left_out),
+                                              *notes))
 
 
 def check_fits(model, aw) -> None:
