@@ -1,8 +1,15 @@
-"""Apply Adapter: patches a ComfyUI MODEL with an adapter through ComfyUI's model patcher."""
+"""Apply Adapter: patches a ComfyUI MODEL with an adapter through ComfyUI's model patcher.
+
+Before anything is patched, the adapter is checked against the shapes of the connected model with the same core
+check ``sidestep export`` runs (ComfyUI itself only fails when it patches the weights, during sampling, and logs
+keys it cannot place without failing); what ComfyUI still leaves out is reported in the node's text.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
+from contextlib import contextmanager
 from typing import Optional
 
 import comfy.lora
@@ -11,9 +18,11 @@ import folder_paths
 from comfy_api.latest import io
 
 from . import calls, spec as S
-from .comfy_glue import dora_base, text
+from .comfy_glue import dora_base, log, release_memory, text
 from .schema import build_schema
 from .values import AdapterRef
+
+NOT_LOADED = "lora key not loaded: "  # what comfy.lora.load_lora logs for each key it cannot place
 
 
 class ApplyAdapter(io.ComfyNode):
@@ -35,23 +44,35 @@ class ApplyAdapter(io.ComfyNode):
     @classmethod
     def execute(cls, model, lora_name=S.NONE, strength=1.0, self_attn_strength=1.0, cross_attn_strength=1.0,
                 mlp_strength=1.0, adapter: Optional[AdapterRef] = None) -> io.NodeOutput:
-        from sidestep_core.adapters import read_adapter_weights, to_comfyui_state_dict
+        from sidestep_core.adapters import AdapterFormatError, read_adapter_weights, to_comfyui_state_dict
 
         notes: list[str] = []
         if adapter is not None:
             aw = read_adapter_weights(adapter.path)
-            sd, notes = to_comfyui_state_dict(aw, base=dora_base(aw, adapter))
+            check_fits(model, aw)
+            base = dora_base(aw, adapter)
+            try:
+                sd, notes = to_comfyui_state_dict(aw, base=base)
+            finally:
+                if base is not None:  # the decoder read for a DoRA conversion
+                    base = None
+                    release_memory()
             source = str(adapter.path)
             if lora_name not in ("", S.NONE):
                 notes.append(f"lora_name {lora_name!r} ignored: the connected adapter is used")
         elif lora_name not in ("", S.NONE):
             path = folder_paths.get_full_path_or_raise("loras", lora_name)
+            try:
+                check_fits(model, read_adapter_weights(path))
+            except AdapterFormatError as exc:  # a file the core cannot read: ComfyUI may still apply it
+                notes.append(f"not checked against the model ({exc})")
             sd = comfy.utils.load_torch_file(path, safe_load=True)
             source = path
         else:
             raise ValueError("Apply Adapter: connect an adapter or choose a lora_name")
         key_map = comfy.lora.model_lora_keys_unet(model.model, {})
-        patches = comfy.lora.load_lora(sd, key_map)
+        with logged_unloaded_keys() as unloaded:
+            patches = comfy.lora.load_lora(sd, key_map)
         if not patches:
             raise ValueError(f"{source}: no tensor of this adapter matches the model (is it an ACE-Step 1.5 "
                              f"adapter?)")
@@ -62,6 +83,47 @@ class ApplyAdapter(io.ComfyNode):
         for value, part in calls.group_strengths(patches, strength, groups).items():
             applied.update(patched.add_patches(part, value))
         missing = [k for k in patches if k not in applied]
+        left_out = []
+        if unloaded:
+            left_out.append(f"{len(unloaded)} of {len(sd)} adapter tensor(s) were not loaded by ComfyUI, first: "
+                            + ", ".join(unloaded[:3]))
         if missing:
-            notes.append(f"{len(missing)} adapter module(s) not in this model, first: {missing[0]}")
-        return io.NodeOutput(patched, ui=text(f"applied {len(applied)} modules from {source}", *notes))
+            left_out.append(f"{len(missing)} adapter module(s) not in this model, first: {missing[0]}")
+        for line in left_out:
+            log.warning("Apply Adapter: %s: only part of the adapter applies: %s", source, line)
+        return io.NodeOutput(patched, ui=text(f"applied {len(applied)} modules from {source}",
+                                              *(f"warning: only part of the adapter applies: {w}" for w in left_out),
+                                              *notes))
+
+
+def check_fits(model, aw) -> None:
+    """Raise the core's :class:`AdapterShapeError` (the message ``sidestep export`` shows: which modules, which
+    shapes) unless every target of ``aw`` exists in the connected ComfyUI model with a fitting shape."""
+    from sidestep_core.adapters.weights import target_shapes
+
+    root = model.model.diffusion_model
+    decoder = getattr(root, "decoder", None)
+    if decoder is None:
+        raise ValueError(f"Apply Adapter: the connected MODEL ({type(model.model).__name__}) is not an ACE-Step 1.5 "
+                         "model")
+    aw.check_against(target_shapes(decoder), target_shapes(root))
+
+
+@contextmanager
+def logged_unloaded_keys():
+    """The keys ComfyUI's ``load_lora`` reports as not loaded (it only logs them)."""
+    found: list[str] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            msg = record.getMessage()
+            if msg.startswith(NOT_LOADED):
+                found.append(msg[len(NOT_LOADED):])
+
+    handler = Catch(logging.WARNING)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield found
+    finally:
+        root.removeHandler(handler)

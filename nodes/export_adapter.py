@@ -8,7 +8,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from . import calls, spec as S
-from .comfy_glue import dora_base, paths, text
+from .comfy_glue import dora_base, paths, release_memory, text
 from .schema import build_schema
 from .values import AdapterRef
 
@@ -26,8 +26,13 @@ class ExportAdapter(io.ComfyNode):
         aw = read_adapter_weights(adapter.path)
         base = dora_base(aw, adapter)  # PEFT-style DoRA: ComfyUI's dora_scale is relative to the base weights
         root = Path(directory).expanduser() if directory.strip() else Path(paths("loras")[0])
-        path, notes = export_comfyui(aw, calls.export_path(root, name, bool(overwrite)), base=base,
-                                     base_identity=adapter.base_identity, base_variant=adapter.base_variant,
-                                     key_style=calls.EXPORT_KEY_STYLES[format])
+        try:
+            path, notes = export_comfyui(aw, calls.export_path(root, name, bool(overwrite)), base=base,
+                                         base_identity=adapter.base_identity, base_variant=adapter.base_variant,
+                                         key_style=calls.EXPORT_KEY_STYLES[format])
+        finally:
+            if base is not None:  # the decoder read for a DoRA conversion
+                base = None
+                release_memory()
         folder_paths.filename_list_cache.pop("loras", None)  # let LoRA loaders list the new file at once
         return io.NodeOutput(str(path), ui=text(f"wrote {path}", *notes))

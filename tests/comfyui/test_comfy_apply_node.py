@@ -4,6 +4,10 @@ model by exactly what our core predicts for the same adapter, strength and per-g
 Adapters are made with the core's own trainer injection (random weights, so the effect is large), for LoRA, DoRA
 (PEFT row-wise, converted against the base weights) and LoKr; the ``comfyui-min`` DiT is loaded by ComfyUI and by
 the core in fp32, and the DiT velocity is compared on fixed inputs.
+
+An adapter made for a model of another shape (the core's ``tiny`` profile) is refused before anything is patched,
+with the message ``sidestep export`` gives, from the graph and from ``models/loras`` files in each key style;
+one ComfyUI applies only in part is reported in the node's text and log.
 """
 
 from __future__ import annotations
@@ -144,3 +148,95 @@ def test_apply_adapter_needs_an_adapter(setup):
     ext, _, base_patcher, _, _ = setup
     with pytest.raises(ValueError, match="connect an adapter or choose a lora_name"):
         ext.ApplyAdapter.execute(base_patcher)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# adapters made for another model (issue 10, defect 3)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def other_model_dit(tmp_path_factory):
+    """The core's ``tiny`` profile (64 wide, 4 layers): a model of another shape than ``comfyui-min``."""
+    from sidestep_core.tiny import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("other-model"), "original", "tiny", 0).dit
+
+
+def export_error(adapter_path, dit) -> str:
+    """What ``sidestep export`` says for this adapter against the ComfyUI test model (its ``error:`` line)."""
+    import os
+    import subprocess
+    import sys
+
+    out = adapter_path.parent / f"{adapter_path.name}-export.safetensors"
+    done = subprocess.run([sys.executable, "-m", "sidestep_core", "export", str(adapter_path), "--checkpoint",
+                           str(dit), "--out", str(out)], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert done.returncode != 0 and not out.exists(), done.stdout + done.stderr
+    lines = [ln for ln in done.stderr.splitlines() if ln.startswith("error: ")]
+    assert lines, done.stderr
+    return lines[-1][len("error: "):]
+
+
+def assert_refused(ext, base_patcher, expected: str, **inputs):
+    from sidestep_core.adapters import AdapterShapeError
+
+    with pytest.raises(AdapterShapeError) as err:
+        ext.ApplyAdapter.execute(base_patcher, strength=1.0, **inputs)
+    assert str(err.value) == expected
+    # which modules and which shapes: a missing layer and a mismatch with both shapes
+    assert "made for another model" in expected and "the model does not have, first: layers.2." in expected
+    assert "shape mismatch(es), first: layers.0." in expected and "adapter [" in expected and "vs model [" in expected
+
+
+@pytest.mark.parametrize("kind", ["lora", "lokr"])
+def test_apply_refuses_a_connected_adapter_for_another_model(comfy, setup, other_model_dit, tmp_path, kind):
+    ext, values, base_patcher, dit, _ = setup
+    folder = make_adapter(other_model_dit, kind, tmp_path / kind)
+    ref = values.AdapterRef(path=folder, run_dir=tmp_path, name=kind, kind=kind, steps=0, status="complete",
+                            base_variant="turbo", base_identity="", checkpoint=other_model_dit)
+    assert_refused(ext, base_patcher, export_error(folder, dit), adapter=ref)
+    assert not base_patcher.patches  # nothing was patched
+
+
+@pytest.mark.parametrize("key_style", ["comfy", "peft", "lycoris"])
+def test_apply_refuses_a_lora_file_for_another_model(comfy, setup, other_model_dit, tmp_path, key_style):
+    ext, _, base_patcher, dit, loras = setup
+    from sidestep_core.adapters import export_comfyui, read_adapter_weights
+
+    folder = make_adapter(other_model_dit, "lora", tmp_path / "lora")
+    name = f"other_model_{key_style}.safetensors"
+    export_comfyui(read_adapter_weights(folder), loras / name, key_style=key_style)
+    assert_refused(ext, base_patcher, export_error(loras / name, dit), lora_name=name)
+
+
+def test_apply_warns_when_only_part_of_an_adapter_applies(comfy, setup, tmp_path, caplog):
+    """A PEFT-style file with a module outside the decoder: ComfyUI maps ``base_model.model.`` keys inside the
+    decoder only, so it applies the decoder modules and leaves the rest out; the node says so."""
+    ext, _, base_patcher, dit, loras = setup
+    from safetensors.torch import load_file, save_file
+
+    from sidestep_core.adapters import export_comfyui, read_adapter_weights
+
+    folder = make_adapter(dit, "lora", tmp_path / "lora")
+    path = loras / "partly.safetensors"
+    export_comfyui(read_adapter_weights(folder), path, key_style="peft")
+    sd = load_file(str(path))
+    q = base_patcher.model.diffusion_model.encoder.lyric_encoder.layers[0].self_attn.q_proj.weight
+    outside = "base_model.model.encoder.lyric_encoder.layers.0.self_attn.q_proj"
+    sd[f"{outside}.lora_A.weight"] = torch.randn(4, q.shape[1]) * 0.01
+    sd[f"{outside}.lora_B.weight"] = torch.randn(q.shape[0], 4) * 0.01
+    save_file(sd, str(path))
+
+    with caplog.at_level("WARNING"):
+        out = ext.ApplyAdapter.execute(base_patcher, lora_name="partly.safetensors", strength=1.0)
+    shown = out.ui.as_dict()["text"][0]
+    assert "applied" in shown and "warning: only part of the adapter applies" in shown, shown
+    assert "2 of " in shown and outside in shown, shown
+    assert any("only part of the adapter applies" in r.getMessage() and r.name == "sidestep.nodes"
+               for r in caplog.records)
+    # the whole adapter fits, so nothing is said for a complete one
+    export_comfyui(read_adapter_weights(folder), loras / "whole.safetensors", key_style="peft")
+    whole = ext.ApplyAdapter.execute(base_patcher, lora_name="whole.safetensors", strength=1.0)
+    assert "only part" not in whole.ui.as_dict()["text"][0]
