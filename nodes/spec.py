@@ -29,6 +29,10 @@ ADAPTER_TYPE = "ACESTEP_ADAPTER"
 ESTIMATE_TYPE = "ACESTEP_ESTIMATE"
 
 WIDGET_KINDS = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+CONTROL = "control_after_generate"
+CONTROL_MODES = ("fixed", "increment", "decrement", "randomize")
+FIXED = "fixed"
+SEED_NAMES = ("seed", "noise_seed")  # INT inputs the front end gives a control widget by name alone
 EXPORT_FORMATS = ("comfyui", "peft", "lycoris")
 AUTO = "auto"
 NONE = "none"
@@ -61,6 +65,9 @@ class InputSpec:
     advanced: bool = False
     tooltip: str = ""
     config_field: Optional[str] = None  # the TrainConfig field this input sets
+    # INT: the front end's "control after generate" mode for this seed ("fixed" keeps the run fingerprint, so
+    # queueing again reuses or resumes the run); None: the front end's own rule (see ``has_control``).
+    control_after_generate: Optional[str] = None
 
     @property
     def is_widget(self) -> bool:
@@ -96,6 +103,17 @@ class NodeSpec:
         return [i for i in self.inputs if i.is_widget and not i.optional] + \
                [i for i in self.inputs if i.is_widget and i.optional]
 
+    @property
+    def widget_slots(self) -> list[str]:
+        """The names behind each entry of a saved node's ``widgets_values``: the widgets, each seed-like one
+        followed by its ``<name>.control_after_generate`` value (the front end's extra widget)."""
+        slots = []
+        for i in self.widgets:
+            slots.append(i.name)
+            if has_control(i.name, [i.kind, {"control_after_generate": i.control_after_generate}]):
+                slots.append(f"{i.name}.{CONTROL}")
+        return slots
+
 
 # ----------------------------------------------------------------------------------------------------------
 # TrainConfig fields as inputs
@@ -119,7 +137,7 @@ def config_default(name: str) -> Any:
 
 
 def cfg(name: str, *, advanced: bool = False, min: Optional[float] = None, max: Optional[float] = None,
-        step: Optional[float] = None, tooltip: str = "") -> InputSpec:
+        step: Optional[float] = None, tooltip: str = "", control_after_generate: Optional[str] = None) -> InputSpec:
     """An input that sets the ``TrainConfig`` field of the same name, with its default, choices and help."""
     f = _TC_FIELDS[name]
     tp = _field_type(name)
@@ -135,7 +153,7 @@ def cfg(name: str, *, advanced: bool = False, min: Optional[float] = None, max: 
     if kind in ("INT", "FLOAT") and min is None:
         min = 0
     return InputSpec(name, kind, default, min=min, max=max, step=step, advanced=advanced, tooltip=help_text,
-                     config_field=name)
+                     config_field=name, control_after_generate=control_after_generate)
 
 
 def to_config_value(spec: InputSpec, value: Any) -> Any:
@@ -228,7 +246,7 @@ TRAIN = NodeSpec(
         cfg("gradient_checkpointing"),
         cfg("cfg_ratio", max=1.0, step=0.01),
         cfg("timestep_mode"),
-        cfg("seed", max=2**31 - 1),
+        cfg("seed", max=2**31 - 1, control_after_generate=FIXED),
         cfg("save_every", max=1_000_000),
         InputSpec("output_name", "STRING", "sidestep_adapter",
                   tooltip="name of the run folder (output/sidestep/<name>-<settings hash>) and of the adapter"),
@@ -330,7 +348,7 @@ ESTIMATE = NodeSpec(
                   tooltip="alpha = alpha_ratio x rank for every chosen module"),
         InputSpec("crop_seconds", "FLOAT", _EST.crop_seconds, min=0.0, max=MODEL_MAX_SECONDS, step=1.0,
                   advanced=True, tooltip="random crop per batch (0 = whole clips)"),
-        InputSpec("seed", "INT", _EST.seed, min=0, max=2**31 - 1, advanced=True,
+        InputSpec("seed", "INT", _EST.seed, min=0, max=2**31 - 1, advanced=True, control_after_generate=FIXED,
                   tooltip="seed of the clip order, crops, timesteps and noise"),
     ),
     (
@@ -428,6 +446,8 @@ def node_info(node: NodeSpec) -> dict:
             opts["min"] = i.min
         if i.max is not None:
             opts["max"] = i.max
+        if i.control_after_generate is not None:
+            opts[CONTROL] = i.control_after_generate
         if i.kind == "COMBO":
             opts["options"] = list(i.options)
             if i.dynamic:
@@ -444,10 +464,15 @@ def is_widget(input_spec: list) -> bool:
     return isinstance(kind, list) or kind in WIDGET_KINDS or kind == "COMFY_DYNAMICCOMBO_V3"
 
 
-def has_control(input_spec: list) -> bool:
-    """Seed-like widgets store an extra ``control_after_generate`` value after their own."""
+def has_control(name: str, input_spec: list) -> bool:
+    """Seed-like widgets store an extra ``control_after_generate`` value after their own. The front end (1.45)
+    adds that widget when the input asks for it, and, unless it says ``false``, to every INT input named like a
+    seed (a legacy convention that ComfyUI's /object_info does not show)."""
     opts = input_spec[1] if len(input_spec) > 1 and isinstance(input_spec[1], dict) else {}
-    return bool(opts.get("control_after_generate"))
+    control = opts.get(CONTROL)
+    if control is None:
+        return input_spec[0] == "INT" and name in SEED_NAMES
+    return bool(control)
 
 
 def _check_value(name: str, input_spec: list, value: Any) -> Optional[str]:
@@ -500,8 +525,8 @@ def check_widgets(node: dict, info: dict) -> list[str]:
         if why:
             problems.append(f"{where}: {why}")
         pos += 1
-        if has_control(spec):
-            if pos >= len(values) or values[pos] not in ("fixed", "increment", "decrement", "randomize"):
+        if has_control(name, spec):
+            if pos >= len(values) or values[pos] not in CONTROL_MODES:
                 problems.append(f"{where}: {name!r} needs a control_after_generate value after it")
             pos += 1
         if spec[0] == "COMFY_DYNAMICCOMBO_V3":

@@ -79,16 +79,22 @@ class Builder:
         values = dict(values or {})
         node_spec = S.BY_ID.get(kind)
         if node_spec is not None:
+            # One value per entry the front end reads back, the seed controls included (see spec.has_control).
+            defaults = {w.name: w.default for w in node_spec.widgets}
             widgets = []
-            for w in node_spec.widgets:
-                widgets.append(values.pop(w.name) if w.name in values else w.default)
+            for slot in node_spec.widget_slots:
+                name, _, control = slot.partition(".")
+                if control:
+                    widgets.append(values.pop(slot, node_spec.input(name).control_after_generate or S.FIXED))
+                else:
+                    widgets.append(values.pop(slot) if slot in values else defaults[slot])
             inputs = [{"name": i.name, "type": i.kind, "link": None} for i in node_spec.inputs if not i.is_widget]
             outputs = [{"name": o.name, "type": o.kind, "links": []} for o in node_spec.outputs]
         else:
             native = NATIVE[kind]
             widgets = []
             for name in native["widgets"]:
-                widgets.append("fixed" if name == "+control" else values.pop(name))
+                widgets.append(S.FIXED if name == "+control" else values.pop(name))
             inputs = [{"name": n, "type": t, "link": None} for n, t in native["inputs"]]
             outputs = [{"name": n, "type": t, "links": []} for n, t in native["outputs"]]
         if values:

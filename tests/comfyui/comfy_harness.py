@@ -277,7 +277,7 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
             if S.is_widget(spec):
                 value = values[pos] if pos < len(values) else spec[1].get("default") if len(spec) > 1 else None
                 pos += 1
-                if S.has_control(spec):
+                if S.has_control(name, spec):
                     pos += 1
                 if spec[0] == "COMFY_DYNAMICCOMBO_V3":
                     option = next(o for o in spec[1]["options"] if o["key"] == value)
