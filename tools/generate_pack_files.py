@@ -73,6 +73,7 @@ class Builder:
     def __init__(self) -> None:
         self.nodes: list[dict] = []
         self.links: list[list] = []
+        self.intended: dict[int, dict[str, Any]] = {}  # node id -> {widget name: value} (before flattening)
 
     def add(self, kind: str, pos: tuple[int, int], values: Optional[dict] = None, *, title: str = "",
             size: tuple[int, int] = (320, 160)) -> dict:
@@ -81,8 +82,9 @@ class Builder:
         if node_spec is not None:
             # One value per entry the front end reads back, the seed controls included (see spec.has_control).
             defaults = {w.name: w.default for w in node_spec.widgets}
+            slots = node_spec.widget_slots
             widgets = []
-            for slot in node_spec.widget_slots:
+            for slot in slots:
                 name, _, control = slot.partition(".")
                 if control:
                     widgets.append(values.pop(slot, node_spec.input(name).control_after_generate or S.FIXED))
@@ -92,8 +94,9 @@ class Builder:
             outputs = [{"name": o.name, "type": o.kind, "links": []} for o in node_spec.outputs]
         else:
             native = NATIVE[kind]
-            widgets = []
+            slots, widgets = [], []
             for name in native["widgets"]:
+                slots.append(f"{slots[-1]}.{S.CONTROL}" if name == "+control" else name)
                 widgets.append(S.FIXED if name == "+control" else values.pop(name))
             inputs = [{"name": n, "type": t, "link": None} for n, t in native["inputs"]]
             outputs = [{"name": n, "type": t, "links": []} for n, t in native["outputs"]]
@@ -109,6 +112,7 @@ class Builder:
         if title:
             node["title"] = title
         self.nodes.append(node)
+        self.intended[node["id"]] = dict(zip(slots, widgets))
         return node
 
     def link(self, src: dict, output: str, dst: dict, input_name: str) -> None:
@@ -188,8 +192,7 @@ INTRO = (
 )
 
 
-def train_then_generate() -> dict:
-    b = Builder()
+def train_then_generate(b: Builder) -> dict:
     note(b, INTRO.format(title="train, then generate", body=(
         "Preprocesses the folder, trains an adapter, applies it to the model loaded by *Load Diffusion Model* and "
         f"generates with ComfyUI's own ACE-Step 1.5 nodes, all in one queue. Put the trigger tag (`{TRIGGER}`) in "
@@ -221,8 +224,7 @@ def train_then_generate() -> dict:
                        group("2 - Generate with the adapter", 760, -460, 2400, 1500, "#8a5a9e")])
 
 
-def preprocess_and_train() -> dict:
-    b = Builder()
+def preprocess_and_train(b: Builder) -> dict:
     note(b, INTRO.format(title="preprocess and train", body=(
         "Encodes the folder once (cached by content: queueing again is instant, edited files alone are "
         "re-encoded), trains an adapter and exports it to `models/loras/` for ComfyUI's LoRA loaders or "
@@ -238,8 +240,7 @@ def preprocess_and_train() -> dict:
     return b.workflow([group("Preprocess, train, export", -20, -60, 1240, 1000)])
 
 
-def estimate_then_train() -> dict:
-    b = Builder()
+def estimate_then_train(b: Builder) -> dict:
     note(b, INTRO.format(title="estimate, then train", body=(
         "*Estimate Gradients* measures which DiT modules your data pulls on most; *Train Adapter* then trains "
         "only its top modules with ranks scaled to their share. The ranking is shown as text.")), (-480, 0))
@@ -260,8 +261,7 @@ def estimate_then_train() -> dict:
     return b.workflow([group("Estimate, train, export", -20, -60, 1640, 1000)])
 
 
-def apply_saved_adapter() -> dict:
-    b = Builder()
+def apply_saved_adapter(b: Builder) -> dict:
     note(b, ("## Side-Step: apply a saved adapter\n\nPick an exported adapter from `models/loras/` in *Apply "
              "Adapter* (or use ComfyUI's *LoraLoaderModelOnly*: the files carry their alpha, so both give the same "
              "result). The advanced inputs scale self-attention, cross-attention and MLP modules separately. "
@@ -307,8 +307,16 @@ def dumps(obj: dict) -> str:
     return json.dumps(obj, indent=1, ensure_ascii=False) + "\n"
 
 
+def build(name: str) -> tuple[dict, dict[int, dict[str, Any]]]:
+    """A template and what it means: its UI-format workflow and, per node id, each widget's intended value by name
+    (a seed's control value as ``<seed>.control_after_generate``); the browser tests compare the front end's reading
+    of the file with the latter."""
+    b = Builder()
+    return WORKFLOWS[name](b), b.intended
+
+
 def generated_files() -> dict[Path, str]:
-    files = {OUT / f"{name}.json": dumps(make()) for name, make in WORKFLOWS.items()}
+    files = {OUT / f"{name}.json": dumps(build(name)[0]) for name in WORKFLOWS}
     files[ROOT / "locales" / "en" / "main.json"] = dumps(locales())
     return files
 
