@@ -94,6 +94,18 @@ def test_generated_files_are_up_to_date():
     assert not stale, f"run `python tools/generate_pack_files.py`: stale {stale}"
 
 
+def test_templates_have_thumbnails():
+    """The template browser asks for <template>.jpg beside each template (a 404 and a blank card without it)."""
+    from PIL import Image
+
+    gen = generator()
+    for name in REQUIRED_WORKFLOWS:
+        with Image.open(WORKFLOWS / f"{name}.jpg") as img:
+            assert img.format == "JPEG" and img.size == gen.THUMB_SIZE, name
+            assert len(set(img.convert("L").getdata())) > 16, f"{name}.jpg is blank"  # a drawing, not a fill
+        assert gen.SUMMARIES[name] and name.replace("_", " ") not in gen.SUMMARIES[name].lower()
+
+
 def test_locales_describe_every_node_and_input():
     data = json.loads((ROOT / "locales" / "en" / "main.json").read_text())["nodeDefs"]
     for node in S.NODES:
