@@ -29,6 +29,7 @@ const COLORS = { loss: "#6f9ede", smoothed: "#ffaa3c" };
 const STYLE = `
 .sidestep-panel { display: flex; flex-direction: column; gap: 4px; box-sizing: border-box; width: 100%;
   font: 11px sans-serif; color: #ccc; overflow: hidden; }
+.sidestep-panel > * { flex-shrink: 0; }
 .sidestep-panel [hidden] { display: none !important; }
 .sidestep-chart-box { display: flex; flex-direction: column; gap: 2px; }
 .sidestep-status { white-space: nowrap; overflow: hidden; text-overflow: ellipsis; color: #ddd; }
@@ -72,6 +73,12 @@ function viewURL(ref) {
 
 function nodeById(id) {
   return app.graph?.getNodeById?.(Number(id)) ?? app.graph?.getNodeById?.(id);
+}
+
+// Node properties changed outside a user's edit: let the workflow's change tracker store them (the open workflow is
+// kept across a page reload from what it stored).
+function remember() {
+  app.extensionManager?.workflow?.activeWorkflow?.changeTracker?.checkState?.();
 }
 
 // ----- the panel (one DOM widget per node) -----
@@ -119,7 +126,10 @@ function panel(node) {
 function panelHeight(st) {
   const visible = [...st.root.children].filter((c) => !c.hidden);
   if (!visible.length) return 0;
-  if (st.root.isConnected && st.root.offsetParent !== null) return st.root.scrollHeight;
+  // The children's own heights: the panel itself is stretched to whatever height the canvas gives it.
+  if (st.root.isConnected && st.root.offsetParent !== null) {
+    return visible.reduce((h, c) => h + c.offsetHeight, 0) + 4 * (visible.length - 1);
+  }
   // Not laid out yet (off screen): an estimate, corrected once it is drawn.
   let h = 0;
   if (st.chartBox && !st.chartBox.hidden) h += CHART_H + 36;
@@ -133,6 +143,7 @@ function hasChart(st) {
 }
 
 function render(st) {
+  st.root.dataset.sidestepNode = String(st.node.id); // the id is assigned when the node joins a graph
   if (st.chartBox) {
     st.chartBox.hidden = !hasChart(st);
     st.status.textContent = st.statusText ?? "";
@@ -267,7 +278,7 @@ function parseLossCsv(text) {
 
 // The run's loss log (after a reload, or the steps a resumed run did before): points before the first live one.
 async function loadLossLog(st, ref) {
-  st.node.properties[PROP_LOG] = ref;
+  setLossLog(st, ref);
   let text;
   try {
     const r = await api.fetchApi(`/view?${new URLSearchParams({ filename: ref.filename, subfolder: ref.subfolder ?? "", type: ref.type ?? "output" })}`, { cache: "no-store" });
@@ -276,7 +287,7 @@ async function loadLossLog(st, ref) {
   } catch {
     return;
   }
-  if (st.node.properties[PROP_LOG] !== ref) return; // a newer run took over meanwhile
+  if (JSON.stringify(st.node.properties[PROP_LOG]) !== JSON.stringify(ref)) return; // a newer run took over
   const first = st.steps.length ? st.steps[0] : Infinity;
   const old = parseLossCsv(text).filter(([s]) => s < first);
   if (!old.length) return;
@@ -291,12 +302,20 @@ async function loadLossLog(st, ref) {
   render(st);
 }
 
+function setLossLog(st, ref) {
+  if (JSON.stringify(st.node.properties[PROP_LOG]) === JSON.stringify(ref)) return;
+  st.node.properties[PROP_LOG] = ref;
+  remember();
+}
+
 // ----- previews -----
 
 function setPreview(st, preview) {
   st.preview = preview ? { ...preview, url: viewURL(preview) } : null;
+  const before = JSON.stringify(st.node.properties[PROP_PREVIEW]);
   if (preview) st.node.properties[PROP_PREVIEW] = { step: preview.step, filename: preview.filename, subfolder: preview.subfolder, type: preview.type };
   else delete st.node.properties[PROP_PREVIEW];
+  if (JSON.stringify(st.node.properties[PROP_PREVIEW]) !== before) remember();
   render(st);
 }
 
@@ -351,7 +370,7 @@ function onTrainEvent(ev) {
     st.statusText = `${d.run}: starting at step ${d.start || 0} of ${st.total}`;
     if (d.loss_log) {
       if (d.start) loadLossLog(st, d.loss_log);
-      else st.node.properties[PROP_LOG] = d.loss_log;
+      else setLossLog(st, d.loss_log);
     }
   } else if (d.event === "step") {
     addPoint(st, d.step, d.loss, d.smoothed_loss);
@@ -382,7 +401,7 @@ function onExecuted(node, message) {
   if (node.comfyClass === TRAIN) {
     const log = message?.sidestep_loss_log?.[0];
     if (log && !st.steps.length) loadLossLog(st, log); // a reused run: nothing was trained, draw its log
-    else if (log) node.properties[PROP_LOG] = log;
+    else if (log) setLossLog(st, log);
     const preview = message?.sidestep_preview?.[0];
     if (preview && preview.step !== st.preview?.step) setPreview(st, preview);
   }
