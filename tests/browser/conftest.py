@@ -92,14 +92,17 @@ def pytest_terminal_summary(terminalreporter):
 
 @pytest.fixture(scope="session")
 def comfy_server(tmp_path_factory):
-    """A ComfyUI server for the whole session: the tiny model set (cached between runs, see comfy_harness) and
-    two short test songs with captions in ``input/sidestep_dataset``."""
+    """A ComfyUI server for the whole session: the tiny model set (cached between runs, see comfy_harness), two
+    short test songs with captions in ``input/sidestep_dataset`` and ``models/loras/my_style.safetensors``."""
     comfyui_dir = Path(os.environ["COMFYUI_DIR"]).expanduser().resolve()
     standins = Path(tempfile.mkdtemp(prefix="comfy_standins_"))
     stood_in = H.write_standins(standins)
     models = H.write_model_set()
     base = tmp_path_factory.mktemp("browser_comfy_base")
     H.write_dataset(base / "input" / "sidestep_dataset")
+    loras = base / "models" / "loras"
+    loras.mkdir(parents=True)
+    shutil.copyfile(H.write_test_lora(), loras / "my_style.safetensors")  # the adapter apply_saved_adapter loads
     server = H.ComfyServer(comfyui_dir, base, models, standins if stood_in else None).start()
     yield server
     server.stop()

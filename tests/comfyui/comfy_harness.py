@@ -142,6 +142,27 @@ def write_model_set() -> Path:
     return models
 
 
+def write_test_lora() -> Path:
+    """``<cache>/my_style.safetensors``: a rank-4 LoRA on the model set's DiT in ComfyUI's format, the name
+    ``apply_saved_adapter`` loads, so that template opens (and runs) without a training run first. Written once."""
+    import torch
+
+    from adapter_helpers import decoder, make_adapter
+    from sidestep_core.adapters.comfy_export import export_comfyui
+    from sidestep_core.adapters.formats import read_adapter_weights
+
+    out = cache_root() / "my_style.safetensors"
+    if out.is_file():
+        return out
+    dec = decoder(write_model_set() / "diffusion_models" / DIT_NAME)
+    folder = Path(tempfile.mkdtemp(prefix="sidestep_lora_"))
+    make_adapter(dec, "lora").save(folder, {"sidestep_adapter": '"lora"', "sidestep_base_variant": '"turbo"'})
+    del dec
+    export_comfyui(read_adapter_weights(folder), out, dtype=torch.bfloat16)
+    shutil.rmtree(folder, ignore_errors=True)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------
 # audio
 # ----------------------------------------------------------------------------------------------------------
