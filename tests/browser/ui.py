@@ -58,7 +58,6 @@ _READ_NODES = """() => app.graph.nodes.map(n => ({
   registered: !!LiteGraph.registered_node_types[n.type], has_errors: !!n.has_errors,
   bounding: Array.from(n.getBounding ? n.getBounding() : n.boundingRect),
   widgets: (n.widgets || []).map(w => ({name: w.name, value: w.value, type: w.type,
-                                      serialize: w.serialize !== false && w.options?.serialize !== false,
                                       control: w.linkedWidgets?.[0]?.value ?? null,
                                       is_control: n.widgets.some(o => o.linkedWidgets?.includes(w))})),
 }))"""
@@ -117,17 +116,17 @@ def queue_from_ui(page, server, timeout: float = 1200.0) -> dict:
     """Press Run and wait for the prompt it queued to finish; returns its /history entry."""
     before = set(server.get("/history") or {})
     page.get_by_test_id("queue-button").click()
-    deadline = time.time() + timeout
+    started = time.time()
     prompt_id = None
-    while time.time() < deadline:
+    while time.time() < started + timeout:
         new = [k for k in (server.get("/history") or {}) if k not in before]
         if new:
             prompt_id = new[0]
             break
-        queue = server.get("/queue")
         if server.proc.poll() is not None:
             raise RuntimeError(f"ComfyUI died:\n{server.log_tail()}")
-        if not queue["queue_running"] and not queue["queue_pending"] and time.time() > deadline - timeout + 30:
+        queue = server.get("/queue")
+        if not queue["queue_running"] and not queue["queue_pending"] and time.time() > started + 30:
             errors = page.evaluate("() => document.querySelector('[role=dialog]')?.innerText ?? ''")
             raise AssertionError(f"nothing was queued after pressing Run: {errors[:3000]}\n"
                                  + "\n".join(page.sidestep_console[-30:]))
