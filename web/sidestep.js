@@ -5,8 +5,8 @@
 //   node's own widget values) holding Train Adapter's live loss chart, a play button for the newest preview, and
 //   the node's result text, wrapped inside the node.
 // - Train Adapter shows only the options of the chosen adapter type (inputs carrying "sidestep_adapters" in their
-//   definition), and keeps advanced inputs behind a toggle: Nodes 2.0 has its own footer button; the classic canvas
-//   gets a button widget (canvas-only, never serialized).
+//   definition). Every node keeps its advanced inputs behind a toggle: Nodes 2.0 has its own footer button; the
+//   classic canvas gets a button widget (canvas-only, never serialized).
 // - The chart is redrawn from the run's loss.csv after a page reload (the run is remembered in node.properties).
 // - After Export Adapter, LoRA lists are refreshed so the new file can be picked at once.
 import { app } from "../../scripts/app.js";
@@ -76,9 +76,16 @@ function nodeById(id) {
 }
 
 // Node properties changed outside a user's edit: let the workflow's change tracker store them (the open workflow is
-// kept across a page reload from what it stored).
+// kept across a page reload from what it stored). Once more a moment later: the tracker skips a capture while the
+// graph is in the middle of another change.
 function remember() {
-  app.extensionManager?.workflow?.activeWorkflow?.changeTracker?.checkState?.();
+  const capture = () => {
+    const tracker = app.extensionManager?.workflow?.activeWorkflow?.changeTracker;
+    if (tracker?.captureCanvasState) tracker.captureCanvasState();
+    else tracker?.checkState?.();
+  };
+  capture();
+  setTimeout(capture, 1000);
 }
 
 // ----- the panel (one DOM widget per node) -----
@@ -422,7 +429,7 @@ function restore(node) {
   render(st);
 }
 
-// ----- Train Adapter: options of the chosen adapter type, the advanced toggle -----
+// ----- widgets: Train Adapter's options of the chosen adapter type, every node's advanced toggle -----
 
 function inputOptions(nodeData, name) {
   const spec = nodeData.input?.required?.[name] ?? nodeData.input?.optional?.[name];
@@ -477,7 +484,7 @@ function advancedCount(node) {
   return (node.widgets ?? []).filter((w) => w.advanced && !otherAdapterType(node, w)).length;
 }
 
-function setupTrain(node, nodeData) {
+function setupWidgets(node, nodeData) {
   for (const w of node.widgets ?? []) {
     const opts = inputOptions(nodeData, w.name);
     if (opts.advanced) w.advanced = true; // the classic canvas reads the widget's own flag (context menu, outline)
@@ -485,7 +492,7 @@ function setupTrain(node, nodeData) {
     if (w.advanced || w.__sidestepAdapters) manageVisibility(node, w);
   }
   const adapterWidget = node.widgets?.find((w) => w.name === "adapter");
-  if (adapterWidget) {
+  if (adapterWidget && node.widgets.some((w) => w.__sidestepAdapters)) {
     const cb = adapterWidget.callback;
     adapterWidget.callback = function () {
       const r = cb?.apply(this, arguments);
@@ -493,6 +500,7 @@ function setupTrain(node, nodeData) {
       return r;
     };
   }
+  if (!node.hasAdvancedWidgets?.()) return;
   // Advanced on and off, also from the context menu: fit the node to what is shown.
   const toggleAdvanced = node.toggleAdvanced;
   node.toggleAdvanced = function () {
@@ -509,7 +517,6 @@ function setupTrain(node, nodeData) {
     set: () => {},
   });
   Object.defineProperty(toggle, "hidden", { configurable: true, get: alwaysShowAdvanced, set: () => {} });
-  applyAdapterType(node);
 }
 
 app.registerExtension({
@@ -524,7 +531,8 @@ app.registerExtension({
     const onNodeCreated = nodeType.prototype.onNodeCreated;
     nodeType.prototype.onNodeCreated = function () {
       const r = onNodeCreated?.apply(this, arguments);
-      if (nodeData.name === TRAIN) setupTrain(this, nodeData);
+      setupWidgets(this, nodeData);
+      applyAdapterType(this);
       panel(this);
       fit(this);
       return r;
@@ -532,10 +540,8 @@ app.registerExtension({
     const onConfigure = nodeType.prototype.onConfigure;
     nodeType.prototype.onConfigure = function () {
       const r = onConfigure?.apply(this, arguments);
-      if (nodeData.name === TRAIN) {
-        applyAdapterType(this);
-        restore(this);
-      }
+      applyAdapterType(this);
+      if (nodeData.name === TRAIN) restore(this);
       fit(this);
       return r;
     };

@@ -138,6 +138,16 @@ def test_train_adapter_fits_a_laptop_screen_and_advanced_toggles(page, comfy_ser
     assert abs(node_height(page, node, canvas) - height) < 2, "the node did not shrink back"
 
 
+def test_other_nodes_keep_advanced_inputs_behind_the_toggle(page, comfy_server, canvas):
+    fresh(page, comfy_server, canvas)
+    node = add_node(page, "SideStepEstimateGradients")
+    ui.settle(page)
+    assert {"batches", "focus", "top_k"} <= visible_widgets(page, node, canvas)
+    assert not {"runs", "base_rank", "seed"} & visible_widgets(page, node, canvas)
+    click_advanced(page, node, canvas)
+    assert {"runs", "base_rank", "seed"} <= visible_widgets(page, node, canvas)
+
+
 def test_saved_values_are_only_the_nodes_own_inputs(page, comfy_server, canvas):
     """The panel and the Advanced button are never saved: widgets_values keep the node's input order."""
     fresh(page, comfy_server, canvas)
