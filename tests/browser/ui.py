@@ -131,7 +131,10 @@ def queue_from_ui(page, server, timeout: float = 1200.0) -> dict:
             raise AssertionError(f"nothing was queued after pressing Run: {errors[:3000]}\n"
                                  + "\n".join(page.sidestep_console[-30:]))
         time.sleep(1)
-    assert prompt_id, f"the prompt did not finish in {timeout:.0f} s:\n{server.log_tail()}"
+    if not prompt_id:  # stop it, or it would hold the session's server for the tests after this one
+        server.post("/queue", {"clear": True})
+        server.post("/interrupt", {})
+        raise AssertionError(f"the prompt did not finish in {timeout:.0f} s:\n{server.log_tail()}")
     return server.get(f"/history/{prompt_id}")[prompt_id]
 
 
