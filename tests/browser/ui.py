@@ -35,9 +35,17 @@ def open_template(page, name: str, module: str = PACK_NAME, timeout_ms: int = 60
     page.get_by_text(module, exact=True).click()
     card = page.get_by_test_id(f"template-workflow-{name}")
     card.wait_for(timeout=timeout_ms)
-    card.click()
-    page.wait_for_function("(n) => app.graph?.nodes?.length === n && !document.querySelector('[role=dialog]')",
-                           arg=template_node_count(page, name, module), timeout=timeout_ms)
+    count = template_node_count(page, name, module)
+    loaded = "(n) => app.graph?.nodes?.length === n && !document.querySelector('[role=dialog]')"
+    deadline = time.time() + timeout_ms / 1000
+    while True:  # a click before the dialog has fetched its template index does nothing: click again
+        card.click()
+        try:
+            page.wait_for_function(loaded, arg=count, timeout=5_000)
+            break
+        except Exception:
+            if time.time() > deadline:
+                raise
     settle(page)
 
 
