@@ -39,7 +39,8 @@ def open_template(page, name: str, module: str = PACK_NAME, timeout_ms: int = 60
     loaded = "(n) => app.graph?.nodes?.length === n && !document.querySelector('[role=dialog]')"
     deadline = time.time() + timeout_ms / 1000
     while True:  # a click before the dialog has fetched its template index does nothing: click again
-        card.click()
+        if card.is_visible():
+            card.click()
         try:
             page.wait_for_function(loaded, arg=count, timeout=5_000)
             break
