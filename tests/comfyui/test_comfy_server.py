@@ -96,6 +96,8 @@ def test_object_info_lists_the_six_nodes(object_info):
             assert kind == i.kind, (node_id, i.name, kind)
             if i.advanced:
                 assert specs[i.name][1].get("advanced") is True, (node_id, i.name)
+            if i.control_after_generate:  # the seeds: the front end's control widget starts at "fixed"
+                assert specs[i.name][1].get("control_after_generate") == i.control_after_generate, (node_id, i.name)
     load = object_info["SideStepLoadCheckpoint"]["input"]["required"]
     assert load["model"][1]["options"] == [f"diffusion_models/{H.DIT_NAME}", "acestep/acestep-v15-turbo"]
     assert H.TE_NAME in load["text_encoder"][1]["options"]
