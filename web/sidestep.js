@@ -168,10 +168,14 @@ function render(st) {
   }
   st.result.hidden = !st.text;
   st.result.textContent = st.text;
-  fit(st.node);
+  // Nodes 2.0 grows a node to its content by itself but never shrinks it below its size: fit only on shrinking.
+  const h = panelHeight(st);
+  if (!LiteGraph.vueNodesMode || h < (st.height ?? 0)) fit(st.node);
+  st.height = h;
 }
 
-// Grow or shrink the node to its visible widgets (and the panel's current content).
+// Grow or shrink the node to its visible widgets and the panel's content (the classic canvas's measure; on Nodes
+// 2.0 the node element then grows back to what its content needs).
 function fit(node) {
   requestAnimationFrame(() => {
     if (!node.graph) return;

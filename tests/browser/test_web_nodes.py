@@ -277,3 +277,6 @@ def test_export_refreshes_the_lora_lists(page, comfy_server, canvas):
                             "output": {"text": [f"wrote {name}"]}})
     page.wait_for_function(f"(ids) => ({lists})(ids).every(v => v.includes({name!r}))",
                            arg=[apply_node, loader], timeout=30_000)
+    # nodes made afterwards (a workflow opened next, e.g. apply_saved_adapter) know the file too: not "missing"
+    later = add_node(page, "SideStepApplyAdapter", 40, 400)
+    assert name in page.evaluate(lists, [later])[0]
