@@ -115,9 +115,14 @@ class PreviewPlan:
         return self.folder / f"step_{step}.flac"
 
     def view_ref(self, step: int, output_dir: Path) -> dict:
-        """The file as ComfyUI's ``/view`` names it (``type`` output), for the web extension's player."""
-        rel = self.path(step).parent.resolve().relative_to(Path(output_dir).resolve())
-        return {"filename": self.path(step).name, "subfolder": rel.as_posix(), "type": "output"}
+        """The preview of ``step`` as ComfyUI's ``/view`` names it, for the web extension's player."""
+        return view_ref(self.path(step), output_dir)
+
+
+def view_ref(path: Path, output_dir: Path) -> dict:
+    """A file in ComfyUI's output folder as ``/view`` names it (``type`` output), for the web extension."""
+    rel = Path(path).parent.resolve().relative_to(Path(output_dir).resolve())
+    return {"filename": Path(path).name, "subfolder": rel.as_posix(), "type": "output"}
 
 
 def preview_plan(values: dict[str, Any], model: ModelBundle, run_dir: Path) -> Optional[PreviewPlan]:

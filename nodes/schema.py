@@ -15,10 +15,12 @@ _BUILTIN = {"MODEL": io.Model, "IMAGE": io.Image, "STRING": io.String, "CONDITIO
 
 
 def _widget(i: S.InputSpec):
-    common: dict[str, Any] = dict(optional=i.optional, tooltip=i.tooltip or None, advanced=i.advanced or None)
+    common: dict[str, Any] = dict(optional=i.optional, tooltip=i.tooltip or None, advanced=i.advanced or None,
+                                  extra_dict={S.ADAPTERS_KEY: list(i.adapters)} if i.adapters else None)
     if i.kind == "INT":
+        control = None if i.control_after_generate is None else io.ControlAfterGenerate(i.control_after_generate)
         return io.Int.Input(i.name, default=i.default, min=_num(i.min), max=_num(i.max), step=_num(i.step),
-                            **common)
+                            control_after_generate=control, **common)
     if i.kind == "FLOAT":
         # ComfyUI's frontend rounds floats to the step unless told not to: learning rates need every digit.
         rounding = False if (i.step is None or i.step < 0.01) else None

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from sidestep_core.audio.loudness import MODES as LOUDNESS_MODES
-from sidestep_core.config import TrainConfig
+from sidestep_core.config import ADAPTERS, TrainConfig
 from sidestep_core.data.preprocess import MODEL_MAX_SECONDS, PreprocessConfig
 from sidestep_core.estimate import FOCUSES, GROUPS, EstimateSettings
 from sidestep_core.model.variants import VARIANTS
@@ -29,6 +29,10 @@ ADAPTER_TYPE = "ACESTEP_ADAPTER"
 ESTIMATE_TYPE = "ACESTEP_ESTIMATE"
 
 WIDGET_KINDS = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+CONTROL = "control_after_generate"
+CONTROL_MODES = ("fixed", "increment", "decrement", "randomize")
+FIXED = "fixed"
+SEED_NAMES = ("seed", "noise_seed")  # INT inputs the front end gives a control widget by name alone
 EXPORT_FORMATS = ("comfyui", "peft", "lycoris")
 AUTO = "auto"
 NONE = "none"
@@ -41,6 +45,10 @@ DYNAMIC_LORAS = "loras"
 DYNAMIC_PRESETS = "presets"
 DYNAMIC_SAMPLERS = "samplers"  # ComfyUI's sampler names (comfy.samplers.KSampler.SAMPLERS)
 DYNAMIC_SCHEDULERS = "schedulers"  # ComfyUI's scheduler names (comfy.samplers.KSampler.SCHEDULERS)
+
+# Key of an input's definition (ComfyUI /object_info) listing the adapter types it belongs to; web/sidestep.js hides
+# the input while another type is chosen.
+ADAPTERS_KEY = "sidestep_adapters"
 
 # Train Adapter's preview graph: the sockets a KSampler + VAEDecodeAudio of the user's graph would take.
 PREVIEW_SOCKETS = ("preview_model", "preview_positive", "preview_negative", "preview_latent", "preview_vae")
@@ -59,8 +67,12 @@ class InputSpec:
     multiline: bool = False
     optional: bool = False
     advanced: bool = False
+    adapters: tuple = ()  # UI only: the input is shown only while Train Adapter's adapter type is one of these
     tooltip: str = ""
     config_field: Optional[str] = None  # the TrainConfig field this input sets
+    # INT: the front end's "control after generate" mode for this seed ("fixed" keeps the run fingerprint, so
+    # queueing again reuses or resumes the run); None: the front end's own rule (see ``has_control``).
+    control_after_generate: Optional[str] = None
 
     @property
     def is_widget(self) -> bool:
@@ -96,6 +108,17 @@ class NodeSpec:
         return [i for i in self.inputs if i.is_widget and not i.optional] + \
                [i for i in self.inputs if i.is_widget and i.optional]
 
+    @property
+    def widget_slots(self) -> list[str]:
+        """The names behind each entry of a saved node's ``widgets_values``: the widgets, each seed-like one
+        followed by its ``<name>.control_after_generate`` value (the front end's extra widget)."""
+        slots = []
+        for i in self.widgets:
+            slots.append(i.name)
+            if has_control(i.name, [i.kind, {"control_after_generate": i.control_after_generate}]):
+                slots.append(f"{i.name}.{CONTROL}")
+        return slots
+
 
 # ----------------------------------------------------------------------------------------------------------
 # TrainConfig fields as inputs
@@ -119,7 +142,8 @@ def config_default(name: str) -> Any:
 
 
 def cfg(name: str, *, advanced: bool = False, min: Optional[float] = None, max: Optional[float] = None,
-        step: Optional[float] = None, tooltip: str = "") -> InputSpec:
+        step: Optional[float] = None, tooltip: str = "", control_after_generate: Optional[str] = None,
+        adapters: tuple = ()) -> InputSpec:
     """An input that sets the ``TrainConfig`` field of the same name, with its default, choices and help."""
     f = _TC_FIELDS[name]
     tp = _field_type(name)
@@ -127,15 +151,15 @@ def cfg(name: str, *, advanced: bool = False, min: Optional[float] = None, max: 
     help_text = tooltip or f.metadata.get("help", "")
     default = config_default(name)
     if choices:
-        return InputSpec(name, "COMBO", default, tuple(choices), advanced=advanced, tooltip=help_text,
-                         config_field=name)
+        return InputSpec(name, "COMBO", default, tuple(choices), advanced=advanced, adapters=adapters,
+                         tooltip=help_text, config_field=name)
     kind = {bool: "BOOLEAN", int: "INT", float: "FLOAT", str: "STRING", list: "STRING"}[tp]
     if tp is list:
         default = ", ".join(default)
     if kind in ("INT", "FLOAT") and min is None:
         min = 0
-    return InputSpec(name, kind, default, min=min, max=max, step=step, advanced=advanced, tooltip=help_text,
-                     config_field=name)
+    return InputSpec(name, kind, default, min=min, max=max, step=step, advanced=advanced, adapters=adapters,
+                     tooltip=help_text, config_field=name, control_after_generate=control_after_generate)
 
 
 def to_config_value(spec: InputSpec, value: Any) -> Any:
@@ -202,6 +226,9 @@ PREPROCESS = NodeSpec(
     search_aliases=("dataset", "audio dataset", "encode audio"),
 )
 
+# Adapter types with a rank and an alpha (OFT has a block size instead).
+RANKED = tuple(a for a in ADAPTERS if a != "oft")
+
 TRAIN = NodeSpec(
     "SideStepTrainAdapter",
     "Train Adapter",
@@ -214,8 +241,8 @@ TRAIN = NodeSpec(
         InputSpec("preset", "COMBO", NONE, options=(NONE,), dynamic=DYNAMIC_PRESETS,
                   tooltip="start from a preset; inputs you change from their default override it"),
         cfg("adapter"),
-        cfg("rank", min=1, max=1024),
-        cfg("alpha", min=0.001, max=4096.0, step=0.5),
+        cfg("rank", min=1, max=1024, adapters=RANKED),
+        cfg("alpha", min=0.001, max=4096.0, step=0.5, adapters=RANKED),
         cfg("attention"),
         cfg("target_mlp"),
         cfg("max_steps", max=1_000_000),
@@ -225,11 +252,11 @@ TRAIN = NodeSpec(
         cfg("scheduler"),
         cfg("batch_size", min=1, max=256),
         cfg("crop_seconds", max=MODEL_MAX_SECONDS, step=1.0),
-        cfg("gradient_checkpointing"),
-        cfg("cfg_ratio", max=1.0, step=0.01),
-        cfg("timestep_mode"),
-        cfg("seed", max=2**31 - 1),
-        cfg("save_every", max=1_000_000),
+        cfg("gradient_checkpointing", advanced=True),
+        cfg("cfg_ratio", advanced=True, max=1.0, step=0.01),
+        cfg("timestep_mode", advanced=True),
+        cfg("seed", max=2**31 - 1, control_after_generate=FIXED),
+        cfg("save_every", advanced=True, max=1_000_000),
         InputSpec("output_name", "STRING", "sidestep_adapter",
                   tooltip="name of the run folder (output/sidestep/<name>-<settings hash>) and of the adapter"),
         InputSpec("resume", "BOOLEAN", True,
@@ -251,16 +278,17 @@ TRAIN = NodeSpec(
         cfg("val_every", advanced=True, max=1_000_000),
         cfg("estimate_steps", advanced=True, max=100),
         cfg("tensorboard", advanced=True),
-        cfg("lokr_factor", advanced=True, min=-1, max=1024),
-        cfg("lokr_decompose_both", advanced=True),
-        cfg("lokr_use_tucker", advanced=True),
-        cfg("lokr_use_scalar", advanced=True),
-        cfg("lokr_full_matrix", advanced=True),
-        cfg("loha_use_tucker", advanced=True),
-        cfg("loha_use_scalar", advanced=True),
-        cfg("oft_block_size", advanced=True, min=1, max=4096),
-        cfg("oft_constraint", advanced=True, step=0.001),
-        cfg("oft_rescaled", advanced=True),
+        # each adapter type's own options, shown only while it is chosen (the main one outside Advanced)
+        cfg("lokr_factor", min=-1, max=1024, adapters=("lokr",)),
+        cfg("lokr_decompose_both", advanced=True, adapters=("lokr",)),
+        cfg("lokr_use_tucker", advanced=True, adapters=("lokr",)),
+        cfg("lokr_use_scalar", advanced=True, adapters=("lokr",)),
+        cfg("lokr_full_matrix", advanced=True, adapters=("lokr",)),
+        cfg("loha_use_tucker", advanced=True, adapters=("loha",)),
+        cfg("loha_use_scalar", advanced=True, adapters=("loha",)),
+        cfg("oft_block_size", min=1, max=4096, adapters=("oft",)),
+        cfg("oft_constraint", advanced=True, step=0.001, adapters=("oft",)),
+        cfg("oft_rescaled", advanced=True, adapters=("oft",)),
         cfg("trigger_tag", advanced=True),
         InputSpec("estimate", ESTIMATE_TYPE, optional=True,
                   tooltip="from Estimate Gradients: train only its top modules, with its per-module ranks"),
@@ -330,7 +358,7 @@ ESTIMATE = NodeSpec(
                   tooltip="alpha = alpha_ratio x rank for every chosen module"),
         InputSpec("crop_seconds", "FLOAT", _EST.crop_seconds, min=0.0, max=MODEL_MAX_SECONDS, step=1.0,
                   advanced=True, tooltip="random crop per batch (0 = whole clips)"),
-        InputSpec("seed", "INT", _EST.seed, min=0, max=2**31 - 1, advanced=True,
+        InputSpec("seed", "INT", _EST.seed, min=0, max=2**31 - 1, advanced=True, control_after_generate=FIXED,
                   tooltip="seed of the clip order, crops, timesteps and noise"),
     ),
     (
@@ -428,6 +456,8 @@ def node_info(node: NodeSpec) -> dict:
             opts["min"] = i.min
         if i.max is not None:
             opts["max"] = i.max
+        if i.control_after_generate is not None:
+            opts[CONTROL] = i.control_after_generate
         if i.kind == "COMBO":
             opts["options"] = list(i.options)
             if i.dynamic:
@@ -444,10 +474,15 @@ def is_widget(input_spec: list) -> bool:
     return isinstance(kind, list) or kind in WIDGET_KINDS or kind == "COMFY_DYNAMICCOMBO_V3"
 
 
-def has_control(input_spec: list) -> bool:
-    """Seed-like widgets store an extra ``control_after_generate`` value after their own."""
+def has_control(name: str, input_spec: list) -> bool:
+    """Seed-like widgets store an extra ``control_after_generate`` value after their own. The front end (1.45)
+    adds that widget when the input asks for it, and, unless it says ``false``, to every INT input named like a
+    seed (a legacy convention that ComfyUI's /object_info does not show)."""
     opts = input_spec[1] if len(input_spec) > 1 and isinstance(input_spec[1], dict) else {}
-    return bool(opts.get("control_after_generate"))
+    control = opts.get(CONTROL)
+    if control is None:
+        return input_spec[0] == "INT" and name in SEED_NAMES
+    return bool(control)
 
 
 def _check_value(name: str, input_spec: list, value: Any) -> Optional[str]:
@@ -500,8 +535,8 @@ def check_widgets(node: dict, info: dict) -> list[str]:
         if why:
             problems.append(f"{where}: {why}")
         pos += 1
-        if has_control(spec):
-            if pos >= len(values) or values[pos] not in ("fixed", "increment", "decrement", "randomize"):
+        if has_control(name, spec):
+            if pos >= len(values) or values[pos] not in CONTROL_MODES:
                 problems.append(f"{where}: {name!r} needs a control_after_generate value after it")
             pos += 1
         if spec[0] == "COMFY_DYNAMICCOMBO_V3":

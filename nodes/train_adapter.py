@@ -25,9 +25,10 @@ from .values import AdapterRef, DatasetRef, EstimateRef, ModelBundle
 class _TrainReporter:
     """Core progress events → ComfyUI progress bar + ``sidestep.train`` events; Cancel → a stop request."""
 
-    def __init__(self, node_id: Optional[str], run_name: str):
+    def __init__(self, node_id: Optional[str], run_name: str, loss_log: Optional[dict] = None):
         self.node_id = node_id
         self.run_name = run_name
+        self.loss_log = loss_log  # /view reference of the run's loss.csv: the web chart reloads earlier steps
         self.bar: Optional[comfy.utils.ProgressBar] = None
         self.total = 0
         self.cancelled = False
@@ -43,7 +44,7 @@ class _TrainReporter:
         if kind == "plan":
             self.total = int(ev.get("total_steps") or 0)
             payload.update(total=self.total, start=ev.get("start_step", 0),
-                           seconds_per_step=ev.get("seconds_per_step"))
+                           seconds_per_step=ev.get("seconds_per_step"), loss_log=self.loss_log)
             self._bar(int(ev.get("start_step") or 0))
         elif kind == "step":
             self.total = int(ev.get("total") or self.total)
@@ -178,13 +179,14 @@ class TrainAdapter(io.ComfyNode):
                              bool(values.get("resume", True)))
         preview_plan = calls.preview_plan({**values, **graph}, model, plan.out)
         notes = [plan.note]
+        loss_log = calls.view_ref(plan.out / "loss.csv", Path(folder_paths.get_output_directory()))
         last_preview = None
         if plan.action == "reuse":
             result_status, step = "complete", (runs.read_marker(plan.out) or {}).get("step", 0)
             last_preview = _stored_preview(preview_plan)
         else:
             cfg = cfg.replace(resume="auto" if plan.action == "resume" else "none")
-            reporter = _TrainReporter(cls.hidden.unique_id, plan.out.name)
+            reporter = _TrainReporter(cls.hidden.unique_id, plan.out.name, loss_log)
             previews = None
             if preview_plan is not None:
                 previews = _GraphPreview(preview_plan, reporter, graph["preview_model"], graph["preview_positive"],
@@ -219,8 +221,11 @@ class TrainAdapter(io.ComfyNode):
         notes.insert(0, f"{adapter.kind} adapter, {adapter.steps} steps ({result_status}): {adapter.path}")
         if loss:
             notes.append(f"last loss {loss[-1]:.5f} (smoothed {smooth[-1]:.5f})")
-        ui_out = text(*notes).as_dict()
+        web = {"sidestep_loss_log": [loss_log]}  # for the web extension: the chart after a page reload
+        ui_out = {**text(*notes).as_dict(), **web}
         if last_preview is not None:
             notes.append(f"playing the preview of step {last_preview[0]}")
-            ui_out = {**text(*notes).as_dict(), **ui.PreviewAudio(last_preview[1], cls=cls).as_dict()}
+            web["sidestep_preview"] = [{"step": last_preview[0], **preview_plan.view_ref(
+                last_preview[0], Path(folder_paths.get_output_directory()))}]
+            ui_out = {**text(*notes).as_dict(), **ui.PreviewAudio(last_preview[1], cls=cls).as_dict(), **web}
         return io.NodeOutput(adapter, image, ui=ui_out)

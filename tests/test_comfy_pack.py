@@ -56,7 +56,7 @@ def generator():
 
 def widget_values(wf: dict, node_type: str) -> dict:
     node = next(n for n in wf["nodes"] if n["type"] == node_type)
-    return {w.name: v for w, v in zip(S.BY_ID[node_type].widgets, node["widgets_values"])}
+    return dict(zip(S.BY_ID[node_type].widget_slots, node["widgets_values"]))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -92,6 +92,18 @@ def test_generated_files_are_up_to_date():
     stale = [str(p.relative_to(ROOT)) for p, text in generator().generated_files().items()
              if not p.is_file() or p.read_text() != text]
     assert not stale, f"run `python tools/generate_pack_files.py`: stale {stale}"
+
+
+def test_templates_have_thumbnails():
+    """The template browser asks for <template>.jpg beside each template (a 404 and a blank card without it)."""
+    from PIL import Image
+
+    gen = generator()
+    for name in REQUIRED_WORKFLOWS:
+        with Image.open(WORKFLOWS / f"{name}.jpg") as img:
+            assert img.format == "JPEG" and img.size == gen.THUMB_SIZE, name
+            assert len(set(img.convert("L").getdata())) > 16, f"{name}.jpg is blank"  # a drawing, not a fill
+        assert gen.SUMMARIES[name] and name.replace("_", " ") not in gen.SUMMARIES[name].lower()
 
 
 def test_locales_describe_every_node_and_input():
@@ -150,7 +162,8 @@ def test_train_inputs_are_train_config_fields():
         if choices:
             assert i.kind == "COMBO" and i.options == tuple(choices)
         assert i.tooltip == fields[i.name].metadata["help"]
-    defaults = {"id": 1, "type": S.TRAIN.node_id, "widgets_values": [w.default for w in S.TRAIN.widgets]}
+    defaults = {"id": 1, "type": S.TRAIN.node_id,
+                "widgets_values": [S.FIXED if "." in n else S.TRAIN.input(n).default for n in S.TRAIN.widget_slots]}
     assert S.check_widgets(defaults, S.node_info(S.TRAIN)) == []
 
 
@@ -246,7 +259,7 @@ def test_apply_saved_adapter_loads_what_an_example_exports():
 def test_workflow_checks_catch_mistakes():
     wf = workflow("preprocess_and_train")
     node = next(n for n in wf["nodes"] if n["type"] == "SideStepTrainAdapter")
-    names = [w.name for w in S.TRAIN.widgets]
+    names = S.TRAIN.widget_slots
     bad = json.loads(json.dumps(node))
     bad["widgets_values"][names.index("adapter")] = "banana"
     bad["widgets_values"][names.index("rank")] = 0
@@ -280,6 +293,31 @@ def test_widget_checker_follows_the_frontends_layout():
                                                     "name", "lora", "format.quality"], problems
     node["widgets_values"] = [5, "fixed", "a.safetensors", "x", "flac", "extra"]
     assert S.check_widgets(node, info) == ["node 1 (X): 6 widget values for 5 widget slots"]
+    # The front end's legacy rule: an INT named seed/noise_seed gets the control even when /object_info does not
+    # ask for one (ComfyUI 0.27 + frontend 1.45), unless it says false.
+    legacy = {"input": {"required": {"seed": ["INT", {"default": 0}], "noise_seed": ["INT", {}],
+                                     "steps": ["INT", {}], "s": ["INT", {"control_after_generate": False}]}},
+              "input_order": {"required": ["seed", "noise_seed", "steps", "s"]}}
+    node["widgets_values"] = [1, "fixed", 2, "randomize", 3, 4]
+    assert S.check_widgets(node, legacy) == []
+
+
+@pytest.mark.parametrize("name", REQUIRED_WORKFLOWS)
+def test_seed_controls_are_stored_fixed(name):
+    """Every seed-like widget of every node (ComfyUI's too) is followed by its control value, "fixed" (a randomized
+    seed changes the run fingerprint: queueing again would start over instead of reusing or resuming)."""
+    gen = generator()
+    for node in workflow(name)["nodes"]:
+        spec = S.BY_ID.get(node["type"])
+        slots = spec.widget_slots if spec else [("seed." + S.CONTROL if w == "+control" else w)
+                                                  for w in gen.NATIVE[node["type"]]["widgets"]]
+        assert len(slots) == len(node["widgets_values"]), node["type"]
+        values = dict(zip(slots, node["widgets_values"]))
+        seeds = [s for s in slots if s.split(".")[0] in S.SEED_NAMES and not s.endswith(S.CONTROL)]
+        for seed in seeds:
+            assert values.get(f"{seed}.{S.CONTROL}") == S.FIXED, (node["type"], seed, node["widgets_values"])
+    for node_spec in (S.TRAIN, S.ESTIMATE):
+        assert node_spec.input("seed").control_after_generate == S.FIXED
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -73,22 +73,31 @@ class Builder:
     def __init__(self) -> None:
         self.nodes: list[dict] = []
         self.links: list[list] = []
+        self.intended: dict[int, dict[str, Any]] = {}  # node id -> {widget name: value} (before flattening)
 
     def add(self, kind: str, pos: tuple[int, int], values: Optional[dict] = None, *, title: str = "",
             size: tuple[int, int] = (320, 160)) -> dict:
         values = dict(values or {})
         node_spec = S.BY_ID.get(kind)
         if node_spec is not None:
+            # One value per entry the front end reads back, the seed controls included (see spec.has_control).
+            defaults = {w.name: w.default for w in node_spec.widgets}
+            slots = node_spec.widget_slots
             widgets = []
-            for w in node_spec.widgets:
-                widgets.append(values.pop(w.name) if w.name in values else w.default)
+            for slot in slots:
+                name, _, control = slot.partition(".")
+                if control:
+                    widgets.append(values.pop(slot, node_spec.input(name).control_after_generate or S.FIXED))
+                else:
+                    widgets.append(values.pop(slot) if slot in values else defaults[slot])
             inputs = [{"name": i.name, "type": i.kind, "link": None} for i in node_spec.inputs if not i.is_widget]
             outputs = [{"name": o.name, "type": o.kind, "links": []} for o in node_spec.outputs]
         else:
             native = NATIVE[kind]
-            widgets = []
+            slots, widgets = [], []
             for name in native["widgets"]:
-                widgets.append("fixed" if name == "+control" else values.pop(name))
+                slots.append(f"{slots[-1]}.{S.CONTROL}" if name == "+control" else name)
+                widgets.append(S.FIXED if name == "+control" else values.pop(name))
             inputs = [{"name": n, "type": t, "link": None} for n, t in native["inputs"]]
             outputs = [{"name": n, "type": t, "links": []} for n, t in native["outputs"]]
         if values:
@@ -103,6 +112,7 @@ class Builder:
         if title:
             node["title"] = title
         self.nodes.append(node)
+        self.intended[node["id"]] = dict(zip(slots, widgets))
         return node
 
     def link(self, src: dict, output: str, dst: dict, input_name: str) -> None:
@@ -123,51 +133,103 @@ class Builder:
         }
 
 
-def group(title: str, x: int, y: int, w: int, h: int, color: str = "#3f789e") -> dict:
-    return {"title": title, "bounding": [x, y, w, h], "color": color, "font_size": 24, "flags": {}}
+# Layout. LiteGraph draws a node's title bar above its ``pos``; each node is stored with the size it is drawn at.
+TITLE_H = 30
+GAP = 40
+RESULT_ROOM = 120  # below a Side-Step node: its result text after a run
+TRAIN_ROOM = 320  # below Train Adapter: its loss chart, play button and result text
+# Drawn height (title bar included) of each node as opened in ComfyUI's front end 1.45, the larger of the classic
+# and Nodes 2.0 canvases. Nodes are stacked in columns by these heights; the browser tests check that no node
+# overlaps another on either canvas. Train Adapter's height follows the adapter type and the Advanced toggle, so it
+# always ends its column.
+HEIGHTS = {
+    "MarkdownNote": 330, "SideStepLoadCheckpoint": 234, "SideStepPreprocessAudio": 310,
+    "SideStepTrainAdapter": 780, "SideStepExportAdapter": 202, "SideStepApplyAdapter": 222,
+    "SideStepEstimateGradients": 376, "PreviewImage": 290, "PreviewAny": 330, "UNETLoader": 190,
+    "DualCLIPLoader": 202, "VAELoader": 190, "ModelSamplingAuraFlow": 190, "TextEncodeAceStepAudio1.5": 550,
+    "ConditioningZeroOut": 190, "EmptyAceStep1.5LatentAudio": 190, "KSampler": 342, "VAEDecodeAudio": 190,
+    "SaveAudioAdvanced": 174,
+}
+WIDTHS = {"MarkdownNote": 420, "SideStepPreprocessAudio": 340, "SideStepTrainAdapter": 360,
+          "SideStepApplyAdapter": 340, "SideStepEstimateGradients": 340, "PreviewImage": 420, "PreviewAny": 340,
+          "TextEncodeAceStepAudio1.5": 400}
+COLUMN = 400  # distance between columns of 320-360 wide nodes
 
 
-def note(b: Builder, text: str, pos: tuple[int, int], size=(420, 300)) -> dict:
-    return b.add("MarkdownNote", pos, {"text": text}, title="Read me", size=size)
+class Column:
+    """Nodes stacked top to bottom at one x, each below the previous one's drawn box."""
+
+    def __init__(self, b: Builder, x: int, y: int = 0) -> None:
+        self.b, self.x, self.y = b, x, y
+
+    def add(self, kind: str, values: Optional[dict] = None, *, title: str = "") -> dict:
+        height = HEIGHTS[kind]
+        node = self.b.add(kind, (self.x, self.y), values, title=title,
+                          size=(WIDTHS.get(kind, 320), height - TITLE_H))
+        room = TRAIN_ROOM if kind == "SideStepTrainAdapter" else RESULT_ROOM if kind in S.BY_ID else 0
+        self.y += height + room + GAP
+        return node
 
 
-def side_step_front(b: Builder, *, x: int = 0, trigger: str = TRIGGER) -> tuple[dict, dict]:
-    load = b.add("SideStepLoadCheckpoint", (x, 0), {"model": MODEL_CHOICE})
-    pre = b.add("SideStepPreprocessAudio", (x, 220), {"trigger_tag": trigger}, size=(340, 240))
+def group(b: Builder, title: str, members: list[dict], color: str = "#3f789e") -> dict:
+    """A group drawn around its members (with the room they grow into after a run)."""
+    pad, head = 20, 50
+
+    def bottom(n: dict) -> int:
+        room = TRAIN_ROOM if n["type"] == "SideStepTrainAdapter" else RESULT_ROOM if n["type"] in S.BY_ID else 0
+        return n["pos"][1] + n["size"][1] + room
+
+    x0 = min(n["pos"][0] for n in members) - pad
+    y0 = min(n["pos"][1] for n in members) - TITLE_H - head
+    x1 = max(n["pos"][0] + n["size"][0] for n in members) + pad
+    y1 = max(bottom(n) for n in members) + pad
+    return {"title": title, "bounding": [x0, y0, x1 - x0, y1 - y0], "color": color, "font_size": 24, "flags": {}}
+
+
+def note(b: Builder, text: str, x: int = -480) -> dict:
+    return Column(b, x).add("MarkdownNote", {"text": text}, title="Read me")
+
+
+def side_step_front(b: Builder, col: Column, trigger: str = TRIGGER) -> tuple[dict, dict]:
+    load = col.add("SideStepLoadCheckpoint", {"model": MODEL_CHOICE})
+    pre = col.add("SideStepPreprocessAudio", {"trigger_tag": trigger})
     b.link(load, "model", pre, "model")
     return load, pre
 
 
-def generation(b: Builder, model_source: dict, model_output: str, *, x: int, y: int, tags: str,
-               prefix: str) -> dict:
-    """ComfyUI's native ACE-Step 1.5 text-to-music graph (the audio_ace_step_1_5_split template), turbo values.
-    Returns its conditioning, latent and VAE nodes (``text``, ``zero``, ``latent``, ``vae``)."""
-    clip = b.add("DualCLIPLoader", (x, y), {"clip_name1": "qwen_0.6b_ace15.safetensors",
-                                            "clip_name2": "qwen_1.7b_ace15.safetensors", "type": "ace",
-                                            "device": "default"})
-    vae = b.add("VAELoader", (x, y + 160), {"vae_name": "ace_1.5_vae.safetensors"})
-    sampling = b.add("ModelSamplingAuraFlow", (x + 360, y - 200), {"shift": 3.0})
-    b.link(model_source, model_output, sampling, "model")
-    text = b.add("TextEncodeAceStepAudio1.5", (x + 360, y), {
+def generation(b: Builder, model_source: dict, model_output: str, *, x: int, tags: str, prefix: str) -> dict:
+    """ComfyUI's native ACE-Step 1.5 text-to-music graph (the audio_ace_step_1_5_split template), turbo values, in
+    four columns from ``x``. Returns its conditioning, latent and VAE nodes (``text``, ``zero``, ``latent``,
+    ``vae``) and all its nodes (``nodes``)."""
+    loaders, encode = Column(b, x), Column(b, x + COLUMN)
+    latents, sampling = Column(b, x + 2 * COLUMN + 80), Column(b, x + 3 * COLUMN + 80)  # the encoder is 400 wide
+    clip = loaders.add("DualCLIPLoader", {"clip_name1": "qwen_0.6b_ace15.safetensors",
+                                          "clip_name2": "qwen_1.7b_ace15.safetensors", "type": "ace",
+                                          "device": "default"})
+    vae = loaders.add("VAELoader", {"vae_name": "ace_1.5_vae.safetensors"})
+    shift = loaders.add("ModelSamplingAuraFlow", {"shift": 3.0})
+    b.link(model_source, model_output, shift, "model")
+    text = encode.add("TextEncodeAceStepAudio1.5", {
         "tags": tags, "lyrics": LYRICS, "seed": 31, "bpm": 120, "duration": 60.0, "timesignature": "4",
         "language": "en", "keyscale": "C major", "generate_audio_codes": False, "cfg_scale": 2.0,
-        "temperature": 0.85, "top_p": 0.9, "top_k": 0, "min_p": 0.0}, size=(400, 520))
+        "temperature": 0.85, "top_p": 0.9, "top_k": 0, "min_p": 0.0})
     b.link(clip, "CLIP", text, "clip")
-    zero = b.add("ConditioningZeroOut", (x + 800, y + 120))
+    zero = latents.add("ConditioningZeroOut")
     b.link(text, "CONDITIONING", zero, "conditioning")
-    latent = b.add("EmptyAceStep1.5LatentAudio", (x + 800, y + 240), {"seconds": 60.0, "batch_size": 1})
-    sampler = b.add("KSampler", (x + 1160, y - 200), {"seed": 31, "steps": 8, "cfg": 1.0, "sampler_name": "euler",
-                                                      "scheduler": "simple", "denoise": 1.0}, size=(320, 260))
-    b.link(sampling, "MODEL", sampler, "model")
+    latent = latents.add("EmptyAceStep1.5LatentAudio", {"seconds": 60.0, "batch_size": 1})
+    sampler = sampling.add("KSampler", {"seed": 31, "steps": 8, "cfg": 1.0, "sampler_name": "euler",
+                                        "scheduler": "simple", "denoise": 1.0})
+    b.link(shift, "MODEL", sampler, "model")
     b.link(text, "CONDITIONING", sampler, "positive")
     b.link(zero, "CONDITIONING", sampler, "negative")
     b.link(latent, "LATENT", sampler, "latent_image")
-    decode = b.add("VAEDecodeAudio", (x + 1160, y + 100))
+    decode = sampling.add("VAEDecodeAudio")
     b.link(sampler, "LATENT", decode, "samples")
     b.link(vae, "VAE", decode, "vae")
-    save = b.add("SaveAudioAdvanced", (x + 1160, y + 220), {"filename_prefix": prefix, "format": "flac"})
+    save = sampling.add("SaveAudioAdvanced", {"filename_prefix": prefix, "format": "flac"})
     b.link(decode, "AUDIO", save, "audio")
-    return {"text": text, "zero": zero, "latent": latent, "vae": vae}
+    return {"text": text, "zero": zero, "latent": latent, "vae": vae,
+            "nodes": [clip, vae, shift, text, zero, latent, sampler, decode, save]}
 
 
 INTRO = (
@@ -182,8 +244,7 @@ INTRO = (
 )
 
 
-def train_then_generate() -> dict:
-    b = Builder()
+def train_then_generate(b: Builder) -> dict:
     note(b, INTRO.format(title="train, then generate", body=(
         "Preprocesses the folder, trains an adapter, applies it to the model loaded by *Load Diffusion Model* and "
         f"generates with ComfyUI's own ACE-Step 1.5 nodes, all in one queue. Put the trigger tag (`{TRIGGER}`) in "
@@ -191,81 +252,84 @@ def train_then_generate() -> dict:
         "**Previews**: the same model, conditioning, latent and VAE also go into *Train Adapter*'s `preview_…` "
         "inputs, so every `preview_every` steps it renders this very generation with the adapter as it is then "
         "(`output/sidestep/<run>/previews/step_N.flac`; the node plays the last one). Disconnect them to train "
-        "without previews.")), (-480, 0))
-    load, pre = side_step_front(b)
-    train = b.add("SideStepTrainAdapter", (380, 0), {"output_name": "my_style"}, size=(360, 900))
+        "without previews.")))
+    load, pre = side_step_front(b, Column(b, 0))
+    train = Column(b, COLUMN).add("SideStepTrainAdapter", {"output_name": "my_style"})
     b.link(load, "model", train, "model")
     b.link(pre, "dataset", train, "dataset")
-    loss = b.add("PreviewImage", (780, -420), size=(420, 260))
+    results = Column(b, 2 * COLUMN)
+    loss = results.add("PreviewImage")
     b.link(train, "loss_curve", loss, "images")
-    export = b.add("SideStepExportAdapter", (780, -120), {"name": "my_style"})
+    export = results.add("SideStepExportAdapter", {"name": "my_style"})
     b.link(train, "adapter", export, "adapter")
-    unet = b.add("UNETLoader", (780, 120), {"unet_name": DIT, "weight_dtype": "default"})
-    apply = b.add("SideStepApplyAdapter", (780, 280), size=(340, 240))
+    model = Column(b, 3 * COLUMN + 80)  # the loss preview is 420 wide
+    unet = model.add("UNETLoader", {"unet_name": DIT, "weight_dtype": "default"})
+    apply = model.add("SideStepApplyAdapter")
     b.link(unet, "MODEL", apply, "model")
     b.link(train, "adapter", apply, "adapter")
-    gen = generation(b, apply, "model", x=1200, y=420, tags=f"{TRIGGER}, upbeat pop, bright synths, female vocals",
+    gen = generation(b, apply, "model", x=4 * COLUMN + 80, tags=f"{TRIGGER}, upbeat pop, bright synths, female vocals",
                      prefix="audio/sidestep_train_then_generate")
-    b.link(unet, "MODEL", train, "preview_model")  # previews: the generation below, with the live adapter
+    b.link(unet, "MODEL", train, "preview_model")  # previews: the generation beside, with the live adapter
     b.link(gen["text"], "CONDITIONING", train, "preview_positive")
     b.link(gen["zero"], "CONDITIONING", train, "preview_negative")
     b.link(gen["latent"], "LATENT", train, "preview_latent")
     b.link(gen["vae"], "VAE", train, "preview_vae")
-    return b.workflow([group("1 - Data and training", -20, -60, 780, 1000),
-                       group("2 - Generate with the adapter", 760, -460, 2400, 1500, "#8a5a9e")])
+    return b.workflow([group(b, "1 - Data and training", [load, pre, train, loss, export]),
+                       group(b, "2 - Generate with the adapter", [unet, apply, *gen["nodes"]], "#8a5a9e")])
 
 
-def preprocess_and_train() -> dict:
-    b = Builder()
+def preprocess_and_train(b: Builder) -> dict:
     note(b, INTRO.format(title="preprocess and train", body=(
         "Encodes the folder once (cached by content: queueing again is instant, edited files alone are "
         "re-encoded), trains an adapter and exports it to `models/loras/` for ComfyUI's LoRA loaders or "
-        "*Apply Adapter*.")), (-480, 0))
-    load, pre = side_step_front(b)
-    train = b.add("SideStepTrainAdapter", (380, 0), {"output_name": "my_style"}, size=(360, 900))
+        "*Apply Adapter*.")))
+    load, pre = side_step_front(b, Column(b, 0))
+    train = Column(b, COLUMN).add("SideStepTrainAdapter", {"output_name": "my_style"})
     b.link(load, "model", train, "model")
     b.link(pre, "dataset", train, "dataset")
-    loss = b.add("PreviewImage", (780, 0), size=(420, 260))
+    results = Column(b, 2 * COLUMN)
+    loss = results.add("PreviewImage")
     b.link(train, "loss_curve", loss, "images")
-    export = b.add("SideStepExportAdapter", (780, 320), {"name": "my_style"})
+    export = results.add("SideStepExportAdapter", {"name": "my_style"})
     b.link(train, "adapter", export, "adapter")
-    return b.workflow([group("Preprocess, train, export", -20, -60, 1240, 1000)])
+    return b.workflow([group(b, "Preprocess, train, export", [load, pre, train, loss, export])])
 
 
-def estimate_then_train() -> dict:
-    b = Builder()
+def estimate_then_train(b: Builder) -> dict:
     note(b, INTRO.format(title="estimate, then train", body=(
         "*Estimate Gradients* measures which DiT modules your data pulls on most; *Train Adapter* then trains "
-        "only its top modules with ranks scaled to their share. The ranking is shown as text.")), (-480, 0))
-    load, pre = side_step_front(b)
-    est = b.add("SideStepEstimateGradients", (380, 0), size=(340, 200))
+        "only its top modules with ranks scaled to their share. The ranking is shown as text.")))
+    load, pre = side_step_front(b, Column(b, 0))
+    estimation = Column(b, COLUMN)
+    est = estimation.add("SideStepEstimateGradients")
     b.link(load, "model", est, "model")
     b.link(pre, "dataset", est, "dataset")
-    ranking = b.add("PreviewAny", (380, 260), size=(340, 300))
+    ranking = estimation.add("PreviewAny")
     b.link(est, "ranking", ranking, "source")
-    train = b.add("SideStepTrainAdapter", (760, 0), {"output_name": "my_style_estimated"}, size=(360, 900))
+    train = Column(b, 2 * COLUMN).add("SideStepTrainAdapter", {"output_name": "my_style_estimated"})
     b.link(load, "model", train, "model")
     b.link(pre, "dataset", train, "dataset")
     b.link(est, "estimate", train, "estimate")
-    loss = b.add("PreviewImage", (1160, 0), size=(420, 260))
+    results = Column(b, 3 * COLUMN)
+    loss = results.add("PreviewImage")
     b.link(train, "loss_curve", loss, "images")
-    export = b.add("SideStepExportAdapter", (1160, 320), {"name": "my_style_estimated"})
+    export = results.add("SideStepExportAdapter", {"name": "my_style_estimated"})
     b.link(train, "adapter", export, "adapter")
-    return b.workflow([group("Estimate, train, export", -20, -60, 1640, 1000)])
+    return b.workflow([group(b, "Estimate, train, export", [load, pre, est, ranking, train, loss, export])])
 
 
-def apply_saved_adapter() -> dict:
-    b = Builder()
+def apply_saved_adapter(b: Builder) -> dict:
     note(b, ("## Side-Step: apply a saved adapter\n\nPick an exported adapter from `models/loras/` in *Apply "
              "Adapter* (or use ComfyUI's *LoraLoaderModelOnly*: the files carry their alpha, so both give the same "
              "result). The advanced inputs scale self-attention, cross-attention and MLP modules separately. "
-             f"Put the adapter's trigger tag (`{TRIGGER}` in the other examples) in the tags."), (-480, 0))
-    unet = b.add("UNETLoader", (0, 0), {"unet_name": DIT, "weight_dtype": "default"})
-    apply = b.add("SideStepApplyAdapter", (0, 160), {"lora_name": "my_style.safetensors"}, size=(340, 240))
+             f"Put the adapter's trigger tag (`{TRIGGER}` in the other examples) in the tags."))
+    model = Column(b, 0)
+    unet = model.add("UNETLoader", {"unet_name": DIT, "weight_dtype": "default"})
+    apply = model.add("SideStepApplyAdapter", {"lora_name": "my_style.safetensors"})
     b.link(unet, "MODEL", apply, "model")
-    generation(b, apply, "model", x=0, y=520, tags=f"{TRIGGER}, upbeat pop, bright synths, female vocals",
-               prefix="audio/sidestep_apply_saved_adapter")
-    return b.workflow([group("Apply a saved adapter and generate", -20, -260, 1700, 1400, "#8a5a9e")])
+    gen = generation(b, apply, "model", x=COLUMN, tags=f"{TRIGGER}, upbeat pop, bright synths, female vocals",
+                     prefix="audio/sidestep_apply_saved_adapter")
+    return b.workflow([group(b, "Apply a saved adapter and generate", [unet, apply, *gen["nodes"]], "#8a5a9e")])
 
 
 def label(name: str) -> str:
@@ -289,6 +353,61 @@ def locales() -> dict:
     return {"nodeDefs": defs}
 
 
+# What each template does, drawn on its thumbnail: the Templates dialog (frontend 1.45) shows a custom node pack's
+# template under its file name, with that name again as its description, and reads nothing else from the pack.
+SUMMARIES = {
+    "train_then_generate": "Train an adapter on your songs, hear previews while it learns, then generate with it",
+    "preprocess_and_train": "Encode a folder of songs once, train an adapter, export it to models/loras",
+    "estimate_then_train": "Find the modules your data pulls on most, then train only those",
+    "apply_saved_adapter": "Generate with an exported adapter in ComfyUI's ACE-Step 1.5 graph",
+}
+THUMB_SIZE = (400, 300)
+
+
+def thumbnail(name: str, workflow: dict):
+    """The template's card: its graph in miniature (Side-Step nodes highlighted, links drawn) under what it does."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    w, h = THUMB_SIZE
+    img = Image.new("RGB", (w, h), (24, 24, 30))
+    draw = ImageDraw.Draw(img)
+    nodes = [n for n in workflow["nodes"] if n["type"] != "MarkdownNote"]
+    x0 = min(n["pos"][0] for n in nodes)
+    y0 = min(n["pos"][1] for n in nodes)
+    x1 = max(n["pos"][0] + n["size"][0] for n in nodes)
+    y1 = max(n["pos"][1] + n["size"][1] for n in nodes)
+    area = (16, 100, w - 16, h - 14)
+    scale = min((area[2] - area[0]) / (x1 - x0), (area[3] - area[1]) / (y1 - y0))
+
+    def box(n):
+        left = area[0] + (n["pos"][0] - x0) * scale
+        top = area[1] + (n["pos"][1] - y0) * scale
+        return left, top, left + n["size"][0] * scale, top + n["size"][1] * scale
+
+    boxes = {n["id"]: box(n) for n in nodes}
+    for _, src, _, dst, _, _ in workflow["links"]:
+        if src in boxes and dst in boxes:
+            a, b = boxes[src], boxes[dst]
+            draw.line([(a[2], (a[1] + a[3]) / 2), (b[0], (b[1] + b[3]) / 2)], fill=(110, 110, 130), width=1)
+    for n in nodes:
+        ours = n["type"] in S.BY_ID
+        draw.rounded_rectangle(boxes[n["id"]], radius=3, fill=(60, 110, 170) if ours else (64, 64, 74),
+                               outline=(150, 190, 240) if ours else (110, 110, 122))
+    title = ImageFont.load_default(size=24)
+    body = ImageFont.load_default(size=15)
+    draw.text((16, 12), label(name).capitalize(), font=title, fill=(240, 240, 245))
+    words, lines = SUMMARIES[name].split(), [""]
+    for word in words:
+        line = f"{lines[-1]} {word}".strip()
+        if draw.textlength(line, font=body) > w - 32:
+            lines.append(word)
+        else:
+            lines[-1] = line
+    for i, line in enumerate(lines[:3]):
+        draw.text((16, 46 + 18 * i), line, font=body, fill=(190, 190, 200))
+    return img
+
+
 WORKFLOWS = {
     "train_then_generate": train_then_generate,
     "preprocess_and_train": preprocess_and_train,
@@ -301,8 +420,16 @@ def dumps(obj: dict) -> str:
     return json.dumps(obj, indent=1, ensure_ascii=False) + "\n"
 
 
+def build(name: str) -> tuple[dict, dict[int, dict[str, Any]]]:
+    """A template and what it means: its UI-format workflow and, per node id, each widget's intended value by name
+    (a seed's control value as ``<seed>.control_after_generate``); the browser tests compare the front end's reading
+    of the file with the latter."""
+    b = Builder()
+    return WORKFLOWS[name](b), b.intended
+
+
 def generated_files() -> dict[Path, str]:
-    files = {OUT / f"{name}.json": dumps(make()) for name, make in WORKFLOWS.items()}
+    files = {OUT / f"{name}.json": dumps(build(name)[0]) for name in WORKFLOWS}
     files[ROOT / "locales" / "en" / "main.json"] = dumps(locales())
     return files
 
@@ -311,6 +438,10 @@ def main() -> None:
     for path, text in generated_files().items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
+        print(path.relative_to(ROOT))
+    for name in WORKFLOWS:  # thumbnails: JPEG bytes vary between Pillow versions, so they are not compared
+        path = OUT / f"{name}.jpg"
+        thumbnail(name, build(name)[0]).save(path, quality=85, optimize=True)
         print(path.relative_to(ROOT))
 
 

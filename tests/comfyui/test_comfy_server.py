@@ -96,6 +96,8 @@ def test_object_info_lists_the_six_nodes(object_info):
             assert kind == i.kind, (node_id, i.name, kind)
             if i.advanced:
                 assert specs[i.name][1].get("advanced") is True, (node_id, i.name)
+            if i.control_after_generate:  # the seeds: the front end's control widget starts at "fixed"
+                assert specs[i.name][1].get("control_after_generate") == i.control_after_generate, (node_id, i.name)
     load = object_info["SideStepLoadCheckpoint"]["input"]["required"]
     assert load["model"][1]["options"] == [f"diffusion_models/{H.DIT_NAME}", "acestep/acestep-v15-turbo"]
     assert H.TE_NAME in load["text_encoder"][1]["options"]
@@ -208,9 +210,21 @@ def test_run_estimate_then_train(server, object_info):
     assert (server.base / "models" / "loras" / "my_style_estimated.safetensors").is_file()
 
 
-def test_run_apply_saved_adapter(server, object_info):
-    assert (server.base / "models" / "loras" / "my_style.safetensors").is_file(), "run the training examples first"
-    object_info = server.get("/object_info")  # now lists the exported file
+@pytest.fixture(scope="module")
+def my_style_adapter(server, object_info):
+    """``models/loras/my_style.safetensors``, the adapter apply_saved_adapter loads: the one a training example
+    exported, or a short training of its own (so the test also runs alone)."""
+    lora = server.base / "models" / "loras" / "my_style.safetensors"
+    if not lora.is_file():
+        prompt = shorten(H.ui_to_api(load_workflow("preprocess_and_train"), object_info),
+                         SideStepTrainAdapter={"output_name": "for_apply"})
+        server.run(prompt)
+    assert lora.is_file()
+    return lora
+
+
+def test_run_apply_saved_adapter(server, my_style_adapter):
+    object_info = server.get("/object_info")  # lists the exported file
     workflow = load_workflow("apply_saved_adapter")
     problems = [p for n in workflow["nodes"] if n["type"] not in H.FRONTEND_ONLY
                 for p in H.check_widgets(n, object_info[n["type"]])]

@@ -1,0 +1,49 @@
+"""``train_then_generate`` opened from the Templates dialog and queued with the Run button, on both canvases, with
+only its run length shortened for the CPU: the queue succeeds, Train Adapter draws its loss chart and offers the
+newest preview to play, and Save Audio holds the generated audio."""
+
+from __future__ import annotations
+
+import pytest
+
+import ui
+
+pytestmark = [pytest.mark.comfyui, pytest.mark.browser, pytest.mark.slow]
+
+SHORTEN = {
+    "SideStepTrainAdapter": {"max_steps": 2, "estimate_steps": 0, "tensorboard": False},
+    "TextEncodeAceStepAudio1.5": {"duration": 4.0},
+    "EmptyAceStep1.5LatentAudio": {"seconds": 4.0},
+}
+
+
+def test_train_then_generate_from_the_run_button(page, comfy_server, canvas):
+    ui.open_app(page, comfy_server, vue=canvas == "vue")
+    ui.open_template(page, "train_then_generate")
+    ids = {n["type"]: n["id"] for n in ui.read_nodes(page)}
+    for node_type, values in SHORTEN.items():
+        for name, value in values.items():
+            ui.set_widget(page, ids[node_type], name, value)
+    # its own run per canvas: the other canvas's finished run would be reused instead of trained
+    ui.set_widget(page, ids["SideStepTrainAdapter"], "output_name", f"ui_{canvas}")
+
+    entry = ui.queue_from_ui(page, comfy_server)
+    status = entry["status"]
+    assert status["status_str"] == "success", ui.dumps(status["messages"])
+    train = str(ids["SideStepTrainAdapter"])
+    assert "2 steps (complete)" in "\n".join(entry["outputs"][train].get("text", [])), ui.dumps(entry["outputs"])
+
+    # the loss chart, drawn from the run's steps, and the play button of the newest preview
+    panel = f".sidestep-panel[data-sidestep-node='{ids['SideStepTrainAdapter']}']"
+    chart = page.locator(f"{panel} canvas.sidestep-chart")
+    chart.wait_for(state="visible", timeout=30_000)
+    page.wait_for_function("(sel) => Number(document.querySelector(sel)?.dataset.points) >= 2",
+                           arg=f"{panel} canvas.sidestep-chart", timeout=30_000)
+    play = page.locator(f"{panel} button.sidestep-play")
+    play.wait_for(state="visible", timeout=30_000)
+    assert play.get_attribute("data-url"), "the play button has no preview to play"
+
+    # Save Audio's player holds the file the queue wrote
+    saved = entry["outputs"][str(ids["SaveAudioAdvanced"])]["audio"][0]["filename"]
+    page.wait_for_function("(f) => [...document.querySelectorAll('audio')].some(a => decodeURIComponent(a.src)"
+                           ".includes(f))", arg=saved, timeout=30_000)
