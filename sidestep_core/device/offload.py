@@ -48,6 +48,7 @@ class LayerStreamer:
         self.pending: dict[int, _Transfer] = {}
         self.last = -1
         self.installed: set[int] = set()
+        self.transfers = 0  # layer copies started (forward, and backward's re-runs)
         self.handles = []
         for i, layer in enumerate(self.layers):
             slots = []
@@ -83,6 +84,7 @@ class LayerStreamer:
         if i in self.pending or not 0 <= i < len(self.layers):
             return
         hosts = [s.host for s in self.slots[i]]
+        self.transfers += 1
         if not self.cuda:
             self.pending[i] = _Transfer([h.to(self.device, copy=True) for h in hosts])
             return
