@@ -131,7 +131,8 @@ def test_comfyui_fp8_files_load_without_upcasting(tiny, tmp_path, style):
 
 def _run(tiny, tmp_path, kind, bp, steps=3, **kw):
     ck, ds = tiny
-    cfg = fast_config(adapter=kind, base_precision=bp, precision="bf16", max_steps=steps, cfg_ratio=0.0, **kw)
+    cfg = fast_config(adapter=kind, base_precision=bp, precision="bf16", max_steps=steps, cfg_ratio=0.0,
+                      dropout=0.1, **kw)
     return train(cfg, ck, ds, tmp_path / f"{kind}-{bp}")
 
 

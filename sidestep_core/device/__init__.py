@@ -22,7 +22,7 @@ from torch import nn
 
 from .load import load_base
 from .offload import LayerStreamer
-from .quant import QuantLinear
+from .quant import QuantLinear, keep_oft_rebuild
 
 __all__ = ["Holding", "LayerStreamer", "QuantLinear", "load_base", "load_frozen_base"]
 
@@ -40,6 +40,7 @@ class Holding:
 
     def attach(self, adapter, device: torch.device, say: Optional[Say] = None) -> None:
         """After ``inject_adapter``: every trainable tensor on ``device``; offloaded layers start streaming."""
+        keep_oft_rebuild(adapter)
         for p in adapter.parameters():
             if p.device != device:
                 p.data = p.data.to(device)

@@ -31,7 +31,7 @@ from torch.utils._pytree import tree_flatten
 
 from ..config import BASE_PRECISIONS, TrainConfig
 from ..model.config import AceStepConfig
-from .quant import BYTES_PER_WEIGHT, FP8, NF4_BLOCK, ROW_SCALE_BYTES, QuantLinear
+from .quant import BYTES_PER_WEIGHT, FP8, NF4_BLOCK, ROW_SCALE_BYTES, QuantLinear, keep_oft_rebuild
 
 GIB = 2**30
 MIB = 2**20
@@ -40,6 +40,10 @@ OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "adafactor": 1, "prodigy": 16}
 CONDITION_TOKENS = 512  # condition length assumed when no dataset tells (caption + lyrics + timbre)
 IN_FLIGHT_LAYERS = 2  # offload: the running layer and the prefetched one
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def size(n: int) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB // 4 else f"{n / MIB:.1f} MiB"
 
 
 @dataclass
@@ -68,13 +72,16 @@ class MemoryPlan:
     def fits(self) -> Optional[bool]:
         return None if self.free is None else self.needed <= self.free
 
+    @property
+    def label(self) -> str:
+        return f"{self.base_precision} base" + (f" + offload {self.offload_layers} layers" if self.offload_layers
+                                                else "")
+
     def describe(self) -> str:
-        label = f"{self.base_precision} base" + (f" + offload {self.offload_layers} layers" if self.offload_layers
-                                                 else "")
-        text = (f"{label}: {self.needed / GIB:.2f} GiB (weights {self.weights / GIB:.2f}, adapter+optimizer "
-                f"{self.adapter / GIB:.2f}, step {self.step / GIB:.2f}, slack {self.slack / GIB:.2f})")
+        text = (f"{self.label}: {size(self.needed)} (weights {size(self.weights)}, adapter+optimizer "
+                f"{size(self.adapter)}, step {size(self.step)}, slack {size(self.slack)})")
         if self.free is not None:
-            text += f"; {self.device} has {self.free / GIB:.2f} GiB free"
+            text += f"; {self.device} has {size(self.free)} free"
         return text
 
     def to_dict(self) -> dict[str, Any]:
@@ -100,12 +107,18 @@ class LiveBytes(TorchDispatchMode):
     def _freed(self, nbytes: int) -> None:
         self.live -= nbytes
 
+    def known(self, tensors) -> None:
+        """Storages that exist already (weights, inputs): never counted, also not through their views."""
+        for t in tensors:
+            self._seen.setdefault(t.untyped_storage(), 0)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = {id(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 st = t.untyped_storage()
-                if st in self._seen:
+                if id(st) in inputs or st in self._seen:
                     continue
                 nbytes = st.nbytes()
                 self._seen[st] = nbytes
@@ -157,7 +170,7 @@ def weight_bytes(config: AceStepConfig, base_precision: str, compute_dtype: torc
 
 
 def _fake_step(config: AceStepConfig, cfg: TrainConfig, base_precision: str, frames: int, cond_tokens: int,
-               offload_layers: int) -> tuple[int, int]:
+               ratio: float) -> tuple[int, int]:
     """(peak bytes created by one forward+backward, trainable parameters), on fake tensors.
 
     The decoder and the adapter are built on the meta device (PEFT and LyCORIS move modules around while
@@ -185,9 +198,10 @@ def _fake_step(config: AceStepConfig, cfg: TrainConfig, base_precision: str, fra
         torch.set_default_dtype(default)
     decoder.requires_grad_(False)
     logging.getLogger("LyCORIS").setLevel(logging.ERROR)
-    adapter = inject_adapter(decoder, cfg)
-    ratio = cfg.checkpointing_ratio if cfg.gradient_checkpointing else 0.0
-    decoder.checkpoint_ratio = max(ratio, offload_layers / config.num_hidden_layers)
+    with torch.device("meta"):  # LyCORIS creates its tensors on the default device
+        adapter = inject_adapter(decoder, cfg)
+    keep_oft_rebuild(adapter)
+    decoder.checkpoint_ratio = ratio
     adapter.module.train()
     n_params = adapter.num_parameters()
     with FakeTensorMode(allow_non_fake_inputs=True):
@@ -205,8 +219,10 @@ def _fake_step(config: AceStepConfig, cfg: TrainConfig, base_precision: str, fra
         ctx = torch.zeros(b, frames, config.in_channels - config.audio_acoustic_hidden_dim)
         cond = torch.zeros(b, cond_tokens, config.enc_hidden)
         t = torch.zeros(b, dtype=dtype)
+        counter = LiveBytes()
+        counter.known([*adapter.module.parameters(), *adapter.module.buffers(), x_t, target, ctx, cond, t])
         try:
-            with LiveBytes() as counter:
+            with counter:
                 with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
                     pred = adapter.module(hidden_states=x_t, timestep=t, timestep_r=t, encoder_hidden_states=cond,
                                           context_latents=ctx)
@@ -250,7 +266,7 @@ def estimate(config: AceStepConfig, cfg: TrainConfig, *, base_precision: Optiona
     if frames is None:
         frames = max(int(round(cfg.crop_seconds * 25)), 1) if cfg.crop_seconds else 25 * 240
     weights = weight_bytes(config, bp, dtype, off)
-    step, n_params = _fake_step(config, cfg, bp, frames, cond_tokens, off)
+    step, n_params = step_bytes(config, cfg, bp, frames, cond_tokens, off)
     adapter = n_params * (4 + OPTIMIZER_BYTES.get(cfg.optimizer, 8))
     peak = weights + adapter + step
     slack = int(0.05 * peak) + 256 * MIB if str(device).startswith("cuda") else 0
@@ -258,6 +274,20 @@ def estimate(config: AceStepConfig, cfg: TrainConfig, *, base_precision: Optiona
                       settings={"frames": frames, "batch_size": cfg.batch_size, "cond_tokens": cond_tokens,
                                 "adapter": cfg.adapter, "rank": cfg.rank, "optimizer": cfg.optimizer,
                                 "gradient_checkpointing": cfg.gradient_checkpointing})
+
+
+def step_bytes(config: AceStepConfig, cfg: TrainConfig, base_precision: str, frames: int, cond_tokens: int,
+               offload_layers: int = 0) -> tuple[int, int]:
+    """(peak bytes a step creates, trainable parameters). Layers are alike, so the step is measured at depth 2 and
+    4 and extrapolated linearly to the real depth (seconds instead of minutes); settings that name single layers
+    (target_modules, rank/alpha patterns) are measured at full depth."""
+    n = config.num_hidden_layers
+    ratio = max(cfg.checkpointing_ratio if cfg.gradient_checkpointing else 0.0, offload_layers / n)
+    if n <= 4 or cfg.target_modules or cfg.rank_pattern or cfg.alpha_pattern:
+        return _fake_step(config, cfg, base_precision, frames, cond_tokens, ratio)
+    depth = [dataclasses.replace(config, num_hidden_layers=d, layer_types=config.layer_types[:d]) for d in (2, 4)]
+    (p2, n2), (p4, n4) = (_fake_step(c, cfg, base_precision, frames, cond_tokens, ratio) for c in depth)
+    return p2 + (p4 - p2) * (n - 2) // 2, n2 + (n4 - n2) * (n - 2) // 2
 
 
 def _offload_number(cfg: TrainConfig) -> int:
@@ -291,9 +321,12 @@ def smallest_fit(config: AceStepConfig, cfg: TrainConfig, free: int, device: str
 
 
 def estimate_cached(config, cfg, bp, off, device, cache: dict) -> MemoryPlan:
-    if (bp, off > 0) not in cache:
-        cache[(bp, off > 0)] = estimate(config, cfg, base_precision=bp, offload_layers=off, device=device)
-    base = cache[(bp, off > 0)]
+    """``estimate`` that reuses the measured step of an earlier plan with the same precision and checkpointing."""
+    n = config.num_hidden_layers
+    key = (bp, max(cfg.checkpointing_ratio if cfg.gradient_checkpointing else 0.0, off / n))
+    if key not in cache:
+        cache[key] = estimate(config, cfg, base_precision=bp, offload_layers=off, device=device)
+    base = cache[key]
     weights = weight_bytes(config, bp, DTYPES[cfg.precision], off)
     peak = weights + base.adapter + base.step
     slack = int(0.05 * peak) + 256 * MIB if str(device).startswith("cuda") else 0

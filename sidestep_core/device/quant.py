@@ -141,3 +141,15 @@ def quantize_module_linears(root: nn.Module, kind: str, names: list[str], comput
         lin = getattr(owner, attr)
         setattr(owner, attr, QuantLinear.quantize(lin.weight.detach(), None if lin.bias is None else
                                                   lin.bias.detach(), kind, compute_dtype))
+
+
+def keep_oft_rebuild(adapter) -> None:
+    """LyCORIS switches to its "bypass" forward on any linear whose class is not ``Linear``. For diag-OFT that
+    forward applies adapter dropout to the rotation and fails on shapes (LyCORIS 4.1), while the rebuild forward a
+    plain ``nn.Linear`` gets ignores dropout; rebuild is kept over quantized layers too (it dequantizes ``weight``),
+    so OFT trains the same way whatever the base precision."""
+    if adapter.kind != "oft" or adapter.network is None:
+        return
+    for module in adapter.network.loras:
+        if isinstance(module.org_module[0], QuantLinear):
+            module.bypass_mode = False
