@@ -20,6 +20,7 @@ COMMANDS = {
     "presets": "presets",
     "generate": "generate",
     "compare": "generate",
+    "plan": "plan",
 }
 
 

@@ -120,3 +120,16 @@ def test_plan_command_prints_the_real_shape_table(capsys):
     for label in ("bf16", "fp8", "int8", "nf4", "offload"):
         assert label in out
     assert "GiB" in out
+
+
+def test_plan_refuses_and_names_the_smallest_change_that_fits(capsys):
+    from sidestep_core.cli import main
+
+    args = ["plan", "--shape", "2b", "--crop-seconds", "10", "--rank", "16"]
+    assert main([*args, "--free", "64"]) == 0
+    assert main([*args, "--free", "2.3"]) == 1
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if ln.startswith("does not fit"))
+    assert "smallest change that fits: fp8 base:" in line  # bf16 needs ~3.6 GiB; fp8 is the least change
+    assert main([*args, "--free", "1.2"]) == 1
+    assert "offload" in capsys.readouterr().out

@@ -268,8 +268,7 @@ def estimate(config: AceStepConfig, cfg: TrainConfig, *, base_precision: Optiona
     weights = weight_bytes(config, bp, dtype, off)
     step, n_params = step_bytes(config, cfg, bp, frames, cond_tokens, off)
     adapter = n_params * (4 + OPTIMIZER_BYTES.get(cfg.optimizer, 8))
-    peak = weights + adapter + step
-    slack = int(0.05 * peak) + 256 * MIB if str(device).startswith("cuda") else 0
+    slack = slack_bytes(weights + adapter + step, device)
     return MemoryPlan(bp, off, weights, adapter, step, slack, n_params, device=str(device),
                       settings={"frames": frames, "batch_size": cfg.batch_size, "cond_tokens": cond_tokens,
                                 "adapter": cfg.adapter, "rank": cfg.rank, "optimizer": cfg.optimizer,
@@ -309,28 +308,33 @@ def candidates(config: AceStepConfig, start: str) -> list[tuple[str, int]]:
 
 
 def smallest_fit(config: AceStepConfig, cfg: TrainConfig, free: int, device: str,
-                 start: Optional[str] = None) -> Optional[MemoryPlan]:
+                 start: Optional[str] = None, cache: Optional[dict] = None, **kw) -> Optional[MemoryPlan]:
     """The first of ``candidates`` whose plan fits ``free`` bytes (the step part is measured once per precision)."""
-    steps: dict[str, tuple[int, int]] = {}
+    cache = {} if cache is None else cache
     for bp, off in candidates(config, start or cfg.base_precision):
-        plan = estimate_cached(config, cfg, bp, off, device, steps)
+        plan = estimate_cached(config, cfg, bp, off, device, cache, **kw)
         plan.free = free
         if plan.fits:
             return plan
     return None
 
 
-def estimate_cached(config, cfg, bp, off, device, cache: dict) -> MemoryPlan:
+def estimate_cached(config, cfg, bp, off, device, cache: dict, cond_tokens: int = CONDITION_TOKENS,
+                    frames: Optional[int] = None) -> MemoryPlan:
     """``estimate`` that reuses the measured step of an earlier plan with the same precision and checkpointing."""
     n = config.num_hidden_layers
     key = (bp, max(cfg.checkpointing_ratio if cfg.gradient_checkpointing else 0.0, off / n))
     if key not in cache:
-        cache[key] = estimate(config, cfg, base_precision=bp, offload_layers=off, device=device)
-    base = cache[key]
-    weights = weight_bytes(config, bp, DTYPES[cfg.precision], off)
-    peak = weights + base.adapter + base.step
-    slack = int(0.05 * peak) + 256 * MIB if str(device).startswith("cuda") else 0
-    return dataclasses.replace(base, offload_layers=off, weights=weights, slack=slack)
+        cache[key] = estimate(config, cfg, base_precision=bp, offload_layers=off, device=device,
+                              cond_tokens=cond_tokens, frames=frames)
+    plan = dataclasses.replace(cache[key], offload_layers=off,
+                               weights=weight_bytes(config, bp, DTYPES[cfg.precision], off))
+    plan.slack = slack_bytes(plan.peak, device)
+    return plan
+
+
+def slack_bytes(peak: int, device: str) -> int:
+    return int(0.05 * peak) + 256 * MIB if str(device).startswith("cuda") else 0
 
 
 # ----------------------------------------------------------------------------------------------------------
