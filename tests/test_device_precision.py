@@ -159,10 +159,10 @@ def test_every_adapter_trains_over_every_base_precision(tiny, tmp_path, kind):
 
 
 # Relative |loss − loss_bf16| per step. The adapters start at zero, so step 1 isolates the base's quantization
-# error (weight RMS error ~2.5 % fp8, ~0.5 % int8, ~9 % nf4, averaged over each output), and the later steps add the
-# drift of a few updates from slightly different gradients. Measured on this model: ≤ 0.6 % fp8, ≤ 0.3 % int8,
-# ≤ 1.8 % nf4; the bounds leave about 2–3x room.
-LOSS_TOLERANCE = {"fp8": 0.015, "int8": 0.01, "nf4": 0.04}
+# error (relative RMS weight error 2.6 % fp8, 0.8 % int8, 9.2 % nf4 on Gaussian weights, averaged down over each
+# output), and the later steps add the drift of a few updates. Measured on this run: ≤ 1.2 % fp8, ≤ 0.3 % int8,
+# ≤ 0.9 % nf4; the bounds leave at least 2x room.
+LOSS_TOLERANCE = {"fp8": 0.025, "int8": 0.01, "nf4": 0.03}
 
 
 @pytest.mark.parametrize("bp", QUANT)
