@@ -10,8 +10,8 @@ import torch
 from sidestep_core.config import TrainConfig
 from sidestep_core.device.load import projection_names
 from sidestep_core.device.measure import cpu_peak_bytes, tensor_bytes
-from sidestep_core.device.plan import GIB, estimate, weight_bytes
-from sidestep_core.device.quant import QuantLinear, keep_oft_rebuild
+from sidestep_core.device.plan import estimate, weight_bytes
+from sidestep_core.device.quant import keep_oft_rebuild, quantize_module_linears
 from sidestep_core.device.shapes import real_shape
 from sidestep_core.model.config import AceStepConfig
 from sidestep_core.model.dit import AceStepDiT
@@ -36,10 +36,7 @@ def measured(config: AceStepConfig, cfg: TrainConfig, bp: str, frames: int, cond
         torch.set_default_dtype(default)
     decoder.requires_grad_(False)
     if bp != "bf16":
-        for name in projection_names(decoder):
-            owner, _, attr = name.rpartition(".")
-            lin = decoder.get_submodule(name)
-            setattr(decoder.get_submodule(owner), attr, QuantLinear.quantize(lin.weight, None, bp))
+        quantize_module_linears(decoder, bp, projection_names(decoder), torch.bfloat16)
     adapter = inject_adapter(decoder, cfg)
     keep_oft_rebuild(adapter)
     decoder.checkpoint_ratio = 1.0 if cfg.gradient_checkpointing else 0.0

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
-from torch import nn
 
 from .load import load_base
 from .offload import LayerStreamer
@@ -50,6 +49,7 @@ class Holding:
             return
         decoder = adapter.module.decoder
         n_layers = len(decoder.layers)
+        self.offload_layers = min(self.offload_layers, n_layers)
         needed = self.offload_layers / n_layers
         if decoder.checkpoint_ratio < needed:
             if say:
@@ -70,8 +70,3 @@ def load_frozen_base(cfg, device: torch.device, dtype: torch.dtype, say: Optiona
                        variant=cfg.base_variant or None, host_layers=range(holding.offload_layers))
     return loaded, holding
 
-
-def frozen_bytes(module: nn.Module, device: Optional[torch.device] = None) -> int:
-    """Bytes of frozen parameters and buffers of ``module`` (on ``device`` only, when given)."""
-    tensors = [p for p in module.parameters() if not p.requires_grad] + list(module.buffers())
-    return sum(t.numel() * t.element_size() for t in tensors if device is None or t.device == device)
