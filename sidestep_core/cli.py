@@ -22,6 +22,7 @@ COMMANDS = {
     "presets": "presets",
     "generate": "generate",
     "compare": "generate",
+    "plan": "plan",
 }
 
 

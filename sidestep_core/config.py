@@ -21,6 +21,8 @@ TIMESTEP_MODES = ("continuous", "logit_normal", "discrete", "uniform")
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "prodigy")
 SCHEDULERS = ("cosine", "cosine_restarts", "linear", "constant", "constant_with_warmup")
 PRECISIONS = ("bf16", "fp16", "fp32")
+BASE_PRECISIONS = ("bf16", "fp8", "int8", "nf4")  # storage of the frozen decoder projections (sidestep_core.device)
+MEMORY_MODES = ("manual", "auto")
 
 # Paths, devices and resume: specific to one run on one machine; never part of a preset.
 RUN_ONLY_FIELDS = frozenset(
@@ -115,6 +117,14 @@ class TrainConfig:
     checkpointing_ratio: float = _f(1.0, "fraction of decoder layers checkpointed", group="memory")
     precision: str = _f("bf16", "dtype of the frozen base weights and of autocast (adapters stay fp32)",
                         choices=PRECISIONS, group="memory")
+    base_precision: str = _f("bf16", "storage of the frozen decoder projections: bf16 as --precision, fp8 (e4m3, "
+                             "per-channel scales), int8 (row-wise) or nf4 (bitsandbytes); computed in --precision, "
+                             "adapters stay fp32", choices=BASE_PRECISIONS, group="memory")
+    offload_layers: str = _f("0", "keep the first N frozen decoder layers in host memory and stream each to the "
+                             "device ahead of use (exact; those layers are checkpointed); auto: as few as fit",
+                             group="memory")
+    memory: str = _f("manual", "auto: choose base_precision and offload_layers from the memory plan for the "
+                     "device's free memory before loading", choices=MEMORY_MODES, group="memory")
 
     # ----- logging -----
     log_every: int = _f(1, "TensorBoard scalars every N steps", group="logging")
@@ -194,6 +204,8 @@ class TrainConfig:
             bad("preview_prompts", "previews are on (preview_every > 0) but no prompts are given")
         if self.preview_steps is not None and (not isinstance(self.preview_steps, int) or self.preview_steps < 1):
             bad("preview_steps", "must be an integer >= 1")
+        if not (self.offload_layers == "auto" or str(self.offload_layers).isdigit()):
+            bad("offload_layers", "must be a number of layers >= 0 or 'auto'")
         if self.resume not in ("none", "auto") and not self.resume.strip():
             bad("resume", "must be 'none', 'auto' or a checkpoint path")
         return self

@@ -196,7 +196,7 @@ class _Trainer:
 
     # ----- setup -----
     def setup(self) -> None:
-        from ..model import load_acestep
+        from ..device import load_frozen_base
 
         cfg = self.cfg
         self.dtype = DTYPES[cfg.precision]
@@ -204,8 +204,7 @@ class _Trainer:
             raise ValueError("precision: fp16 needs a CUDA device; use bf16 or fp32")
         self._check_out_dir()
 
-        loaded = load_acestep(cfg.checkpoint, variant=cfg.base_variant or None, dtype=self.dtype,
-                              device=self.device, parts={"decoder", "null_condition_emb"})
+        loaded, self.holding = load_frozen_base(cfg, self.device, self.dtype, self.say)  # plan, precision, offload
         self.info = loaded.info
         self.model_config = loaded.config
         decoder = loaded.model.decoder
@@ -223,6 +222,7 @@ class _Trainer:
         _seed_everything(cfg.seed)  # adapter initialisation
         self.adapter: Adapter = inject_adapter(decoder, cfg)
         decoder.checkpoint_ratio = cfg.checkpointing_ratio if cfg.gradient_checkpointing else 0.0
+        self.holding.attach(self.adapter, self.device, self.say)  # trainable tensors to the device, start streaming
         self.adapter.module.train()
         self.model = self.dist.wrap(self.adapter.module)
         self.params = self.adapter.parameters()

@@ -1,0 +1,84 @@
+"""``sidestep plan``: peak device memory of training, before anything is loaded.
+
+The architecture comes from ``--checkpoint`` (its config.json or safetensors headers; no weights are read) or from
+``--shape 2b|xl``; every training option is the same as ``sidestep train``'s. Prints the plan beside the device's
+free memory (or ``--free``), and the smallest change that fits when it does not (exit code 1). ``--table`` prints
+every base precision, with and without offloading every layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from ..config import BASE_PRECISIONS, TrainConfig
+from ..device.shapes import SHAPES
+
+
+def register(subparsers, name: str = "plan") -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        name,
+        help="estimate the peak device memory of training from the checkpoint's shape, before loading anything",
+        description="Estimate peak device memory for `sidestep train` with the same options: weights at the base "
+        "precision, adapter and optimizer state, and a training step measured on fake tensors at the real shape, "
+        "plus allocator slack on CUDA. Exit code 1 when it does not fit the free memory.",
+    )
+    src = p.add_argument_group("what to plan for")
+    src.add_argument("--shape", choices=SHAPES, help="a released architecture instead of --checkpoint")
+    src.add_argument("--free", type=float, metavar="GIB", help="free device memory in GiB (default: the device's)")
+    src.add_argument("--cond-tokens", type=int, default=512, help="condition length (default: %(default)s)")
+    src.add_argument("--table", action="store_true", help="every base precision, with and without full offload")
+    src.add_argument("--preset", metavar="NAME", help="start from a preset (see `sidestep presets list`)")
+    src.add_argument("--config", metavar="FILE", help="JSON settings, as for train")
+    src.add_argument("--targets-from", metavar="FILE", help="targets and ranks from `sidestep estimate`")
+    TrainConfig.add_arguments(p)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..device import plan as P
+    from ..device.shapes import real_shape
+    from .train import build_config
+
+    cfg = build_config(args).validate()
+    if args.shape:
+        config = real_shape(args.shape)
+    elif cfg.checkpoint:
+        config = P.checkpoint_config(cfg.checkpoint)
+    else:
+        raise ValueError("plan: give --checkpoint or --shape")
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cuda (planned)")
+    free = int(args.free * P.GIB) if args.free else (
+        P.free_memory(torch.device(cfg.device if cfg.device != "auto" else "cuda"))
+        if torch.cuda.is_available() else None)
+    target = "cpu" if device == "cpu" else "cuda"
+    what = args.shape or cfg.checkpoint
+    print(f"plan for {what}: decoder {config.hidden_size} wide, {config.num_hidden_layers} layers; {cfg.adapter} "
+          f"r{cfg.rank}, {cfg.optimizer}, crop {cfg.crop_seconds:g} s, batch {cfg.batch_size}, checkpointing "
+          f"{'on' if cfg.gradient_checkpointing else 'off'}, {args.cond_tokens} condition tokens, {cfg.precision} "
+          f"compute; device {device}" + (f", {P.size(free)} free" if free is not None else ""))
+    cache: dict = {}
+
+    def plan_of(bp: str, off: int):
+        return P.estimate_cached(config, cfg, bp, off, target, cache, cond_tokens=args.cond_tokens)
+
+    if args.table:
+        print(f"{'settings':<34}{'weights':>11}{'adapter+opt':>13}{'step':>11}{'peak':>11}{'+ slack':>11}")
+        for bp in BASE_PRECISIONS:
+            for off in (0, config.num_hidden_layers):
+                plan = plan_of(bp, off)
+                print(f"{plan.label:<34}{P.size(plan.weights):>11}{P.size(plan.adapter):>13}{P.size(plan.step):>11}"
+                      f"{P.size(plan.peak):>11}{P.size(plan.needed):>11}")
+        return 0
+
+    plan = plan_of(cfg.base_precision, P._offload_number(cfg))
+    plan.free = free
+    print("plan: " + plan.describe())
+    if plan.fits is False:
+        better = P.smallest_fit(config, cfg, free, target, cache=cache, cond_tokens=args.cond_tokens)
+        print("does not fit; " + (f"smallest change that fits: {better.describe()}" if better else
+                                   "nothing fits: lower crop_seconds, batch_size or rank"))
+        return 1
+    return 0
+

@@ -1,0 +1,428 @@
+"""The memory plan: peak device memory of a training step, before any weight is read.
+
+Only the architecture is needed (``config.json``, or the shapes in the safetensors headers). The estimate is
+
+- **weights**: every decoder tensor at its base precision (projections quantized, the rest in the training dtype),
+  minus offloaded layers plus the two layers in flight (the running one and the prefetched one);
+- **adapter**: its fp32 parameters and optimizer state (bytes per parameter of the optimizer);
+- **step**: the peak of everything a step creates — activations, saved tensors, recomputation, dequantized weights,
+  adapter gradients — *measured* by running the real decoder with the real adapter (PEFT / LyCORIS) forward and
+  backward at the real shape on fake tensors (``FakeTensorMode``: shapes and dtypes, no storage), with a dispatch
+  mode that counts the bytes of every live storage;
+- **slack**: on CUDA, 5 % + 256 MiB for the caching allocator's fragmentation and kernels' workspaces, which
+  ``max_memory_allocated`` does not show but the free memory must cover.
+
+The measured step runs on fake CPU tensors, so attention kernels are CPU's: on a GPU the step part is an
+approximation (the test on a GPU compares against ``torch.cuda.max_memory_allocated``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from ..config import BASE_PRECISIONS, TrainConfig
+from ..model.config import AceStepConfig
+from .quant import BYTES_PER_WEIGHT, FP8, NF4_BLOCK, ROW_SCALE_BYTES, QuantLinear, keep_oft_rebuild
+
+GIB = 2**30
+MIB = 2**20
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "adafactor": 1, "prodigy": 16}
+CONDITION_TOKENS = 512  # condition length assumed when no dataset tells (caption + lyrics + timbre)
+IN_FLIGHT_LAYERS = 2  # offload: the running layer and the prefetched one
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def size(n: int) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB // 4 else f"{n / MIB:.1f} MiB"
+
+
+@dataclass
+class MemoryPlan:
+    base_precision: str
+    offload_layers: int
+    weights: int
+    adapter: int
+    step: int
+    slack: int
+    trainable_params: int
+    free: Optional[int] = None  # device memory free now (None: unknown / not asked)
+    device: str = ""
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def peak(self) -> int:
+        """Estimated peak allocated bytes (what ``torch.cuda.max_memory_allocated`` reports)."""
+        return self.weights + self.adapter + self.step
+
+    @property
+    def needed(self) -> int:
+        return self.peak + self.slack
+
+    @property
+    def fits(self) -> Optional[bool]:
+        return None if self.free is None else self.needed <= self.free
+
+    @property
+    def label(self) -> str:
+        return f"{self.base_precision} base" + (f" + offload {self.offload_layers} layers" if self.offload_layers
+                                                else "")
+
+    def describe(self) -> str:
+        text = (f"{self.label}: {size(self.needed)} (weights {size(self.weights)}, adapter+optimizer "
+                f"{size(self.adapter)}, step {size(self.step)}, slack {size(self.slack)})")
+        if self.free is not None:
+            text += f"; {self.device} has {size(self.free)} free"
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.update(peak=self.peak, needed=self.needed)
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# counting live storages
+# ----------------------------------------------------------------------------------------------------------
+
+
+class LiveBytes(TorchDispatchMode):
+    """Counts the bytes of storages created by ops while active (each storage once, until it is freed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._seen: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+    def _freed(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+    def known(self, tensors) -> None:
+        """Storages that exist already (weights, inputs): never counted, also not through their views."""
+        for t in tensors:
+            self._seen.setdefault(t.untyped_storage(), 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {id(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                if id(st) in inputs or st in self._seen:
+                    continue
+                nbytes = st.nbytes()
+                self._seen[st] = nbytes
+                weakref.finalize(st, self._freed, nbytes)
+                self.live += nbytes
+                self.peak = max(self.peak, self.live)
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the estimate
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _decoder_tensors(config: AceStepConfig) -> list[tuple[str, tuple[int, ...]]]:
+    from ..model.dit import AceStepDiT
+
+    with torch.device("meta"):
+        decoder = AceStepDiT(config)
+    return [(k, tuple(v.shape)) for k, v in decoder.state_dict().items()]
+
+
+def weight_bytes(config: AceStepConfig, base_precision: str, compute_dtype: torch.dtype,
+                 offload_layers: int = 0) -> int:
+    """Device bytes of the frozen decoder (+ null condition) at ``base_precision``."""
+    elem = torch.tensor([], dtype=compute_dtype).element_size()
+    per_layer: dict[int, int] = {}
+    other = config.enc_hidden * elem  # null_condition_emb
+    for key, shape in _decoder_tensors(config):
+        n = 1
+        for s in shape:
+            n *= s
+        parts = key.split(".")
+        is_proj = parts[0] == "layers" and len(parts) >= 4 and parts[-2] in PROJECTIONS and parts[-1] == "weight"
+        if is_proj and base_precision != "bf16":
+            size = n * BYTES_PER_WEIGHT[base_precision] + shape[0] * ROW_SCALE_BYTES.get(base_precision, 0)
+            if base_precision == "nf4":
+                size += 16 * 4  # the NF4 code table
+        else:
+            size = n * elem
+        if parts[0] == "layers":
+            per_layer[int(parts[1])] = per_layer.get(int(parts[1]), 0) + int(size)
+        else:
+            other += int(size)
+    n_off = min(offload_layers, len(per_layer))
+    resident = sum(b for i, b in per_layer.items() if i >= n_off)
+    in_flight = max(per_layer.values()) * min(IN_FLIGHT_LAYERS, n_off) if n_off else 0
+    return other + resident + in_flight
+
+
+def _fake_step(config: AceStepConfig, cfg: TrainConfig, base_precision: str, frames: int, cond_tokens: int,
+               ratio: float) -> tuple[int, int]:
+    """(peak bytes created by one forward+backward, trainable parameters), on fake tensors.
+
+    The decoder and the adapter are built on the meta device (PEFT and LyCORIS move modules around while
+    injecting, which fake parameters do not allow), then every tensor is swapped for a fake CPU tensor of the same
+    shape and dtype so autocast and the CPU kernels' shape rules apply as in a real step."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from ..model.attention import _band_cached
+    from ..model.dit import AceStepDiT
+    from ..training.adapters import inject_adapter
+    from .load import projection_names
+
+    dtype = DTYPES[cfg.precision]
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # the frozen base in the training dtype, as the loader leaves it
+    try:
+        with torch.device("meta"):
+            decoder = AceStepDiT(config)
+            if base_precision != "bf16":
+                for name in projection_names(decoder):
+                    owner, _, attr = name.rpartition(".")
+                    lin = decoder.get_submodule(name)
+                    setattr(decoder.get_submodule(owner), attr, _PlannedQuantLinear.like(lin, base_precision, dtype))
+    finally:
+        torch.set_default_dtype(default)
+    decoder.requires_grad_(False)
+    logging.getLogger("LyCORIS").setLevel(logging.ERROR)
+    with torch.device("meta"):  # LyCORIS creates its tensors on the default device
+        adapter = inject_adapter(decoder, cfg)
+    keep_oft_rebuild(adapter)
+    decoder.checkpoint_ratio = ratio
+    adapter.module.train()
+    n_params = adapter.num_parameters()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        for module in adapter.module.modules():
+            for name, p in module._parameters.items():
+                if p is not None:
+                    module._parameters[name] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype),
+                                                                  requires_grad=p.requires_grad)
+            for name, b in module._buffers.items():
+                if b is not None:
+                    module._buffers[name] = torch.empty(b.shape, dtype=b.dtype)
+        b = cfg.batch_size
+        x_t = torch.zeros(b, frames, config.audio_acoustic_hidden_dim)
+        target = torch.zeros_like(x_t)
+        ctx = torch.zeros(b, frames, config.in_channels - config.audio_acoustic_hidden_dim)
+        cond = torch.zeros(b, cond_tokens, config.enc_hidden)
+        t = torch.zeros(b, dtype=dtype)
+        counter = LiveBytes()
+        counter.known([*adapter.module.parameters(), *adapter.module.buffers(), x_t, target, ctx, cond, t])
+        try:
+            with counter:
+                with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                    pred = adapter.module(hidden_states=x_t, timestep=t, timestep_r=t, encoder_hidden_states=cond,
+                                          context_latents=ctx)
+                loss = (pred.float() - target).square().mean()
+                loss.backward()
+                del pred, loss
+        finally:
+            _band_cached.cache_clear()  # drop the fake attention masks the step cached
+    return counter.peak, n_params
+
+
+class _PlannedQuantLinear(QuantLinear):
+    """A ``QuantLinear`` with storage of the real size whose dequantization only allocates W's size: the planned
+    step then holds exactly the bytes a real one does (quantizing fake data would need each library's fake kernels)."""
+
+    @classmethod
+    def like(cls, lin: torch.nn.Linear, kind: str, dtype: torch.dtype) -> "_PlannedQuantLinear":
+        out_f, in_f = lin.out_features, lin.in_features
+        code = None
+        if kind == "nf4":
+            q = torch.empty(out_f * in_f // 2, 1, dtype=torch.uint8)
+            s = torch.empty(out_f * in_f // NF4_BLOCK, dtype=torch.float32)
+            code = torch.empty(16, dtype=torch.float32)
+        else:
+            q = torch.empty(out_f, in_f, dtype=FP8 if kind == "fp8" else torch.int8)
+            s = torch.empty(out_f, dtype=torch.float32)
+        return cls(kind, in_f, out_f, q, s, None, dtype, code)
+
+    def dequantize(self, *tensors) -> torch.Tensor:
+        return torch.empty(self.out_features, self.in_features, dtype=self.compute_dtype,
+                           device=self.qweight.device)
+
+
+def estimate(config: AceStepConfig, cfg: TrainConfig, *, base_precision: Optional[str] = None,
+             offload_layers: Optional[int] = None, device: str = "cuda",
+             cond_tokens: int = CONDITION_TOKENS, frames: Optional[int] = None) -> MemoryPlan:
+    """Plan one training step of ``cfg`` (crop, batch, adapter, optimizer, checkpointing) on ``config``'s shape."""
+    bp = base_precision or cfg.base_precision
+    off = int(offload_layers if offload_layers is not None else _offload_number(cfg))
+    dtype = DTYPES[cfg.precision]
+    if frames is None:
+        frames = max(int(round(cfg.crop_seconds * 25)), 1) if cfg.crop_seconds else 25 * 240
+    weights = weight_bytes(config, bp, dtype, off)
+    step, n_params = step_bytes(config, cfg, bp, frames, cond_tokens, off)
+    adapter = n_params * (4 + OPTIMIZER_BYTES.get(cfg.optimizer, 8))
+    slack = slack_bytes(weights + adapter + step, device)
+    return MemoryPlan(bp, off, weights, adapter, step, slack, n_params, device=str(device),
+                      settings={"frames": frames, "batch_size": cfg.batch_size, "cond_tokens": cond_tokens,
+                                "adapter": cfg.adapter, "rank": cfg.rank, "optimizer": cfg.optimizer,
+                                "gradient_checkpointing": cfg.gradient_checkpointing})
+
+
+def step_bytes(config: AceStepConfig, cfg: TrainConfig, base_precision: str, frames: int, cond_tokens: int,
+               offload_layers: int = 0) -> tuple[int, int]:
+    """(peak bytes a step creates, trainable parameters). Layers are alike, so the step is measured at depth 2 and
+    4 and extrapolated linearly to the real depth (seconds instead of minutes); settings that name single layers
+    (target_modules, rank/alpha patterns) are measured at full depth."""
+    n = config.num_hidden_layers
+    ratio = max(cfg.checkpointing_ratio if cfg.gradient_checkpointing else 0.0, offload_layers / n)
+    if n <= 4 or cfg.target_modules or cfg.rank_pattern or cfg.alpha_pattern:
+        return _fake_step(config, cfg, base_precision, frames, cond_tokens, ratio)
+    depth = [dataclasses.replace(config, num_hidden_layers=d, layer_types=config.layer_types[:d]) for d in (2, 4)]
+    (p2, n2), (p4, n4) = (_fake_step(c, cfg, base_precision, frames, cond_tokens, ratio) for c in depth)
+    return p2 + (p4 - p2) * (n - 2) // 2, n2 + (n4 - n2) * (n - 2) // 2
+
+
+def _offload_number(cfg: TrainConfig) -> int:
+    return 0 if cfg.offload_layers == "auto" else int(cfg.offload_layers)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# choosing
+# ----------------------------------------------------------------------------------------------------------
+
+
+def candidates(config: AceStepConfig, start: str) -> list[tuple[str, int]]:
+    """Settings from the least change to the most: each base precision from ``start`` down, then offload."""
+    order = list(BASE_PRECISIONS)
+    precisions = order[order.index(start):]
+    steps = sorted({n for n in (0, 2, 4, 8, 12, 16, 24, 32, config.num_hidden_layers)
+                    if n <= config.num_hidden_layers})
+    return [(bp, 0) for bp in precisions] + [(bp, n) for n in steps[1:] for bp in precisions]
+
+
+def smallest_fit(config: AceStepConfig, cfg: TrainConfig, free: int, device: str,
+                 start: Optional[str] = None, cache: Optional[dict] = None, **kw) -> Optional[MemoryPlan]:
+    """The first of ``candidates`` whose plan fits ``free`` bytes (the step part is measured once per precision)."""
+    cache = {} if cache is None else cache
+    for bp, off in candidates(config, start or cfg.base_precision):
+        plan = estimate_cached(config, cfg, bp, off, device, cache, **kw)
+        plan.free = free
+        if plan.fits:
+            return plan
+    return None
+
+
+def estimate_cached(config, cfg, bp, off, device, cache: dict, cond_tokens: int = CONDITION_TOKENS,
+                    frames: Optional[int] = None) -> MemoryPlan:
+    """``estimate`` that reuses the measured step of an earlier plan with the same precision and checkpointing."""
+    n = config.num_hidden_layers
+    key = (bp, max(cfg.checkpointing_ratio if cfg.gradient_checkpointing else 0.0, off / n))
+    if key not in cache:
+        cache[key] = estimate(config, cfg, base_precision=bp, offload_layers=off, device=device,
+                              cond_tokens=cond_tokens, frames=frames)
+    plan = dataclasses.replace(cache[key], offload_layers=off,
+                               weights=weight_bytes(config, bp, DTYPES[cfg.precision], off))
+    plan.slack = slack_bytes(plan.peak, device)
+    return plan
+
+
+def slack_bytes(peak: int, device: str) -> int:
+    return int(0.05 * peak) + 256 * MIB if str(device).startswith("cuda") else 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the checkpoint's shape and the device
+# ----------------------------------------------------------------------------------------------------------
+
+
+def checkpoint_config(path: str | Path) -> AceStepConfig:
+    """The architecture from ``config.json`` or the safetensors headers — no tensor data is read."""
+    from ..model.loading import CheckpointError, open_source
+
+    src, config, _, _ = open_source(Path(path).expanduser())
+    if config is None:
+        try:
+            config = AceStepConfig.infer_from_state_dict(src.shapes)
+        except KeyError as exc:
+            raise CheckpointError(f"{path}: cannot infer the architecture, tensor {exc} is missing") from exc
+    return config
+
+
+def free_memory(device: torch.device) -> Optional[int]:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    return None
+
+
+Say = Callable[..., None]
+
+
+def settle(cfg: TrainConfig, device: torch.device, say: Optional[Say] = None):
+    """Before loading: print the plan beside the free memory; with ``memory auto`` / ``offload_layers auto`` pick
+    the smallest change that fits; refuse (ValueError) when the settings cannot fit. Returns a ``Holding``."""
+    from . import Holding
+
+    config = checkpoint_config(cfg.checkpoint)
+    device = torch.device(device)
+    free = free_memory(device)
+    auto_off = cfg.offload_layers == "auto"
+    try:
+        plan = _plan_for(config, cfg, device, free, auto_off)
+    except ValueError:
+        raise
+    except Exception as exc:  # the estimate must never be what stops a run that could train
+        if say:
+            say(f"memory plan: not available ({type(exc).__name__}: {exc})", logging.WARNING)
+        return Holding(cfg.base_precision, 0 if auto_off else int(cfg.offload_layers))
+    if say:
+        say("memory plan: " + plan.describe())
+    if plan.fits is False:
+        better = smallest_fit(config, cfg, free, str(device))
+        hint = f"smallest change that fits: {better.describe()}" if better else \
+            "no base precision / offload fits; lower crop_seconds, batch_size or rank"
+        raise ValueError(f"memory: these settings need about {plan.needed / GIB:.2f} GiB but {device} has "
+                         f"{free / GIB:.2f} GiB free — {hint} (use --memory auto to pick it)")
+    return Holding(plan.base_precision, plan.offload_layers, plan)
+
+
+def _plan_for(config: AceStepConfig, cfg: TrainConfig, device: torch.device, free: Optional[int],
+              auto_off: bool) -> MemoryPlan:
+    if cfg.memory == "auto" and free is not None:
+        plan = smallest_fit(config, cfg, free, str(device), start=cfg.base_precision)
+        if plan is None:
+            raise ValueError(f"memory auto: nothing fits in {free / GIB:.2f} GiB free on {device} (smallest: "
+                             f"{_smallest(config, cfg, device).describe()}); lower crop_seconds or rank")
+    elif auto_off and free is not None:
+        cache: dict = {}
+        plan = None
+        for n in range(config.num_hidden_layers + 1):
+            plan = estimate_cached(config, cfg, cfg.base_precision, n, str(device), cache)
+            plan.free = free
+            if plan.fits:
+                break
+    else:
+        plan = estimate(config, cfg, offload_layers=0 if auto_off else None, device=str(device),
+                        frames=_dataset_frames(cfg))
+        plan.free = free
+    return plan
+
+
+def _dataset_frames(cfg: TrainConfig) -> Optional[int]:
+    """The longest micro-batch's frames: the crop, or the longest clip when shorter or not cropping."""
+    from ..training.data import FRAMES_PER_SECOND, open_dataset
+
+    longest = max(c.frames for c in open_dataset(cfg.dataset).clips)
+    crop = int(round(cfg.crop_seconds * FRAMES_PER_SECOND))
+    return min(longest, crop) if crop else longest
+
+
+def _smallest(config, cfg, device) -> MemoryPlan:
+    return estimate(config, cfg, base_precision="nf4", offload_layers=config.num_hidden_layers, device=str(device))

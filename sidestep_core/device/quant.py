@@ -1,0 +1,155 @@
+"""Frozen linear layers stored at 8 or 4 bits and computed in the training dtype.
+
+``BASE_PRECISIONS``: ``bf16`` keeps plain ``nn.Linear`` layers; ``fp8`` stores float8 e4m3 with one fp32 scale per
+output channel (our own code: a cast and a multiply, so it runs on every device, CPU included); ``int8`` (row-wise
+absmax) and ``nf4`` (64-value blocks, fp32 absmax) use bitsandbytes' quantize / dequantize ops, which have CPU and
+CUDA backends and are already a dependency (the 8-bit optimizer).
+
+``QuantLinear`` subclasses ``nn.Linear`` so PEFT and LyCORIS find and wrap it like any linear: PEFT's LoRA/DoRA call
+the base layer and read ``.weight`` (a dequantized tensor here) for DoRA's norm; LyCORIS sees a linear whose class is
+not ``Linear`` and switches itself to its "bypass" forward (base output + adapter output), which never rebuilds the
+weight. The matmul goes through ``_FrozenMatmul``, which keeps only the *quantized* tensors for backward and
+dequantizes again there, so a layer outside activation checkpointing does not hold a full-precision weight copy.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import BASE_PRECISIONS
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8).max)  # 448
+NF4_BLOCK = 64
+# Stored bytes per weight element (scales included) — used by the memory plan.
+BYTES_PER_WEIGHT = {"bf16": 2.0, "fp8": 1.0, "int8": 1.0, "nf4": 0.5 + 4 / NF4_BLOCK}
+ROW_SCALE_BYTES = {"fp8": 4, "int8": 4}  # one fp32 scale per output row
+
+
+def _bnb():
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # it warns at import about optional CPU kernels
+    try:
+        import bitsandbytes.functional as bf
+    except Exception as exc:  # not installed, or its native library does not load on this platform
+        raise ValueError(f"base_precision: int8 and nf4 need bitsandbytes (pip install bitsandbytes): {exc}") from exc
+    return bf
+
+
+class QuantLinear(nn.Linear):
+    """A frozen ``y = x Wᵀ + b`` whose ``W`` is stored quantized (buffers ``qweight``, ``qscale``, for nf4 also
+    ``qcode``); ``weight`` is the dequantized matrix in ``compute_dtype`` (made on each read)."""
+
+    def __init__(self, kind: str, in_features: int, out_features: int, qweight: torch.Tensor, qscale: torch.Tensor,
+                 bias: Optional[torch.Tensor], compute_dtype: torch.dtype, qcode: Optional[torch.Tensor] = None):
+        nn.Module.__init__(self)  # not nn.Linear's: there is no full-precision weight parameter
+        if kind not in BASE_PRECISIONS[1:]:
+            raise ValueError(f"base_precision: unknown quantized kind {kind!r}")
+        self.kind, self.in_features, self.out_features = kind, in_features, out_features
+        self.compute_dtype = compute_dtype
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("qscale", qscale)
+        self.register_buffer("qcode", qcode)
+        self.register_buffer("bias", None if bias is None else bias.to(compute_dtype))
+
+    # ----- construction -----
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, bias: Optional[torch.Tensor], kind: str,
+                 compute_dtype: torch.dtype = torch.bfloat16) -> "QuantLinear":
+        """Quantize a full-precision ``weight`` [out, in] (any float dtype, on any device)."""
+        out_f, in_f = weight.shape
+        code = None
+        if kind == "fp8":
+            w = weight.float()
+            scale = (w.abs().amax(dim=1) / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+            q = (w / scale[:, None]).to(FP8)
+        elif kind == "int8":
+            q, scale, _ = _bnb().int8_vectorwise_quant(weight.to(torch.float16))
+        elif kind == "nf4":
+            q, state = _bnb().quantize_4bit(weight.to(compute_dtype).contiguous(), blocksize=NF4_BLOCK,
+                                            quant_type="nf4")
+            scale, code = state.absmax, state.code
+        else:
+            raise ValueError(f"base_precision: cannot quantize to {kind!r}")
+        return cls(kind, in_f, out_f, q, scale, bias, compute_dtype, code)
+
+    @classmethod
+    def from_fp8(cls, weight: torch.Tensor, scale: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                 compute_dtype: torch.dtype = torch.bfloat16) -> "QuantLinear":
+        """Keep a float8_e4m3fn weight from a file as it is; ``scale`` is per-tensor ([] or [1]), per-row or None."""
+        out_f, in_f = weight.shape
+        s = torch.ones(1) if scale is None else scale.detach().to(torch.float32).reshape(-1)
+        if s.numel() not in (1, out_f):
+            raise ValueError(f"fp8 weight scale has {s.numel()} values for {out_f} rows")
+        return cls("fp8", in_f, out_f, weight.view(FP8) if weight.dtype == torch.uint8 else weight, s, bias,
+                   compute_dtype)
+
+    # ----- maths -----
+    def dequantize(self, qweight: Optional[torch.Tensor] = None, qscale: Optional[torch.Tensor] = None,
+                   qcode: Optional[torch.Tensor] = None) -> torch.Tensor:
+        q = self.qweight if qweight is None else qweight
+        s = self.qscale if qscale is None else qscale
+        c = self.qcode if qcode is None else qcode
+        if self.kind == "fp8":
+            return (q.float() * s[:, None]).to(self.compute_dtype)
+        if self.kind == "int8":
+            return _bnb().int8_vectorwise_dequant(q, s).to(self.compute_dtype)
+        bf = _bnb()
+        state = bf.QuantState(absmax=s, shape=torch.Size((self.out_features, self.in_features)), code=c,
+                              blocksize=NF4_BLOCK, quant_type="nf4", dtype=self.compute_dtype)
+        return bf.dequantize_4bit(q, state)
+
+    @property
+    def weight(self) -> torch.Tensor:  # what PEFT's DoRA and Adapter.base_weight read
+        return self.dequantize()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _FrozenMatmul.apply(x, self, self.qweight, self.qscale, self.qcode)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, kind={self.kind}, bias={self.bias is not None}"
+
+
+class _FrozenMatmul(torch.autograd.Function):
+    """``x Wᵀ + b`` with W frozen: saves the quantized tensors (not W) and rebuilds W for grad_x."""
+
+    @staticmethod
+    def forward(ctx, x, layer: QuantLinear, qweight, qscale, qcode):
+        w = layer.dequantize(qweight, qscale, qcode)
+        ctx.layer, ctx.x_dtype = layer, x.dtype
+        ctx.save_for_backward(qweight, qscale, qcode)
+        bias = None if layer.bias is None else layer.bias.to(w.dtype)
+        return F.linear(x.to(w.dtype), w, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        w = ctx.layer.dequantize(*ctx.saved_tensors)
+        return (grad.to(w.dtype) @ w).to(ctx.x_dtype), None, None, None, None
+
+
+def quantize_module_linears(root: nn.Module, kind: str, names: list[str], compute_dtype: torch.dtype) -> None:
+    """Replace the ``nn.Linear`` children named in ``names`` (relative to ``root``) by ``QuantLinear`` in place."""
+    for name in names:
+        owner_name, _, attr = name.rpartition(".")
+        owner = root.get_submodule(owner_name) if owner_name else root
+        lin = getattr(owner, attr)
+        setattr(owner, attr, QuantLinear.quantize(lin.weight.detach(), None if lin.bias is None else
+                                                  lin.bias.detach(), kind, compute_dtype))
+
+
+def keep_oft_rebuild(adapter) -> None:
+    """LyCORIS switches to its "bypass" forward on any linear whose class is not ``Linear``. For diag-OFT that
+    forward applies adapter dropout to the rotation and fails on shapes (LyCORIS 4.1), while the rebuild forward a
+    plain ``nn.Linear`` gets ignores dropout; rebuild is kept over quantized layers too (it dequantizes ``weight``),
+    so OFT trains the same way whatever the base precision."""
+    if adapter.kind != "oft" or adapter.network is None:
+        return
+    for module in adapter.network.loras:
+        if isinstance(module.org_module[0], QuantLinear):
+            module.bypass_mode = False
