@@ -40,9 +40,6 @@ NOT_ON_NODE = {
     # generates with ComfyUI's own nodes instead, so the node turns them off.
     "preview_every": "off in ComfyUI", "preview_prompts": "off in ComfyUI", "preview_steps": "off in ComfyUI",
     "preview_shift": "off in ComfyUI", "preview_guidance": "off in ComfyUI",
-    # Device settings (sidestep_core.device): on the node once nodes/spec.py lists them and the templates are
-    # regenerated with them (tools/generate_pack_files.py), which the workflow templates' owner does.
-    "base_precision": "pending node input", "offload_layers": "pending node input", "memory": "pending node input",
 }
 
 
