@@ -245,6 +245,8 @@ TRAIN = NodeSpec(
         cfg("min_lr_ratio", advanced=True, max=1.0, step=0.01),
         cfg("scheduler_cycles", advanced=True, min=1, max=1000),
         cfg("keep_checkpoints", advanced=True, max=1000),
+        cfg("ema_decay", advanced=True, max=0.9999, step=0.0001),
+        cfg("ema_start_step", advanced=True, max=1_000_000),
         cfg("checkpointing_ratio", advanced=True, max=1.0, step=0.05),
         cfg("precision", advanced=True),
         cfg("val_split", advanced=True, max=0.99, step=0.01),
