@@ -20,14 +20,15 @@ class ExportAdapter(io.ComfyNode):
 
     @classmethod
     def execute(cls, adapter: AdapterRef, name="sidestep_adapter", format="comfyui", overwrite=True,
-                directory="") -> io.NodeOutput:
+                directory="", checkpoint="final") -> io.NodeOutput:
         from sidestep_core.adapters import export_comfyui, read_adapter_weights
 
-        aw = read_adapter_weights(adapter.path)
+        chosen = calls.chosen_adapter(adapter, checkpoint)
+        aw = read_adapter_weights(chosen)
         base = dora_base(aw, adapter)  # PEFT-style DoRA: ComfyUI's dora_scale is relative to the base weights
         root = Path(directory).expanduser() if directory.strip() else Path(paths("loras")[0])
         path, notes = export_comfyui(aw, calls.export_path(root, name, bool(overwrite)), base=base,
                                      base_identity=adapter.base_identity, base_variant=adapter.base_variant,
                                      key_style=calls.EXPORT_KEY_STYLES[format])
         folder_paths.filename_list_cache.pop("loras", None)  # let LoRA loaders list the new file at once
-        return io.NodeOutput(str(path), ui=text(f"wrote {path}", *notes))
+        return io.NodeOutput(str(path), ui=text(f"wrote {path} from {chosen}", *notes))
