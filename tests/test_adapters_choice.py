@@ -46,7 +46,7 @@ def test_errors_list_what_exists(tmp_path):
         resolve_checkpoint(run, "best")
     with pytest.raises(CheckpointChoiceError, match="not a training run folder"):
         resolve_checkpoint(run / "final", "step_5")
-    with pytest.raises(CheckpointChoiceError, match="no such adapter"):
+    with pytest.raises(CheckpointChoiceError, match="no such file or folder"):
         resolve_checkpoint(tmp_path / "missing")
 
 

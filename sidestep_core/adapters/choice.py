@@ -67,7 +67,7 @@ def resolve_checkpoint(path: Union[str, Path], choice: str = FINAL) -> Path:
         if base == FINAL and path.exists() and (not sub or (path / EMA).is_dir()):
             return path / EMA if sub else path
         if not path.exists():
-            raise CheckpointChoiceError(f"{path}: no such adapter or training run")
+            raise CheckpointChoiceError(f"{path}: no such file or folder (an adapter or a training run)")
         raise CheckpointChoiceError(f"{path}: an adapter, not a training run folder, and it has no {choice!r} "
                                     "checkpoint (choose final" + (", ema" if (path / EMA).is_dir() else "") + ")")
     found = run_checkpoints(path)
