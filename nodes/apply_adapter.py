@@ -43,12 +43,13 @@ class ApplyAdapter(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, lora_name=S.NONE, strength=1.0, self_attn_strength=1.0, cross_attn_strength=1.0,
-                mlp_strength=1.0, adapter: Optional[AdapterRef] = None) -> io.NodeOutput:
+                mlp_strength=1.0, adapter: Optional[AdapterRef] = None, checkpoint="final") -> io.NodeOutput:
         from sidestep_core.adapters import AdapterFormatError, read_adapter_weights, to_comfyui_state_dict
 
         notes: list[str] = []
         if adapter is not None:
-            aw = read_adapter_weights(adapter.path)
+            chosen = calls.chosen_adapter(adapter, checkpoint)
+            aw = read_adapter_weights(chosen)
             check_fits(model, aw)
             base = dora_base(aw, adapter)
             try:
@@ -57,7 +58,7 @@ class ApplyAdapter(io.ComfyNode):
                 if base is not None:  # the decoder read for a DoRA conversion
                     base = None
                     release_memory()
-            source = str(adapter.path)
+            source = str(chosen)
             if lora_name not in ("", S.NONE):
                 notes.append(f"lora_name {lora_name!r} ignored: the connected adapter is used")
         elif lora_name not in ("", S.NONE):

@@ -15,7 +15,7 @@ from sidestep_core.config import TrainConfig
 from sidestep_core.data.preprocess import PreprocessConfig
 
 from . import runs, spec as S
-from .values import DatasetRef, EstimateRef, ModelBundle
+from .values import AdapterRef, DatasetRef, EstimateRef, ModelBundle
 
 EXPORT_KEY_STYLES = {"comfyui": "comfy", "peft": "peft", "lycoris": "lycoris"}
 
@@ -181,6 +181,15 @@ def estimate_ref(result) -> EstimateRef:
 
 
 # ----- Export Adapter -----
+
+
+def chosen_adapter(adapter: AdapterRef, checkpoint: str) -> Path:
+    """The adapter folder of ``adapter``'s run that the node's ``checkpoint`` input names (``final``: its own)."""
+    from sidestep_core.adapters.choice import resolve_checkpoint
+
+    if (checkpoint or "final").strip() == "final":
+        return Path(adapter.path)
+    return resolve_checkpoint(adapter.run_dir, checkpoint)
 
 
 def export_path(directory: Path, name: str, overwrite: bool) -> Path:

@@ -20,10 +20,11 @@ class ExportAdapter(io.ComfyNode):
 
     @classmethod
     def execute(cls, adapter: AdapterRef, name="sidestep_adapter", format="comfyui", overwrite=True,
-                directory="") -> io.NodeOutput:
+                directory="", checkpoint="final") -> io.NodeOutput:
         from sidestep_core.adapters import export_comfyui, read_adapter_weights
 
-        aw = read_adapter_weights(adapter.path)
+        chosen = calls.chosen_adapter(adapter, checkpoint)
+        aw = read_adapter_weights(chosen)
         base = dora_base(aw, adapter)  # PEFT-style DoRA: ComfyUI's dora_scale is relative to the base weights
         root = Path(directory).expanduser() if directory.strip() else Path(paths("loras")[0])
         try:
@@ -35,4 +36,4 @@ class ExportAdapter(io.ComfyNode):
                 base = None
                 release_memory()
         folder_paths.filename_list_cache.pop("loras", None)  # let LoRA loaders list the new file at once
-        return io.NodeOutput(str(path), ui=text(f"wrote {path}", *notes))
+        return io.NodeOutput(str(path), ui=text(f"wrote {path} from {chosen}", *notes))

@@ -111,6 +111,9 @@ class TrainConfig:
     epochs: int = _f(100, "passes over the dataset when --max-steps is 0")
     save_every: int = _f(100, "save a checkpoint every N steps (0 = only at the end)")
     keep_checkpoints: int = _f(3, "checkpoints to keep (0 = all)")
+    ema_decay: float = _f(0.0, "also keep an exponential moving average of the adapter weights with this decay "
+                          "(e.g. 0.999), saved as ema/ beside every checkpoint and final/ (0 = off)")
+    ema_start_step: int = _f(0, "the average follows the weights until this step and averages after it")
 
     # ----- memory and precision -----
     gradient_checkpointing: bool = _f(True, "recompute activations in backward to save memory", group="memory")
@@ -160,7 +163,7 @@ class TrainConfig:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 bad(name, "must be an integer >= 1")
         for name in ("max_steps", "epochs", "save_every", "keep_checkpoints", "warmup_steps", "seed", "val_every",
-                     "log_every", "histogram_every", "estimate_steps", "preview_every"):
+                     "log_every", "histogram_every", "estimate_steps", "preview_every", "ema_start_step"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 bad(name, "must be an integer >= 0")
         for name in ("alpha", "learning_rate"):
@@ -172,7 +175,7 @@ class TrainConfig:
         for name in ("cfg_ratio", "checkpointing_ratio", "min_lr_ratio"):
             if not _finite(getattr(self, name)) or not 0 <= getattr(self, name) <= 1:
                 bad(name, "must be between 0 and 1")
-        for name in ("dropout", "val_split"):
+        for name in ("dropout", "val_split", "ema_decay"):
             if not _finite(getattr(self, name)) or not 0 <= getattr(self, name) < 1:
                 bad(name, "must be >= 0 and < 1")
         if self.timestep_sigma is not None and (not _finite(self.timestep_sigma) or self.timestep_sigma <= 0):

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from . import conditioning, sampling
+from .adapters.choice import is_training_run, resolve_checkpoint, run_checkpoints
 from .model.model import AceStepModel
 
 Progress = Callable[[dict], None]
@@ -471,28 +472,6 @@ class Generator:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def run_checkpoints(run_dir: Union[str, Path]) -> list[tuple[str, Path]]:
-    """``(label, adapter folder)`` of a training run's saved checkpoints (``checkpoints/step_N``) and ``final``."""
-    run = Path(run_dir).expanduser()
-    out = []
-    root = run / "checkpoints"
-    if root.is_dir():
-        steps = []
-        for p in root.iterdir():
-            m = re.fullmatch(r"step_(\d+)", p.name)
-            if m and p.is_dir() and (p / "training_state.json").is_file():
-                steps.append((int(m.group(1)), p))
-        out += [(f"step_{n}", p) for n, p in sorted(steps)]
-    if (run / "final").is_dir():
-        out.append(("final", run / "final"))
-    return out
-
-
-def is_training_run(path: Union[str, Path]) -> bool:
-    p = Path(path).expanduser()
-    return p.is_dir() and ((p / "checkpoints").is_dir() or (p / "training_config.json").is_file())
-
-
 def compare(
     gen: Generator,
     prompt: Prompt,
@@ -508,7 +487,7 @@ def compare(
     is the same for every render, so the differences are the adapter's alone. Leaves no adapter applied.
 
     ``adapter`` may be a training run folder: its ``final`` adapter (else its latest checkpoint) is the one the
-    strengths apply to, and its checkpoints are added to ``checkpoints``.
+    strengths apply to, and its checkpoints (with their EMA twins) are added to ``checkpoints``.
     """
     checkpoints = list(checkpoints)
     if adapter is not None and is_training_run(adapter):
@@ -516,7 +495,7 @@ def compare(
         if not found:
             raise ValueError(f"{adapter}: training run without checkpoints or final adapter")
         checkpoints = [c for c in found if c[0] != "final"] + checkpoints
-        adapter = found[-1][1]
+        adapter = resolve_checkpoint(adapter, "final" if (Path(adapter).expanduser() / "final").is_dir() else "last")
     s = gen.settings(settings)
     cond = gen.conditions(prompt)
     results: list[GeneratedAudio] = []

@@ -261,4 +261,6 @@ def default_export_path(adapter_path: str | Path) -> Path:
         else:
             return p.with_name(p.stem + "_comfyui.safetensors")
     p = p.resolve()
+    if p.name == "ema":  # run/final/ema -> run/final_ema…, beside the folder it belongs to, not inside it
+        return p.parent.parent / f"{p.parent.name}_ema_comfyui.safetensors"
     return p.parent / f"{p.name}_comfyui.safetensors"

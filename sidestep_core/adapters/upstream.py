@@ -192,4 +192,6 @@ def default_peft_path(adapter_path: str | Path) -> Path:
         else:
             return p.with_name(p.stem + "_peft")
     p = p.resolve()
+    if p.name == "ema":  # run/final/ema -> run/final_ema…, beside the folder it belongs to, not inside it
+        return p.parent.parent / f"{p.parent.name}_ema_peft"
     return p.parent / f"{p.name}_peft"

@@ -31,7 +31,10 @@ def register(sub, name):
         "weights are compared with the adapter's.",
         epilog=EXIT_CODES_HELP,
     )
-    p.add_argument("adapter", help="adapter folder (e.g. OUT/final) or file")
+    p.add_argument("adapter", help="adapter folder (e.g. OUT/final) or file, or a training run folder (OUT)")
+    p.add_argument("--pick", default="final", metavar="CHOICE",
+                   help="which adapter of a training run: final, last, step_N, ema, step_N/ema or last/ema "
+                   "(default: final)")
     p.add_argument("--format", choices=("comfyui", "peft"), default="comfyui",
                    help="comfyui: one .safetensors for ComfyUI's LoRA loaders; peft: a PEFT folder "
                    "(adapter_config.json + adapter_model.safetensors) for upstream ACE-Step (default: %(default)s)")
@@ -79,7 +82,9 @@ def run(args) -> int:
     from ..adapters.formats import read_adapter_weights as read_back
     from ..adapters.apply import merged_state
 
-    adapter_path = Path(args.adapter).expanduser()
+    from ..adapters.choice import resolve_checkpoint
+
+    adapter_path = resolve_checkpoint(args.adapter, args.pick)
     aw = read_adapter_weights(adapter_path)
     say(aw.summary())
     for note in aw.notes:

@@ -42,6 +42,9 @@ def register(subparsers, name: str = "generate") -> argparse.ArgumentParser:
         p.add_argument("--adapter", help="adapter folder/file (PEFT, LyCORIS or ComfyUI format); with --compare "
                        "also a training run folder (OUT of sidestep train)")
         p.add_argument("--strength", type=float, default=1.0, help="adapter strength (default: 1.0)")
+    p.add_argument("--pick", default="final", metavar="CHOICE",
+                   help="which adapter of a training run --adapter names: final, last, step_N, ema, step_N/ema "
+                   "or last/ema (default: final)")
     g = p.add_argument_group("prompt")
     g.add_argument("--caption", required=True, help="caption / tags describing the music")
     g.add_argument("--lyrics", default="", help="lyrics (empty: instrumental)")
@@ -147,6 +150,7 @@ def _read_adapters(args) -> list:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..adapters.choice import resolve_checkpoint
     from ..generate import Generator, compare, write_flac
 
     prompt = _prompt(args)
@@ -173,8 +177,9 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.compare:
         if args.adapter:
-            gen.set_adapter(args.adapter, args.strength)
-            print(f"adapter: {args.adapter} at strength {args.strength:g}", file=sys.stderr)
+            adapter = resolve_checkpoint(args.adapter, args.pick)
+            gen.set_adapter(adapter, args.strength)
+            print(f"adapter: {adapter} at strength {args.strength:g}", file=sys.stderr)
         result = gen.generate(prompt, settings)
         write_flac(out, result.waveform, result.sample_rate)
         print(f"wrote {out} ({result.waveform.shape[-1] / result.sample_rate:.2f} s, 48 kHz stereo) in "
@@ -185,7 +190,10 @@ def run(args: argparse.Namespace) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     extra = [(Path(c).name or str(c), Path(c)) for c in args.checkpoints]
     strengths = args.strengths if args.adapter else [0.0]
-    results = compare(gen, prompt, args.adapter, strengths=strengths, checkpoints=extra,
+    adapter = args.adapter
+    if adapter and args.pick != "final":  # one chosen adapter of the run instead of the run's final + checkpoints
+        adapter = resolve_checkpoint(adapter, args.pick)
+    results = compare(gen, prompt, adapter, strengths=strengths, checkpoints=extra,
                       checkpoint_strength=args.strength, settings=settings)
     rows = []
     for i, r in enumerate(results):

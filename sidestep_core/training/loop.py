@@ -34,6 +34,7 @@ from . import state as st
 from .adapters import Adapter, AdapterMismatchError, inject_adapter, load_adapter_weights, metadata_json
 from .data import FRAMES_PER_SECOND, LatentDataset, load_batch, open_dataset, plan_epoch, split_validation, \
     validation_items
+from .ema import EMA
 from .logs import CsvLog, LossSmoother, Speed, TensorBoard
 from .objective import Objective
 from .optim import build_optimizer, build_scheduler, continue_at, extend_schedule, new_schedule
@@ -233,6 +234,7 @@ class _Trainer:
         self.total = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * self.steps_per_epoch
         self.optimizer = build_optimizer(self.params, cfg)
         self.schedule = new_schedule(cfg, self.total)
+        self.ema = EMA.for_config(self.adapter, cfg)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         mu = cfg.timestep_mu if cfg.timestep_mu is not None else self.info.timestep_mu
         sigma = cfg.timestep_sigma if cfg.timestep_sigma is not None else self.info.timestep_sigma
@@ -348,6 +350,8 @@ class _Trainer:
         self.elapsed_before = float(state.get("elapsed_s", 0.0))
         self.smoother = LossSmoother(**state["smoother"])
         self.best_val, self.last_val = state.get("best_val"), state.get("val_loss")
+        if self.ema is not None and not self.ema.load_state(state.get("ema"), str(folder)):
+            self.say(f"{folder}: has no EMA weights; the average starts from the resumed weights", logging.WARNING)
         rngs = state["rng"]
         if len(rngs) != self.dist.world:
             self.say(f"checkpoint was written by {len(rngs)} process(es), now {self.dist.world}: the data order and "
@@ -540,12 +544,13 @@ class _Trainer:
                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
                 "smoother": self.smoother.state(),
                 "best_val": self.best_val, "val_loss": self.last_val,
+                "ema": self.ema.state() if self.ema is not None else None,
                 "rng": rngs,
                 "config": self.cfg.to_dict(include_run=False),
                 "version": __version__,
             }
             meta = self._metadata("checkpoint")
-            folder = st.write_checkpoint(st.step_dir(self.out, self.step), lambda d: self.adapter.save(d, meta),
+            folder = st.write_checkpoint(st.step_dir(self.out, self.step), lambda d: self._save_adapters(d, meta),
                                          state)
             st.prune_checkpoints(self.out, self.cfg.keep_checkpoints, protect=folder)
             self.last_checkpoint = folder
@@ -558,10 +563,15 @@ class _Trainer:
         final = None
         if self.dist.main:
             meta = self._metadata(status)
-            final = st.write_dir_atomically(self.out / "final", lambda d: self.adapter.save(d, meta))
+            final = st.write_dir_atomically(self.out / "final", lambda d: self._save_adapters(d, meta))
             self._write_loss_png()
         self.dist.barrier()
         return final
+
+    def _save_adapters(self, folder: Path, meta: dict[str, str]) -> None:
+        self.adapter.save(folder, meta)
+        if self.ema is not None:
+            self.ema.save(folder, meta)
 
     def _write_loss_png(self) -> None:
         from .chart import write_loss_png
@@ -652,6 +662,8 @@ class _Trainer:
                 lr = self.scheduler.get_last_lr()[0]
                 loss, grad_norm, ts = self._train_step(group)
                 self.step += 1
+                if self.ema is not None:
+                    self.ema.update(self.step)
                 self.batch_pos += len(group)
                 if self.batch_pos >= len(batches):
                     self.epoch, self.batch_pos = self.epoch + 1, 0
