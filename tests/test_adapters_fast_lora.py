@@ -130,3 +130,12 @@ def test_shared_dropout_mask_equals_peft_with_the_same_masks(ratio):
     if ratio:  # the recomputation reproduced the forward's masks: same gradients as without checkpointing
         dec.checkpoint_ratio = 0.0
         _compare(_run(dec, inputs, seed=5), ours, 1e-6)
+
+
+def test_selective_checkpointing_gives_the_same_gradients():
+    adapter, _ = _pair(dropout=0.1)
+    dec = adapter.module.decoder
+    inputs = _inputs(torch.float32)
+    plain = _run(dec, inputs)
+    dec.checkpoint_ratio, dec.checkpoint_selective = 1.0, True
+    _compare(_run(dec, inputs), plain, 1e-6)
