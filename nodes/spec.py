@@ -246,6 +246,7 @@ TRAIN = NodeSpec(
         cfg("scheduler_cycles", advanced=True, min=1, max=1000),
         cfg("keep_checkpoints", advanced=True, max=1000),
         cfg("checkpointing_ratio", advanced=True, max=1.0, step=0.05),
+        cfg("selective_checkpointing", advanced=True),
         cfg("precision", advanced=True),
         cfg("val_split", advanced=True, max=0.99, step=0.01),
         cfg("val_every", advanced=True, max=1_000_000),
