@@ -275,6 +275,7 @@ TRAIN = NodeSpec(
         cfg("ema_decay", advanced=True, max=0.9999, step=0.0001),
         cfg("ema_start_step", advanced=True, max=1_000_000),
         cfg("checkpointing_ratio", advanced=True, max=1.0, step=0.05),
+        cfg("selective_checkpointing", advanced=True),
         cfg("precision", advanced=True),
         cfg("base_precision", advanced=True),
         cfg("offload_layers", advanced=True),

@@ -118,6 +118,9 @@ class TrainConfig:
     # ----- memory and precision -----
     gradient_checkpointing: bool = _f(True, "recompute activations in backward to save memory", group="memory")
     checkpointing_ratio: float = _f(1.0, "fraction of decoder layers checkpointed", group="memory")
+    selective_checkpointing: bool = _f(
+        False, "checkpointed layers keep their attention outputs instead of recomputing them: faster steps for more "
+        "activation memory (see bench/RESULTS.md for the measured cost)", group="memory")
     precision: str = _f("bf16", "dtype of the frozen base weights and of autocast (adapters stay fp32)",
                         choices=PRECISIONS, group="memory")
     base_precision: str = _f("bf16", "storage of the frozen decoder projections: bf16 as --precision, fp8 (e4m3, "

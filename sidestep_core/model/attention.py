@@ -3,6 +3,10 @@
 Masks are only built where they change the result: the bidirectional band of sliding layers when the
 sequence is longer than the window, and key padding in the lyric encoder. The DiT itself never masks
 padding (the pretrained model was trained without it).
+
+Sliding layers without key padding run banded: blocks of ``window`` queries attend to their ``3·window`` keys, so
+time and memory grow linearly with length instead of quadratically (the dense masked product would compute and then
+discard all but a band of the scores).
 """
 
 from __future__ import annotations
@@ -37,6 +41,37 @@ def _band(length: int, window: int, device: torch.device) -> torch.Tensor:
     return _band_cached(length, window, device, torch.is_inference_mode_enabled())
 
 
+@functools.lru_cache(maxsize=64)
+def _block_mask_cached(length: int, window: int, block: int, device: torch.device, inference: bool) -> torch.Tensor:
+    """[n_blocks, 1, block, block + 2·window]: query ``b·block + a`` may see padded key ``b·block + j`` (absolute
+    key ``b·block + j − window``) when ``|a − j + window| ≤ window`` and the key is inside the sequence."""
+    n = -(-length // block)
+    a = torch.arange(block, device=device)[:, None]
+    j = torch.arange(block + 2 * window, device=device)[None, :]
+    band = (j - a >= 0) & (j - a <= 2 * window)
+    key = torch.arange(n, device=device)[:, None, None] * block + j - window
+    return (band & (key >= 0) & (key < length))[:, None]
+
+
+def _banded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
+    """Exact |i − j| ≤ window self-attention by blocks of ``window`` queries ([B, H, T, D] in and out)."""
+    b, h, t, d = q.shape
+    hkv = k.shape[1]
+    block = window
+    n = -(-t // block)
+    extra = n * block - t
+    qb = F.pad(q, (0, 0, 0, extra)).view(b, h, n, block, d).transpose(1, 2).reshape(b * n, h, block, d)
+
+    def windows(x: torch.Tensor) -> torch.Tensor:  # [B, Hkv, T, D] → [B·n, Hkv, block + 2·window, D]
+        x = F.pad(x, (0, 0, window, window + extra)).unfold(2, block + 2 * window, block)  # [B, Hkv, n, D, W]
+        return x.permute(0, 2, 1, 4, 3).reshape(b * n, hkv, block + 2 * window, d)
+
+    mask = _block_mask_cached(t, window, block, q.device, torch.is_inference_mode_enabled())
+    mask = mask.expand(n, 1, block, block + 2 * window).repeat(b, 1, 1, 1) if b > 1 else mask
+    out = F.scaled_dot_product_attention(qb, windows(k), windows(v), attn_mask=mask, enable_gqa=h != hkv)
+    return out.view(b, n, h, block, d).transpose(1, 2).reshape(b, h, n * block, d)[:, :, :t]
+
+
 def _can_use_flash(q: torch.Tensor, key_padding: Optional[torch.Tensor]) -> bool:
     return (
         key_padding is None
@@ -65,6 +100,8 @@ def attention(
         out = _flash_attn_func()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), window_size=w)
         return out.transpose(1, 2)
 
+    if use_band and key_padding is None and tq == tk:
+        return _banded(q, k, v, window)
     mask = None
     if use_band:
         mask = _band(tq, window, q.device)[None, None]

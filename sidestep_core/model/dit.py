@@ -5,10 +5,27 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from .config import AceStepConfig
 from .layers import Attention, RMSNorm, Rotary, SwiGLU, TimestepEmbedding
+
+
+# Attention kernels whose outputs selective checkpointing keeps (everything else in a layer is recomputed).
+_ATTENTION_OPS = {
+    getattr(torch.ops.aten, name).default
+    for name in ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+                 "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
+    if hasattr(torch.ops.aten, name)
+}
+
+
+def _keep_attention(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in _ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_context():
+    return create_selective_checkpoint_contexts(_keep_attention)
 
 
 class PatchIn(nn.Sequential):
@@ -69,8 +86,10 @@ class AceStepDiT(nn.Module):
         self.norm_out = RMSNorm(h, config.rms_norm_eps)
         self.proj_out = PatchOut(h, config.audio_acoustic_hidden_dim, config.patch_size)
         self.scale_shift_table = nn.Parameter(torch.zeros(1, 2, h))
-        # Fraction of layers run under activation checkpointing while training (0 = off).
+        # Fraction of layers run under activation checkpointing while training (0 = off); selective keeps the
+        # attention kernels' outputs of checkpointed layers instead of recomputing them.
         self.checkpoint_ratio = 0.0
+        self.checkpoint_selective = False
 
     def forward(
         self,
@@ -100,7 +119,8 @@ class AceStepDiT(nn.Module):
         n_ckpt = round(self.checkpoint_ratio * len(self.layers)) if self.training and torch.is_grad_enabled() else 0
         for i, layer in enumerate(self.layers):
             if i < n_ckpt:
-                x = checkpoint(layer, x, rope, modulation, context, use_reentrant=False)
+                kw = {"context_fn": _selective_context} if self.checkpoint_selective else {}
+                x = checkpoint(layer, x, rope, modulation, context, use_reentrant=False, **kw)
             else:
                 x = layer(x, rope, modulation, context)
 

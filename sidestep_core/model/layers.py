@@ -97,6 +97,10 @@ class Attention(nn.Module):
     def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
         return x.view(*x.shape[:-1], n, self.head_dim)
 
+    def project(self, x: torch.Tensor, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v projections (``training.fast_lora`` replaces this to share work between adapters on one input)."""
+        return self.q_proj(x), self.k_proj(src), self.v_proj(src)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -105,9 +109,10 @@ class Attention(nn.Module):
         key_padding: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         src = context if self.cross else x
-        q = self.q_norm(self._heads(self.q_proj(x), self.heads)).transpose(1, 2)
-        k = self.k_norm(self._heads(self.k_proj(src), self.kv_heads)).transpose(1, 2)
-        v = self._heads(self.v_proj(src), self.kv_heads).transpose(1, 2)
+        q, k, v = self.project(x, src)
+        q = self.q_norm(self._heads(q, self.heads)).transpose(1, 2)
+        k = self.k_norm(self._heads(k, self.kv_heads)).transpose(1, 2)
+        v = self._heads(v, self.kv_heads).transpose(1, 2)
         if rope is not None and not self.cross:
             cos, sin = rope
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)

@@ -306,6 +306,10 @@ def _inject_peft(decoder: nn.Module, cfg: TrainConfig, targets: list[str]) -> Ad
         bias="none",
     )
     peft_model = get_peft_model(decoder, conf)
+    if cfg.adapter == "lora":
+        from .fast_lora import install
+
+        install(decoder)
     module = TrainModule(decoder)
     return Adapter(cfg.adapter, targets, module, adapter_options(cfg), peft_model=peft_model)
 

@@ -223,6 +223,7 @@ class _Trainer:
         _seed_everything(cfg.seed)  # adapter initialisation
         self.adapter: Adapter = inject_adapter(decoder, cfg)
         decoder.checkpoint_ratio = cfg.checkpointing_ratio if cfg.gradient_checkpointing else 0.0
+        decoder.checkpoint_selective = cfg.selective_checkpointing
         self.holding.attach(self.adapter, self.device, self.say)  # trainable tensors to the device, start streaming
         self.adapter.module.train()
         self.model = self.dist.wrap(self.adapter.module)
