@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sidestep_core.config import TrainConfig  # noqa: E402
+from sidestep_core.device.measure import cpu_peak_bytes  # noqa: E402
 from sidestep_core.model import AceStepConfig  # noqa: E402
 from sidestep_core.model.dit import AceStepDiT  # noqa: E402
 from sidestep_core.training.adapters import inject_adapter  # noqa: E402
@@ -120,25 +121,6 @@ class Stack:
             torch.cuda.synchronize()
             return torch.cuda.max_memory_allocated() - base
         return cpu_peak_bytes(lambda: self.step(batch))
-
-
-def cpu_peak_bytes(fn) -> int:
-    """Peak of bytes allocated during ``fn`` and not yet freed, from the profiler's allocation events in order."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        node = stack.pop()
-        stack.extend(node.children)
-        if node.tag.name == "Allocation":
-            events.append((node.start_time_ns, node.extra_fields.alloc_size))
-    live = peak = 0
-    for _, n in sorted(events):
-        live += n
-        peak = max(peak, live)
-    return peak
 
 
 def make_batch(cfg, seconds: float, device: str):

@@ -19,7 +19,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from ..model.loading import CheckpointError, LoadedModel, load_acestep
+from ..model.loading import LoadedModel, check_architecture, load_acestep
 from .quant import BASE_PRECISIONS, FP8, QuantLinear
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -116,17 +116,5 @@ def _check_decoder_keys(decoder: nn.Module, src, path: Path) -> None:
     expected = {"decoder." + k: tuple(v.shape) for k, v in decoder.state_dict().items()}
     present = {k: s for k, s in src.shapes.items() if k.startswith("decoder.")
                and not k.endswith(WEIGHT_SCALE_SUFFIXES + IGNORED_SUFFIXES)}
-    missing = sorted(set(expected) - set(present))
-    unexpected = sorted(set(present) - set(expected))
-    wrong = [f"{k}: file {present[k]} vs model {expected[k]}" for k in sorted(set(expected) & set(present))
-             if present[k] != expected[k]]
-    problems = []
-    if missing:
-        problems.append(f"missing keys ({len(missing)}): " + ", ".join(src.prefix + k for k in missing[:8]))
-    if unexpected:
-        problems.append(f"unexpected keys ({len(unexpected)}): " + ", ".join(src.prefix + k for k in unexpected[:8]))
-    if wrong:
-        problems.append(f"shape mismatches ({len(wrong)}): " + "; ".join(wrong[:8]))
-    if problems:
-        raise CheckpointError(f"{path}: does not match the ACE-Step 1.5 architecture — " + " | ".join(problems))
+    check_architecture(path, src.prefix, expected, present)
 

@@ -178,7 +178,7 @@ def _fake_step(config: AceStepConfig, cfg: TrainConfig, base_precision: str, fra
     shape and dtype so autocast and the CPU kernels' shape rules apply as in a real step."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from ..model.attention import _band_cached
+    from ..model.attention import clear_mask_caches
     from ..model.dit import AceStepDiT
     from ..training.adapters import inject_adapter
     from .load import projection_names
@@ -230,7 +230,7 @@ def _fake_step(config: AceStepConfig, cfg: TrainConfig, base_precision: str, fra
                 loss.backward()
                 del pred, loss
         finally:
-            _band_cached.cache_clear()  # drop the fake attention masks the step cached
+            clear_mask_caches()  # drop the fake attention masks the step cached
     return counter.peak, n_params
 
 

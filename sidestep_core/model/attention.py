@@ -53,6 +53,13 @@ def _block_mask_cached(length: int, window: int, block: int, device: torch.devic
     return (band & (key >= 0) & (key < length))[:, None]
 
 
+def clear_mask_caches() -> None:
+    """Forget the cached attention masks (e.g. the fake tensors a memory plan's step made, which must never reach
+    a real forward)."""
+    _band_cached.cache_clear()
+    _block_mask_cached.cache_clear()
+
+
 def _banded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
     """Exact |i − j| ≤ window self-attention by blocks of ``window`` queries ([B, H, T, D] in and out)."""
     b, h, t, d = q.shape

@@ -230,18 +230,24 @@ class LoadedModel:
 def _check_keys(model: AceStepModel, src: SafetensorsSource, path: Path, parts: Optional[set[str]]) -> None:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if _wanted(k, parts)}
     present = {k: s for k, s in src.shapes.items() if _wanted(k, parts)}
+    check_architecture(path, src.prefix, expected, present)
+
+
+def check_architecture(path: Path, prefix: str, expected: dict[str, tuple], present: dict[str, tuple]) -> None:
+    """Raise a :class:`CheckpointError` naming the missing, unexpected and wrongly shaped tensors of a file
+    (``expected``: the model's names and shapes; ``present``: the file's, without its ``prefix``)."""
     missing = sorted(set(expected) - set(present))
     unexpected = sorted(set(present) - set(expected))
     wrong = [
-        f"{src.prefix}{k}: file {present[k]} vs model {expected[k]}"
+        f"{prefix}{k}: file {present[k]} vs model {expected[k]}"
         for k in sorted(set(expected) & set(present))
         if present[k] != expected[k]
     ]
     problems = []
     if missing:
-        problems.append(f"missing keys ({len(missing)}): " + ", ".join(src.prefix + k for k in missing[:8]))
+        problems.append(f"missing keys ({len(missing)}): " + ", ".join(prefix + k for k in missing[:8]))
     if unexpected:
-        problems.append(f"unexpected keys ({len(unexpected)}): " + ", ".join(src.prefix + k for k in unexpected[:8]))
+        problems.append(f"unexpected keys ({len(unexpected)}): " + ", ".join(prefix + k for k in unexpected[:8]))
     if wrong:
         problems.append(f"shape mismatches ({len(wrong)}): " + "; ".join(wrong[:8]))
     if problems:
