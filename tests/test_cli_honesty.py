@@ -235,3 +235,10 @@ def test_the_preprocess_parser_constants_are_the_cores():
     from sidestep_core.text.prompts import PROMPT_STYLES
 
     assert (cmd.PROMPT_STYLES, cmd.LOUDNESS_MODES, cmd.MODEL_MAX_SECONDS) == (PROMPT_STYLES, MODES, MODEL_MAX_SECONDS)
+
+
+def test_the_plan_parser_shapes_are_the_cores():
+    from sidestep_core.commands import plan as cmd
+    from sidestep_core.device.shapes import SHAPES
+
+    assert cmd.SHAPES == SHAPES

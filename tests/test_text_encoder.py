@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import pytest
 import torch
@@ -112,6 +113,7 @@ def test_tokenizer_from_a_comfyui_installation(tmp_path, monkeypatch):
     shutil.copy(src.text_encoder, te)
     monkeypatch.delenv("COMFYUI_DIR", raising=False)
     monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    monkeypatch.delitem(sys.modules, "comfy", raising=False)  # a ComfyUI the ComfyUI tests imported in this process
     with pytest.raises(E.TextEncoderError, match="no tokenizer found.*--tokenizer"):
         E.find_tokenizer(text_encoder=te, near=te)
     tok_dir = root / "comfy" / "text_encoders" / "qwen25_tokenizer"

@@ -84,7 +84,13 @@ def set_adapter(page, node_id: int, kind: str) -> None:
 def click_advanced(page, node_id: int, canvas: str) -> None:
     """The Advanced switch as a user clicks it: Nodes 2.0's footer button, the classic canvas's button widget."""
     if canvas == "vue":
-        page.locator(f".lg-node[data-node-id='{node_id}'] [data-testid='advanced-inputs-button']").click()
+        button = page.locator(f".lg-node[data-node-id='{node_id}'] [data-testid='advanced-inputs-button']")
+        box, height = button.bounding_box(), page.viewport_size["height"]
+        if box["y"] < 0 or box["y"] + box["height"] > height:  # an expanded node runs off the screen: pan to it
+            page.evaluate("""(dy) => { const ds = app.canvas.ds; ds.offset[1] -= dy / ds.scale;
+              app.canvas.setDirty(true, true); }""", box["y"] - height / 2)
+            ui.settle(page)
+        button.click()
     else:
         x, y = page.evaluate("""(id) => { const n = app.graph.getNodeById(id);
           const w = n.widgets.find(w => w.name === 'sidestep_advanced');

@@ -159,7 +159,8 @@ def test_run_preprocess_and_train(server, object_info):
     # the loss chart's event stream and ComfyUI's progress bar for the training node
     events = [m for m in ws.of_type("sidestep.train") if m.get("node") == train_id]
     steps = [m for m in events if m["event"] == "step"]
-    assert [m["event"] for m in events][0] == "plan" and events[-1]["event"] == "done", events
+    kinds = [m["event"] for m in events if m["event"] != "log"]  # log lines (e.g. the memory plan) may come first
+    assert kinds[0] == "plan" and kinds[-1] == "done", events
     assert [m["step"] for m in steps] == [1, 2] and all(
         {"loss", "smoothed_loss", "lr", "eta_s", "total"} <= set(m) for m in steps), steps
     progress = [m for m in ws.of_type("progress") if m.get("node") == train_id]
