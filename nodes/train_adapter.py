@@ -137,7 +137,7 @@ class _GraphPreview:
         return {"waveform": (wave / std).float().cpu(), "sample_rate": int(rate)}
 
     def _write(self, step: int, audio: dict) -> None:
-        from sidestep_core.generate import write_flac
+        from sidestep_core.inference.generate import write_flac
 
         for i, w in enumerate(audio["waveform"]):
             path = self.plan.path(step)

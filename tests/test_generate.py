@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from sidestep_core.audio.decode import decode_audio
-from sidestep_core.generate import (
+from sidestep_core.inference.generate import (
     Generator,
     Prompt,
     SamplerSettings,

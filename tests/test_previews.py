@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from sidestep_core.audio.decode import decode_audio
-from sidestep_core.generate import frames_for
-from sidestep_core.previews import PreviewRenderer, load_preview_prompts, log_audio
+from sidestep_core.inference.generate import frames_for
+from sidestep_core.inference.previews import PreviewRenderer, load_preview_prompts, log_audio
 from sidestep_core.training import train
 from sidestep_core.training.adapters import find_adapter
 from sidestep_core.training.loop import _Trainer
@@ -126,7 +126,7 @@ def test_bf16_base_with_fp32_adapter(renderer, tiny_original):
 
 
 def test_build_leaves_the_rng_alone_and_base_models_use_cfg(tiny_original, decoder_model, tmp_path):
-    from sidestep_core.generate import SamplerSettings
+    from sidestep_core.inference.generate import SamplerSettings
 
     torch.manual_seed(5)
     state = torch.get_rng_state()

@@ -1,12 +1,12 @@
 """Our samplers against upstream ``generate_audio`` on the tiny model (tests/data/README.md says how the goldens were
-made; the loops are described in the docstring of sidestep_core/sampling.py)."""
+made; the loops are described in the docstring of sidestep_core/inference/sampling.py)."""
 
 import json
 
 import pytest
 import torch
 
-from sidestep_core import sampling
+from sidestep_core.inference import sampling
 
 from goldens import assert_close as close
 from goldens import read_golden, tiny_model

@@ -176,7 +176,7 @@ def run_demo(workdir: Path, *, cache_dir: Optional[Path] = None, adapter: str = 
     st.done(f"{exported.stat().st_size / 1024:.0f} KiB: {exported}" + (f" ({'; '.join(notes)})" if notes else ""))
 
     st = _Stage(7, n, "apply the exported file and generate audio with it (strength 0 = base, 1 = adapter)")
-    from ..generate import Generator, Prompt, compare, write_flac
+    from ..inference.generate import Generator, Prompt, compare, write_flac
 
     gen = Generator.load(ckpt.dit, device="cpu")
     prompt = Prompt(caption=f"{TRIGGER}, {CLIPS[0][3]}", seconds=2.0, seed=seed, name="demo")

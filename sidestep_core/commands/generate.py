@@ -89,7 +89,7 @@ def register(subparsers, name: str = "generate") -> argparse.ArgumentParser:
 
 
 def _prompt(args):
-    from ..generate import Prompt
+    from ..inference.generate import Prompt
 
     lyrics = args.lyrics
     if args.lyrics_file:
@@ -103,7 +103,7 @@ def _prompt(args):
 
 
 def _settings(args):
-    from ..generate import SamplerSettings
+    from ..inference.generate import SamplerSettings
 
     return SamplerSettings(steps=args.steps, shift=args.shift, guidance=args.guidance,
                            cfg_interval=tuple(args.cfg_interval), guidance_mode=args.guidance_mode,
@@ -133,7 +133,7 @@ def _progress(plain: bool):
 def _read_adapters(args) -> list:
     """(path, AdapterWeights) of every adapter the command will apply (a training run: each of its adapters)."""
     from ..adapters import read_adapter_weights
-    from ..generate import is_training_run, run_checkpoints
+    from ..inference.generate import is_training_run, run_checkpoints
 
     paths = []
     if args.adapter:
@@ -151,7 +151,7 @@ def _read_adapters(args) -> list:
 
 def run(args: argparse.Namespace) -> int:
     from ..adapters.choice import resolve_checkpoint
-    from ..generate import Generator, compare, write_flac
+    from ..inference.generate import Generator, compare, write_flac
 
     prompt = _prompt(args)
     settings = _settings(args)

@@ -161,7 +161,7 @@ def train(
     ``step_hook(step, adapter)`` (rank 0 only) is called after every optimizer step, after the checkpoint of that
     step is saved, with the live :class:`~sidestep_core.training.adapters.Adapter` (``adapter.module`` is the
     unwrapped module; ``adapter.comfyui_state_dict()`` gives detached CPU copies of its weights). It runs inside
-    :class:`sidestep_core.previews.Isolated`: eval mode, no grad, and every global RNG restored after, so a hook
+    :class:`sidestep_core.inference.previews.Isolated`: eval mode, no grad, and every global RNG restored after, so a hook
     that renders (and draws random numbers) leaves training exactly as it would be without it. The hook decides
     itself at which steps to do work; exceptions it raises propagate.
     """
@@ -602,8 +602,8 @@ class _Trainer:
     def _build_previews(self):
         """Preview renderer (rank 0): prompts encoded once, in the style the dataset was preprocessed with."""
         from ..data.cache import read_manifest
-        from ..generate import SamplerSettings
-        from ..previews import PreviewRenderer, load_preview_prompts
+        from ..inference.generate import SamplerSettings
+        from ..inference.previews import PreviewRenderer, load_preview_prompts
 
         cfg = self.cfg
         manifest = read_manifest(Path(cfg.dataset)) or {}
@@ -705,7 +705,7 @@ class _Trainer:
                 if self.previews is not None:  # after saving: a slow render never risks the checkpoint
                     self.previews.maybe_render(self.step, self.adapter.module, force=self.step == self.total or stop)
                 if self.step_hook is not None and self.dist.main:  # same place, same isolation as the previews
-                    from ..previews import Isolated
+                    from ..inference.previews import Isolated
 
                     with Isolated(self.adapter.module, self.device):
                         self.step_hook(self.step, self.adapter)

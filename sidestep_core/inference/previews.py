@@ -264,10 +264,10 @@ class PreviewRenderer:
                prompt_style, vae, text_encoder, tokenizer, writer, progress) -> "PreviewRenderer":
         import gc
 
-        from . import vae as vae_mod
-        from .data.preprocess import PreprocessConfig, find_components
-        from .model import load_acestep
-        from .text import encoder as te_mod
+        from .. import vae as vae_mod
+        from ..data.preprocess import PreprocessConfig, find_components
+        from ..model import load_acestep
+        from ..text import encoder as te_mod
 
         prompts = [p if isinstance(p, Prompt) else Prompt.from_dict(p) for p in prompts]
         for p in prompts:
@@ -334,7 +334,7 @@ class PreviewRenderer:
                 log_audio(self.writer, f"preview/{p.slug(i)}", w, step)
         seconds = time.perf_counter() - t0
         audio_seconds = float(sum(w.shape[-1] for w in waves) / SAMPLE_RATE)
-        from .fsutil import atomic_write_json
+        from ..fsutil import atomic_write_json
 
         atomic_write_json(folder / "previews.json", {
             "step": step, "settings": self.settings.to_dict(), "turbo": self.turbo, "device": str(device),

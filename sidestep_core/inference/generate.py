@@ -7,7 +7,7 @@ the silence latent as timbre reference (first 750 frames for the ``acestep`` pro
 ``comfyui``), and ``context_latents`` = silence ‖ ones. A model trained on that cache therefore sees at generation
 time exactly what it saw in training (tests/test_generate.py compares the two paths tensor for tensor).
 
-Sampling is :mod:`sidestep_core.sampling` (upstream ``generate_audio``); decoding is the Oobleck VAE, tiled over
+Sampling is :mod:`sidestep_core.inference.sampling` (upstream ``generate_audio``); decoding is the Oobleck VAE, tiled over
 long latents. Adapters are applied through :func:`sidestep_core.adapters.apply_unmerged` (hooks; the base weights
 stay untouched, the strength can change between renders).
 
@@ -27,9 +27,10 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from . import conditioning, sampling
-from .adapters.choice import is_training_run, resolve_checkpoint, run_checkpoints
-from .model.model import AceStepModel
+from .. import conditioning
+from . import sampling
+from ..adapters.choice import is_training_run, resolve_checkpoint, run_checkpoints
+from ..model.model import AceStepModel
 
 Progress = Callable[[dict], None]
 
@@ -115,7 +116,7 @@ class Prompt:
         return f"{index:02d}_{s}" if index is not None else s
 
     def prompt_inputs(self, style: str):
-        from .text.prompts import DEFAULT_LANGUAGE, INSTRUMENTAL, PromptInputs
+        from ..text.prompts import DEFAULT_LANGUAGE, INSTRUMENTAL, PromptInputs
 
         if style not in DEFAULT_LANGUAGE:
             raise ValueError(f"unknown prompt style {style!r}")
@@ -214,7 +215,7 @@ def default_dtype(device: torch.device, name: Optional[str] = None) -> torch.dty
 
 def text_states(text, prompt: Prompt, style: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(caption states [Lt, H], lyric embeddings [Ll, H]) float32 on the CPU for ``prompt``."""
-    from .text.prompts import tokenize
+    from ..text.prompts import tokenize
 
     toks = tokenize(text.tokenizer, prompt.prompt_inputs(style), style)
     text.check_ids(toks.text_ids, "caption")
@@ -337,7 +338,7 @@ def flac_bytes(waveform: torch.Tensor, sample_rate: int = SAMPLE_RATE) -> bytes:
 
 def write_flac(path: Union[str, Path], waveform: torch.Tensor, sample_rate: int = SAMPLE_RATE) -> Path:
     """Write ``waveform`` [C, S] as FLAC (atomically: a temporary file renamed into place)."""
-    from .fsutil import atomic_write_bytes
+    from ..fsutil import atomic_write_bytes
 
     path = Path(path).expanduser()
     atomic_write_bytes(path, flac_bytes(waveform, sample_rate))
@@ -378,12 +379,12 @@ class Generator:
     ) -> "Generator":
         """Find and load every part of ``checkpoint`` (any layout). The condition encoder keeps the checkpoint's
         stored dtype, as preprocessing runs it; the decoder runs in ``dtype`` (default bf16 on CUDA, fp32 on CPU)."""
-        from . import vae as vae_mod
-        from .data.preprocess import PreprocessConfig, find_components
-        from .model import load_acestep
-        from .model.loading import open_source
-        from .text import encoder as te_mod
-        from .text.prompts import PROMPT_STYLES
+        from .. import vae as vae_mod
+        from ..data.preprocess import PreprocessConfig, find_components
+        from ..model import load_acestep
+        from ..model.loading import open_source
+        from ..text import encoder as te_mod
+        from ..text.prompts import PROMPT_STYLES
 
         if prompt_style not in PROMPT_STYLES:
             raise ValueError(f"prompt style must be one of {', '.join(PROMPT_STYLES)}, not {prompt_style!r}")
@@ -420,7 +421,7 @@ class Generator:
     # ----- adapters -----
     def set_adapter(self, path: Optional[Union[str, Path]], strength: float = 1.0) -> None:
         """Hook the adapter at ``path`` into the decoder (replacing any other); ``None`` removes it."""
-        from .adapters import apply_unmerged, read_adapter_weights
+        from ..adapters import apply_unmerged, read_adapter_weights
 
         self.remove_adapter()
         if path is None:
