@@ -237,3 +237,4 @@ def test_ctrl_c_in_the_cli_saves_and_exits_130(tiny_original, two_clips, tmp_pat
     with safe_open(str(find_adapter(out / "final")[1]), framework="pt") as f:
         assert f.metadata()["sidestep_status"] == "stopped" and f.metadata()["sidestep_steps"] == str(steps)
     assert "resume with --resume auto" in output
+    assert (out / "loss.png").is_file()  # the CLI's run folder gets its loss chart too

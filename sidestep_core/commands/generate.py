@@ -1,5 +1,6 @@
 """``sidestep generate``: text-to-music with the core model (optionally with an adapter), and ``--compare``: the
-same prompt and seed at several adapter strengths and with each saved checkpoint, as a table of audio files.
+same prompt and seed for every chosen checkpoint × every strength (``sidestep_core.inference.compare``), as a
+table of audio files and the loss chart with the compared checkpoints marked.
 
 Registered under a second name ``compare``, the same module starts in comparison mode.
 """
@@ -22,29 +23,30 @@ def register(subparsers, name: str = "generate") -> argparse.ArgumentParser:
         help="compare an adapter's strengths and checkpoints on one prompt" if comparing else
         "generate music from a caption and lyrics (optionally with an adapter)",
         description=(
-            "Render one prompt and seed with the base model, the adapter at several strengths and every checkpoint "
-            "of a training run; writes OUT/NN_label.flac, OUT/compare.md (the table) and OUT/compare.json."
+            "Render one prompt and seed for every chosen checkpoint of a training run (or several adapters) at "
+            "every strength; states the cost first, then writes OUT/NN_label.flac, OUT/compare.md (the grid as a "
+            "table), OUT/compare.png (the loss curve with the compared checkpoints marked) and OUT/compare.json."
             if comparing else
             "Text-to-music with an ACE-Step 1.5 model: the prompt is built and encoded exactly as preprocessing "
             "does, sampled with the variant's sampler (turbo: 8 fixed steps; base/sft: CFG with APG) and decoded "
-            "to 48 kHz stereo FLAC. --compare renders the same prompt at several adapter strengths and with each "
-            "saved checkpoint."),
+            "to 48 kHz stereo FLAC. --compare renders the same prompt for each chosen checkpoint at each "
+            "strength."),
         epilog=EXIT_CODES_HELP,
     )
     p.add_argument("--checkpoint", required=True,
                    help="ACE-Step 1.5 model: original folder, ComfyUI diffusion model file or all-in-one checkpoint")
     if comparing:
-        p.add_argument("--adapter",
-                       help="a training run folder (OUT of sidestep train: its final adapter and every checkpoint "
-                       "are compared) or one adapter folder/file (PEFT, LyCORIS or ComfyUI format)")
-        p.add_argument("--strength", type=float, default=1.0, help="strength of the --checkpoints (default: 1.0)")
+        p.add_argument("--adapter", action="append", default=[],
+                       help="a training run folder (OUT of sidestep train: the --checkpoints chosen in it are "
+                       "compared) or an adapter folder/file (PEFT, LyCORIS or ComfyUI format); repeat it to compare "
+                       "several runs or adapters")
     else:
         p.add_argument("--adapter", help="adapter folder/file (PEFT, LyCORIS or ComfyUI format); with --compare "
                        "also a training run folder (OUT of sidestep train)")
         p.add_argument("--strength", type=float, default=1.0, help="adapter strength (default: 1.0)")
-    p.add_argument("--pick", default="final", metavar="CHOICE",
-                   help="which adapter of a training run --adapter names: final, last, step_N, ema, step_N/ema "
-                   "or last/ema (default: final)")
+        p.add_argument("--pick", default="final", metavar="CHOICE",
+                       help="which adapter of a training run --adapter names: final, last, step_N, ema, step_N/ema "
+                       "or last/ema (default: final)")
     g = p.add_argument_group("prompt")
     g.add_argument("--caption", required=True, help="caption / tags describing the music")
     g.add_argument("--lyrics", default="", help="lyrics (empty: instrumental)")
@@ -67,14 +69,16 @@ def register(subparsers, name: str = "generate") -> argparse.ArgumentParser:
     s.add_argument("--noise", choices=("comfyui", "acestep"), default="comfyui",
                    help="noise from the seed as ComfyUI draws it (CPU, any device gives the same) or as upstream "
                    "ACE-Step does (generator on the device) (default: comfyui)")
-    c = p.add_argument_group("comparison")
+    c = p.add_argument_group("comparison (every chosen checkpoint × every strength, one seed)")
     c.add_argument("--compare", action="store_true", default=comparing,
                    help=argparse.SUPPRESS if comparing else
-                   "render base, each --strengths value and each checkpoint; --out is then a folder")
-    c.add_argument("--strengths", type=float, nargs="+", default=[0.0, 0.5, 1.0],
-                   help="strengths to compare (0 = base model) (default: 0 0.5 1)")
-    c.add_argument("--checkpoints", nargs="*", default=[],
-                   help="more adapters to compare at --strength (folders or files)")
+                   "render each --checkpoints choice of the --adapter run at each --strengths value; --out is "
+                   "then a folder")
+    c.add_argument("--strengths", type=float, nargs="+", default=[0.5, 0.8, 1.0],
+                   help="strengths to compare; 0 = the base model, rendered once (default: 0.5 0.8 1)")
+    c.add_argument("--checkpoints", nargs="+", default=["all"], metavar="CHOICE",
+                   help="which adapters of a training run: all (every checkpoint, then final, with EMA twins), "
+                   "last N (the N newest), or a list of final, last, step_N, ema, step_N/ema (default: all)")
     p.add_argument("--out", required=True, help="output folder for the clips and the table" if comparing else
                    "output .flac file (a folder with --compare)")
     p.add_argument("--vae", help="VAE to use instead of the one found beside the checkpoint")
@@ -130,28 +134,30 @@ def _progress(plain: bool):
     return cb
 
 
-def _read_adapters(args) -> list:
-    """(path, AdapterWeights) of every adapter the command will apply (a training run: each of its adapters)."""
-    from ..adapters import read_adapter_weights
-    from ..inference.generate import is_training_run, run_checkpoints
+def _plan(args):
+    """Compare mode: the grid of the --adapter runs' chosen checkpoints × --strengths (no adapter: the base
+    model alone)."""
+    from ..inference.compare import Plan, make_plan, select_checkpoints
 
-    paths = []
-    if args.adapter:
-        if args.compare and is_training_run(args.adapter):
-            found = run_checkpoints(args.adapter)
-            if not found:
-                raise ValueError(f"{args.adapter}: training run without checkpoints or final adapter")
-            paths += [p for _, p in found]
-        else:
-            paths.append(Path(args.adapter).expanduser())
-    if args.compare:
-        paths += [Path(c).expanduser() for c in args.checkpoints]
+    adapters = args.adapter if isinstance(args.adapter, list) else [args.adapter] if args.adapter else []
+    strengths = list(dict.fromkeys(float(s) for s in args.strengths))
+    if not adapters:
+        return Plan((), (0.0,))
+    selection = " ".join(args.checkpoints)
+    rows = [r for a in adapters for r in select_checkpoints(a, selection)]
+    return make_plan(rows, strengths)
+
+
+def _read_adapters(paths) -> list:
+    """(path, AdapterWeights) of every adapter the command will apply."""
+    from ..adapters import read_adapter_weights
+
     return [(p, read_adapter_weights(p)) for p in paths]
 
 
 def run(args: argparse.Namespace) -> int:
     from ..adapters.choice import resolve_checkpoint
-    from ..inference.generate import Generator, compare, write_flac
+    from ..inference.generate import Generator, write_flac
 
     prompt = _prompt(args)
     settings = _settings(args)
@@ -160,7 +166,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{out}: with --compare, --out is a folder")
     if not args.compare and out.suffix.lower() != ".flac":
         raise ValueError(f"{out}: the output must be a .flac file")
-    adapters = _read_adapters(args)  # a file that is no adapter is refused before the model loads
+    plan = _plan(args) if args.compare else None
+    paths = ([r.path for r in plan.rows] if plan is not None else
+             [resolve_checkpoint(args.adapter, args.pick)] if args.adapter else [])
+    adapters = _read_adapters(paths)  # a file that is no adapter is refused before the model loads
     t0 = time.perf_counter()
     gen = Generator.load(args.checkpoint, vae=args.vae, text_encoder=args.text_encoder, tokenizer=args.tokenizer,
                          variant=args.variant, device=args.device, dtype=args.dtype,
@@ -176,42 +185,65 @@ def run(args: argparse.Namespace) -> int:
                   file=sys.stderr)
 
     if not args.compare:
-        if args.adapter:
-            adapter = resolve_checkpoint(args.adapter, args.pick)
-            gen.set_adapter(adapter, args.strength)
-            print(f"adapter: {adapter} at strength {args.strength:g}", file=sys.stderr)
+        if paths:
+            gen.set_adapter(paths[0], args.strength)
+            print(f"adapter: {paths[0]} at strength {args.strength:g}", file=sys.stderr)
         result = gen.generate(prompt, settings)
         write_flac(out, result.waveform, result.sample_rate)
         print(f"wrote {out} ({result.waveform.shape[-1] / result.sample_rate:.2f} s, 48 kHz stereo) in "
               f"{result.seconds_taken:.1f} s", file=sys.stderr)
         return 0
+    return _compare(args, gen, prompt, settings, plan, out)
 
-    folder = out
+
+def _compare(args, gen, prompt, settings, plan, folder: Path) -> int:
+    import io
+
+    from ..fsutil import atomic_write_bytes, atomic_write_json
+    from ..inference import compare as C
+    from ..inference.generate import write_flac
+
     folder.mkdir(parents=True, exist_ok=True)
-    extra = [(Path(c).name or str(c), Path(c)) for c in args.checkpoints]
-    strengths = args.strengths if args.adapter else [0.0]
-    adapter = args.adapter
-    if adapter and args.pick != "final":  # one chosen adapter of the run instead of the run's final + checkpoints
-        adapter = resolve_checkpoint(adapter, args.pick)
-    results = compare(gen, prompt, adapter, strengths=strengths, checkpoints=extra,
-                      checkpoint_strength=args.strength, settings=settings)
-    rows = []
-    for i, r in enumerate(results):
-        path = folder / f"{i:02d}_{r.label}.flac"
-        write_flac(path, r.waveform, r.sample_rate)
-        rows.append({"label": r.label, "strength": r.strength, "adapter": r.adapter, "file": path.name,
-                     "seconds_taken": round(r.seconds_taken, 3)})
-    table = ["| # | render | strength | adapter | file |", "|---|---|---|---|---|"]
-    for i, row in enumerate(rows):
-        table.append(f"| {i} | {row['label']} | {row['strength']:g} | {row['adapter'] or '(base model)'} | "
-                     f"[{row['file']}]({row['file']}) |")
+    resolved = gen.settings(settings)
+    renders = plan.renders()
+    runs = [r for r in dict.fromkeys(C.run_of(row.path) for row in plan.rows) if r is not None]
+    frames = prompt.frames
+    recorded = C.recorded_render_seconds(runs[0]) if runs else None
+    steps = resolved.steps or 8
+    each = C.estimate_seconds(recorded, steps, frames)
+    print("cost: " + C.cost_line(len(renders), each, f"from the run's preview of step {recorded['step']}"
+                                 if recorded else ""), file=sys.stderr)
+
+    def before(i: int, row, strength: float) -> None:
+        print(f"render {i + 1}/{len(renders)}: {C.cell_name(row, strength)}", file=sys.stderr)
+
+    results = C.render(gen, prompt, plan, settings, before=before)
+    files, rows = {}, []
+    for i, (r, strength) in enumerate(renders):
+        res = results[(r, strength)]
+        path = folder / f"{i:02d}_{res.label}.flac"
+        write_flac(path, res.waveform, res.sample_rate)
+        files[(r, strength)] = path.name
+        rows.append({"label": res.label, "row": None if r is None else plan.rows[r].label, "strength": strength,
+                     "adapter": res.adapter, "file": path.name, "seconds_taken": round(res.seconds_taken, 3)})
+    val = C.val_loss_at(runs[0]) if runs else {}
+    table = C.table(plan, lambda r, c: f"[{files[plan.key(r, c)]}]({files[plan.key(r, c)]})", val=val)
+    if (None, 0.0) in files:
+        table += f"\n\nBase model (strength 0, no adapter): [{files[(None, 0.0)]}]({files[(None, 0.0)]})"
     header = (f"# Comparison\n\nPrompt: {prompt.caption!r}, seed {prompt.seed}, {prompt.seconds:g} s; "
               f"{resolved.describe(gen.turbo)}; model {gen.info.variant} ({args.checkpoint})\n\n")
-    from ..fsutil import atomic_write_bytes, atomic_write_json
-
-    atomic_write_bytes(folder / "compare.md", (header + "\n".join(table) + "\n").encode("utf-8"))
-    atomic_write_json(folder / "compare.json", {"prompt": prompt.to_dict(), "settings": resolved.to_dict(),
-                                                "checkpoint": str(args.checkpoint), "renders": rows})
-    print("\n".join(table))
-    print(f"wrote {len(rows)} files and compare.md to {folder}", file=sys.stderr)
+    img = C.chart(runs[0] if runs else None, plan.rows,
+                  title=f"{runs[0].name if runs else 'no training run'}: loss and the compared checkpoints")
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    atomic_write_bytes(folder / "compare.png", buf.getvalue())
+    atomic_write_bytes(folder / "compare.md", (header + table + "\n\n![loss](compare.png)\n").encode("utf-8"))
+    atomic_write_json(folder / "compare.json", {
+        "prompt": prompt.to_dict(), "settings": resolved.to_dict(), "checkpoint": str(args.checkpoint),
+        "strengths": list(plan.strengths),
+        "rows": [{"label": r.label, "path": str(r.path), "step": r.step} for r in plan.rows],
+        "grid": [[files[plan.key(r, c)] for c in range(len(plan.strengths))] for r in range(len(plan.rows))],
+        "renders": rows})
+    print(table)
+    print(f"wrote {len(rows)} files, compare.md and compare.png to {folder}", file=sys.stderr)
     return 0
