@@ -202,6 +202,25 @@ def export_path(directory: Path, name: str, overwrite: bool) -> Path:
     return path
 
 
+# ----- Compare Adapters -----
+
+
+def compare_rows(adapter: Optional[AdapterRef], run: Optional[Path], selection: str, files: list[Path]) -> list:
+    """The grid's rows: ``selection`` in the connected adapter's run and in ``run``, then each adapter file."""
+    from sidestep_core.inference.compare import adapter_row, select_checkpoints
+
+    rows = []
+    for folder in (adapter.run_dir if adapter is not None else None, run):
+        if folder is not None:
+            rows += select_checkpoints(folder, selection)
+    return rows + [adapter_row(f) for f in files]
+
+
+def lines(text: str) -> list[str]:
+    """The non-empty lines of a multiline input."""
+    return [x.strip() for x in (text or "").splitlines() if x.strip()]
+
+
 # ----- Apply Adapter -----
 
 

@@ -32,6 +32,7 @@ DATASETS_FOLDER = "sidestep_datasets"  # the preprocessing cache
 MODEL_SOURCES = ("diffusion_models", "checkpoints", ACESTEP_FOLDER)
 TRAIN_EVENT = "sidestep.train"
 PREVIEW_EVENT = "sidestep.preview"
+COMPARE_EVENT = "sidestep.compare"
 
 
 def register_folders() -> None:
@@ -159,6 +160,17 @@ def send(event: str, data: dict) -> None:
     server = getattr(PromptServer, "instance", None)
     if server is not None:
         server.send_sync(event, data, server.client_id)
+
+
+def progress_text(node_id: Optional[str], message: str) -> None:
+    """A line of text on the node while it runs (ComfyUI's progress text, shown by the front end on the node)."""
+    try:
+        from server import PromptServer
+    except ImportError:
+        return
+    server = getattr(PromptServer, "instance", None)
+    if server is not None and node_id is not None:
+        server.send_progress_text(message, node_id, server.client_id)
 
 
 @contextmanager

@@ -1,4 +1,4 @@
-"""``comfy_entrypoint``: the six Side-Step nodes as ComfyUI V3 nodes, one module each.
+"""``comfy_entrypoint``: the Side-Step nodes as ComfyUI V3 nodes, one module each.
 
 Each node's ``execute`` converts ComfyUI values into one ``sidestep_core`` call and back; the schemas come from
 ``spec.py`` (through ``schema.py``). Everything that trains runs inside ``torch.inference_mode(False)`` (ComfyUI
@@ -13,13 +13,15 @@ from sidestep_core import __version__
 
 from .apply_adapter import ApplyAdapter
 from .comfy_glue import log
+from .compare_adapters import CompareAdapters
 from .estimate_gradients import EstimateGradients
 from .export_adapter import ExportAdapter
 from .load_checkpoint import LoadCheckpoint
 from .preprocess_audio import PreprocessAudio
 from .train_adapter import TrainAdapter
 
-NODE_CLASSES = (LoadCheckpoint, PreprocessAudio, TrainAdapter, EstimateGradients, ExportAdapter, ApplyAdapter)
+NODE_CLASSES = (LoadCheckpoint, PreprocessAudio, TrainAdapter, EstimateGradients, ExportAdapter, ApplyAdapter,
+                CompareAdapters)
 
 
 class SideStepExtension(ComfyExtension):

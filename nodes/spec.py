@@ -170,7 +170,7 @@ def to_config_value(spec: InputSpec, value: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the six nodes
+# the nodes
 # ----------------------------------------------------------------------------------------------------------
 
 _PRE = PreprocessConfig()
@@ -423,7 +423,55 @@ APPLY = NodeSpec(
     search_aliases=("load lora", "lora loader", "apply lora"),
 )
 
-NODES: tuple[NodeSpec, ...] = (LOAD, PREPROCESS, TRAIN, ESTIMATE, EXPORT, APPLY)
+COMPARE = NodeSpec(
+    "SideStepCompareAdapters",
+    "Compare Adapters",
+    "Renders your generation for every chosen checkpoint of a run (or several adapters) at every strength, with "
+    "one seed, so you can choose by ear: a grid of play buttons (rows: checkpoints, columns: strengths), the "
+    "audio as one batch, the loss curve with the compared checkpoints marked and a table. States the cost before "
+    "rendering; Cancel stops between renders.",
+    (
+        InputSpec("model", "MODEL", tooltip="the ACE-Step 1.5 MODEL you generate with (e.g. Load Diffusion Model); "
+                                           "each render patches a copy of it"),
+        InputSpec("positive", "CONDITIONING", tooltip="positive conditioning (TextEncodeAceStepAudio1.5; put the "
+                                                      "trigger tag in)"),
+        InputSpec("negative", "CONDITIONING", tooltip="negative conditioning (e.g. ConditioningZeroOut)"),
+        InputSpec("latent", "LATENT", tooltip="the latent to sample (EmptyAceStep1.5LatentAudio sets the length; "
+                                              "keep it short: every cell is one render)"),
+        InputSpec("vae", "VAE", tooltip="the ACE-Step 1.5 VAE (VAELoader)"),
+        InputSpec("checkpoints", "STRING", "last 3",
+                  tooltip="which adapters of the run: all (every checkpoint, then final, with EMA twins), last N "
+                          "(the N newest), or a list of final, last, step_N, ema, step_N/ema"),
+        InputSpec("strengths", "STRING", "0.5, 0.8, 1.0",
+                  tooltip="adapter strengths, comma-separated; 0 is the base model (rendered once)"),
+        InputSpec("seed", "INT", 0, min=0, max=2**63 - 1, control_after_generate=FIXED,
+                  tooltip="noise seed of every render (the same noise for all: they differ by the adapter alone)"),
+        InputSpec("steps", "INT", 8, min=1, max=10_000, tooltip="sampler steps (turbo 8, base/sft 50)"),
+        InputSpec("cfg", "FLOAT", 1.0, min=0.0, max=100.0, step=0.1,
+                  tooltip="classifier-free guidance (turbo 1, base/sft 7)"),
+        InputSpec("sampler", "COMBO", "euler", options=("euler",), dynamic=DYNAMIC_SAMPLERS,
+                  tooltip="ComfyUI sampler, as in KSampler"),
+        InputSpec("scheduler", "COMBO", "simple", options=("simple",), dynamic=DYNAMIC_SCHEDULERS,
+                  tooltip="ComfyUI scheduler, as in KSampler"),
+        InputSpec("adapter", ADAPTER_TYPE, optional=True,
+                  tooltip="from Train Adapter: its run's checkpoints are compared"),
+        InputSpec("run", "STRING", "", optional=True, advanced=True,
+                  tooltip="a training run folder to compare (absolute, or relative to output/sidestep), besides "
+                          "or instead of a connected adapter"),
+        InputSpec("lora_names", "STRING", "", multiline=True, optional=True, advanced=True,
+                  tooltip="adapter files from models/loras to compare too, one per line (each is one row)"),
+    ),
+    (
+        OutputSpec("audio", "AUDIO", "every cell's audio as one batch, row by row (Save Audio / Preview Audio)"),
+        OutputSpec("loss_curve", "IMAGE", "the run's loss (and validation loss) with the compared checkpoints "
+                                          "marked"),
+        OutputSpec("table", "STRING", "the grid as a table: checkpoint, step, validation loss, render per strength"),
+    ),
+    output_node=True,
+    search_aliases=("compare lora", "compare checkpoints", "listening grid", "ab test"),
+)
+
+NODES: tuple[NodeSpec, ...] = (LOAD, PREPROCESS, TRAIN, ESTIMATE, EXPORT, APPLY, COMPARE)
 BY_ID = {n.node_id: n for n in NODES}
 
 # Apply Adapter's groups: (input, substring of the module path).

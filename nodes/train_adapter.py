@@ -4,6 +4,7 @@ rendered through the user's own generation graph."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -14,10 +15,14 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io, ui
 
+from sidestep_core.fsutil import atomic_write_json
+from sidestep_core.inference.compare import TIMING_FILE
+
 from . import calls, runs, spec as S
 from .chart import read_loss_csv, render_loss_curve
 from .comfy_glue import (PREVIEW_EVENT, TRAIN_EVENT, device, free_comfy_models, log, preset_config, release_memory,
                          runs_root, send, text, training_mode)
+from .graph_render import Sampling, render_audio
 from .schema import build_schema
 from .values import AdapterRef, DatasetRef, EstimateRef, ModelBundle
 
@@ -79,9 +84,8 @@ def _jsonable(v: Any) -> bool:
 
 
 class _GraphPreview:
-    """Train Adapter's ``step_hook``: at the planned steps, the user's own generation — their MODEL cloned and
-    patched (ComfyUI's model patcher) with the live adapter, sampled as KSampler samples, decoded as VAEDecodeAudio
-    decodes — written to ``<run>/previews/step_N.flac``.
+    """Train Adapter's ``step_hook``: at the planned steps, the user's own generation with the live adapter
+    (``graph_render``) written to ``<run>/previews/step_N.flac``, and what it took to ``previews/timing.json``.
 
     The core calls it inside ``previews.Isolated`` (eval, no grad, every RNG restored: ComfyUI's noise reseeds the
     global torch RNG), so training is unchanged. Sampling runs under ``torch.inference_mode()`` like any prompt.
@@ -98,6 +102,7 @@ class _GraphPreview:
     def __call__(self, step: int, adapter) -> None:
         if self.error or self.reporter.cancelled or not self.plan.due(step, step == self.reporter.total):
             return
+        t0 = time.perf_counter()
         try:
             with torch.inference_mode():
                 audio = self.render(adapter)
@@ -113,28 +118,18 @@ class _GraphPreview:
             mm.soft_empty_cache()
         self.last = (step, audio)
         self._write(step, audio)
+        # what one render took: Compare Adapters states its cost from it before rendering
+        atomic_write_json(self.plan.folder / TIMING_FILE, {
+            "step": step, "seconds": round(time.perf_counter() - t0, 3), "steps": self.plan.steps,
+            "frames": int(self.latent["samples"].shape[-1]), "batch": int(self.latent["samples"].shape[0])})
         send(PREVIEW_EVENT, {"node": self.reporter.node_id, "run": self.reporter.run_name, "step": step,
                               "audio": self.plan.view_ref(step, Path(folder_paths.get_output_directory()))})
 
     def render(self, adapter) -> dict:
-        import comfy.sample
-        import comfy.sd
-
         sd, _ = adapter.comfyui_state_dict()  # detached CPU copies in ComfyUI's key format
-        patched, _ = comfy.sd.load_lora_for_models(self.model, None, sd, 1.0, 0)
-        p, latent = self.plan, self.latent
-        image = comfy.sample.fix_empty_latent_channels(patched, latent["samples"],
-                                                       latent.get("downscale_ratio_spacial"),
-                                                       latent.get("downscale_ratio_temporal"))
-        noise = comfy.sample.prepare_noise(image, p.seed, latent.get("batch_index"))
-        samples = comfy.sample.sample(patched, noise, p.steps, p.cfg, p.sampler, p.scheduler, self.positive,
-                                      self.negative, image, denoise=1.0, noise_mask=latent.get("noise_mask"),
-                                      disable_pbar=True, seed=p.seed)
-        wave = self.vae.decode(samples).movedim(-1, 1)  # [B, C, S], as VAEDecodeAudio
-        std = torch.std(wave, dim=[1, 2], keepdim=True) * 5.0
-        std[std < 1.0] = 1.0
-        rate = getattr(self.vae, "audio_sample_rate_output", getattr(self.vae, "audio_sample_rate", 44100))
-        return {"waveform": (wave / std).float().cpu(), "sample_rate": int(rate)}
+        p = self.plan
+        return render_audio(self.model, sd, 1.0, Sampling(p.seed, p.steps, p.cfg, p.sampler, p.scheduler),
+                            self.positive, self.negative, self.latent, self.vae)
 
     def _write(self, step: int, audio: dict) -> None:
         from sidestep_core.inference.generate import write_flac

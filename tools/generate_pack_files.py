@@ -138,6 +138,8 @@ TITLE_H = 30
 GAP = 40
 RESULT_ROOM = 120  # below a Side-Step node: its result text after a run
 TRAIN_ROOM = 320  # below Train Adapter: its loss chart, play button and result text
+COMPARE_ROOM = 340  # below Compare Adapters: its grid of play buttons and the table
+ROOM = {"SideStepTrainAdapter": TRAIN_ROOM, "SideStepCompareAdapters": COMPARE_ROOM}
 # Drawn height (title bar included) of each node as opened in ComfyUI's front end 1.45, the larger of the classic
 # and Nodes 2.0 canvases. Nodes are stacked in columns by these heights; the browser tests check that no node
 # overlaps another on either canvas. Train Adapter's height follows the adapter type and the Advanced toggle, so it
@@ -148,10 +150,10 @@ HEIGHTS = {
     "SideStepEstimateGradients": 376, "PreviewImage": 290, "PreviewAny": 330, "UNETLoader": 190,
     "DualCLIPLoader": 202, "VAELoader": 190, "ModelSamplingAuraFlow": 190, "TextEncodeAceStepAudio1.5": 550,
     "ConditioningZeroOut": 190, "EmptyAceStep1.5LatentAudio": 190, "KSampler": 342, "VAEDecodeAudio": 190,
-    "SaveAudioAdvanced": 174,
+    "SaveAudioAdvanced": 174, "SideStepCompareAdapters": 430,
 }
 WIDTHS = {"MarkdownNote": 420, "SideStepPreprocessAudio": 340, "SideStepTrainAdapter": 360,
-          "SideStepApplyAdapter": 340, "SideStepEstimateGradients": 340, "PreviewImage": 420, "PreviewAny": 340,
+          "SideStepCompareAdapters": 360, "SideStepApplyAdapter": 340, "SideStepEstimateGradients": 340, "PreviewImage": 420, "PreviewAny": 340,
           "TextEncodeAceStepAudio1.5": 400}
 COLUMN = 400  # distance between columns of 320-360 wide nodes
 
@@ -166,8 +168,7 @@ class Column:
         height = HEIGHTS[kind]
         node = self.b.add(kind, (self.x, self.y), values, title=title,
                           size=(WIDTHS.get(kind, 320), height - TITLE_H))
-        room = TRAIN_ROOM if kind == "SideStepTrainAdapter" else RESULT_ROOM if kind in S.BY_ID else 0
-        self.y += height + room + GAP
+        self.y += height + ROOM.get(kind, RESULT_ROOM if kind in S.BY_ID else 0) + GAP
         return node
 
 
@@ -176,8 +177,7 @@ def group(b: Builder, title: str, members: list[dict], color: str = "#3f789e") -
     pad, head = 20, 50
 
     def bottom(n: dict) -> int:
-        room = TRAIN_ROOM if n["type"] == "SideStepTrainAdapter" else RESULT_ROOM if n["type"] in S.BY_ID else 0
-        return n["pos"][1] + n["size"][1] + room
+        return n["pos"][1] + n["size"][1] + ROOM.get(n["type"], RESULT_ROOM if n["type"] in S.BY_ID else 0)
 
     x0 = min(n["pos"][0] for n in members) - pad
     y0 = min(n["pos"][1] for n in members) - TITLE_H - head
@@ -332,12 +332,61 @@ def apply_saved_adapter(b: Builder) -> dict:
     return b.workflow([group(b, "Apply a saved adapter and generate", [unet, apply, *gen["nodes"]], "#8a5a9e")])
 
 
+def train_compare_export(b: Builder) -> dict:
+    note(b, INTRO.format(title="train, compare by ear, export the choice", body=(
+        "Trains with previews, then *Compare Adapters* renders this very generation for the run's last 3 "
+        "checkpoints at strengths 0.5, 0.8 and 1.0 with one seed: click the grid's buttons on the node to listen "
+        "(rows: checkpoints, columns: strengths). The loss chart marks the compared checkpoints; the table lists "
+        "them. It says what the renders will cost before it starts, and Cancel stops it between renders.\n\n"
+        "**Pick one**: type the row you liked (e.g. `step_700`, `final` or `ema`) into `checkpoint` of *Export "
+        "Adapter* (writes `models/loras/my_style.safetensors`) and of *Apply Adapter* (generates with it), then "
+        "queue again: the trained run and the grid are reused, only the export and the generation run.")))
+    load, pre = side_step_front(b, Column(b, 0))
+    train = Column(b, COLUMN).add("SideStepTrainAdapter", {"output_name": "my_style"})
+    b.link(load, "model", train, "model")
+    b.link(pre, "dataset", train, "dataset")
+    results = Column(b, 2 * COLUMN)
+    loss = results.add("PreviewImage")
+    b.link(train, "loss_curve", loss, "images")
+    unet = results.add("UNETLoader", {"unet_name": DIT, "weight_dtype": "default"})
+    grid = Column(b, 3 * COLUMN + 80)  # the loss preview is 420 wide
+    compare = grid.add("SideStepCompareAdapters", {"checkpoints": "last 3", "strengths": "0.5, 0.8, 1.0",
+                                                   "seed": 31})
+    b.link(train, "adapter", compare, "adapter")
+    b.link(unet, "MODEL", compare, "model")
+    table = grid.add("PreviewAny")
+    b.link(compare, "table", table, "source")
+    outputs = Column(b, 4 * COLUMN + 80)
+    chart = outputs.add("PreviewImage")
+    b.link(compare, "loss_curve", chart, "images")
+    save_grid = outputs.add("SaveAudioAdvanced", {"filename_prefix": "audio/sidestep_compare", "format": "flac"})
+    b.link(compare, "audio", save_grid, "audio")
+    choice = Column(b, 5 * COLUMN + 160)  # the chart preview is 420 wide
+    export = choice.add("SideStepExportAdapter", {"name": "my_style"})
+    b.link(train, "adapter", export, "adapter")
+    apply = choice.add("SideStepApplyAdapter")
+    b.link(unet, "MODEL", apply, "model")
+    b.link(train, "adapter", apply, "adapter")
+    gen = generation(b, apply, "model", x=6 * COLUMN + 160, tags=f"{TRIGGER}, upbeat pop, bright synths, female vocals",
+                     prefix="audio/sidestep_train_compare_export")
+    b.link(unet, "MODEL", train, "preview_model")
+    for node, prefix in ((train, "preview_"), (compare, "")):  # previews and the grid: this generation
+        b.link(gen["text"], "CONDITIONING", node, f"{prefix}positive")
+        b.link(gen["zero"], "CONDITIONING", node, f"{prefix}negative")
+        b.link(gen["latent"], "LATENT", node, f"{prefix}latent")
+        b.link(gen["vae"], "VAE", node, f"{prefix}vae")
+    return b.workflow([group(b, "1 - Train with previews", [load, pre, train, loss]),
+                       group(b, "2 - Compare by ear", [unet, compare, table, chart, save_grid], "#3f9e6a"),
+                       group(b, "3 - Export the chosen one and generate with it", [export, apply, *gen["nodes"]],
+                             "#8a5a9e")])
+
+
 def label(name: str) -> str:
     return name.replace("_", " ")
 
 
 def locales() -> dict:
-    """``locales/en/main.json``: display names, descriptions, input labels and tooltips of the six nodes."""
+    """``locales/en/main.json``: display names, descriptions, input labels and tooltips of the pack's nodes."""
     defs = {}
     for node in S.NODES:
         inputs = {}
@@ -360,6 +409,7 @@ SUMMARIES = {
     "preprocess_and_train": "Encode a folder of songs once, train an adapter, export it to models/loras",
     "estimate_then_train": "Find the modules your data pulls on most, then train only those",
     "apply_saved_adapter": "Generate with an exported adapter in ComfyUI's ACE-Step 1.5 graph",
+    "train_compare_export": "Train, listen to checkpoints x strengths in a grid, export the one you like",
 }
 THUMB_SIZE = (400, 300)
 
@@ -413,6 +463,7 @@ WORKFLOWS = {
     "preprocess_and_train": preprocess_and_train,
     "estimate_then_train": estimate_then_train,
     "apply_saved_adapter": apply_saved_adapter,
+    "train_compare_export": train_compare_export,
 }
 
 

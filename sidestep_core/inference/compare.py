@@ -176,6 +176,9 @@ class Plan:
 
 
 def make_plan(rows: Sequence[Row], strengths: Sequence[float]) -> Plan:
+    """The grid of ``rows`` (each adapter once) × ``strengths``."""
+    seen: set = set()
+    rows = [r for r in rows if not (r.path in seen or seen.add(r.path))]
     if not rows:
         raise ValueError("compare: no adapter to compare (connect a run or name adapters)")
     labels = [r.label for r in rows]
