@@ -113,7 +113,7 @@ def test_render_grid_is_one_seed_and_leaves_no_adapter(tiny_original, run_dir):
     plan = C.make_plan(C.select_checkpoints(run_dir, "step_1, final"), [0.0, 1.0])
     seen = []
     out = C.render(gen, p, plan, before=lambda i, row, s: seen.append(C.cell_name(row, s)))
-    assert seen == ["base", "step_1@1", "final@1"]
+    assert seen == ["base", "step_1_x1", "final_x1"]
     assert gen.adapter is None
     base = gen.generate(p)
     assert torch.equal(out[(None, 0.0)].waveform, base.waveform)
@@ -145,7 +145,7 @@ def test_compare_cli_writes_the_grid_table_and_chart(tiny_original, run_dir, tmp
     assert doc["strengths"] == [0.0, 0.5, 1.0]
     assert len(doc["renders"]) == 1 + 3 * 2  # the base model once
     assert doc["grid"][0][0] == doc["grid"][2][0] == "00_base.flac"
-    assert doc["grid"][1][2] == "04_final@1.flac"
+    assert doc["grid"][1][2] == "04_final_x1.flac"
     md = (out / "compare.md").read_text()
     for r in doc["renders"]:
         assert (out / r["file"]).is_file() and r["file"] in md
@@ -154,4 +154,4 @@ def test_compare_cli_writes_the_grid_table_and_chart(tiny_original, run_dir, tmp
         assert img.size == (768, 384)
     assert decode_audio(out / doc["grid"][2][1]).waveform.shape == (2, 10 * 1920)
     err = capsys.readouterr().err
-    assert "cost: 7 render(s)" in err and "render 7/7: ema@1" in err
+    assert "cost: 7 render(s)" in err and "render 7/7: ema_x1" in err

@@ -177,7 +177,7 @@ def test_compare_cli_writes_a_table(tiny_original, run_dir, tmp_path):
     assert rc == 0
     table = (out / "compare.md").read_text()
     doc = json.loads((out / "compare.json").read_text())
-    assert [r["label"] for r in doc["renders"]] == ["base", "step_1@1", "final@1"]  # step_2 is final
+    assert [r["label"] for r in doc["renders"]] == ["base", "step_1_x1", "final_x1"]  # step_2 is final
     for r in doc["renders"]:
         assert (out / r["file"]).is_file() and r["file"] in table
     assert decode_audio(out / doc["renders"][0]["file"]).waveform.shape == (2, 10 * 1920)

@@ -3,7 +3,8 @@
 //
 // - Every Side-Step node gets one DOM widget ("sidestep_panel", never serialized: saved workflows keep exactly the
 //   node's own widget values) holding Train Adapter's live loss chart, a play button for the newest preview, and
-//   the node's result text, wrapped inside the node.
+//   the node's result text, wrapped inside the node; on Compare Adapters, a grid of play buttons (rows:
+//   checkpoints, columns: strengths) filled as the renders finish.
 // - Train Adapter shows only the options of the chosen adapter type (inputs carrying "sidestep_adapters" in their
 //   definition). Every node keeps its advanced inputs behind a toggle: Nodes 2.0 has its own footer button; the
 //   classic canvas gets a button widget (canvas-only, never serialized).
@@ -15,13 +16,17 @@ import { api } from "../../scripts/api.js";
 const PREFIX = "SideStep";
 const TRAIN = "SideStepTrainAdapter";
 const EXPORT = "SideStepExportAdapter";
+const COMPARE = "SideStepCompareAdapters";
 const TRAIN_EVENT = "sidestep.train";
 const PREVIEW_EVENT = "sidestep.preview";
+const COMPARE_EVENT = "sidestep.compare";
 const PANEL = "sidestep_panel";
 const TOGGLE = "sidestep_advanced";
 const ADAPTER_KEY = "sidestep_adapters"; // in an input's definition: shown only for these adapter types
 const PROP_LOG = "sidestep_loss_log"; // node.properties: /view reference of the last run's loss.csv
 const PROP_PREVIEW = "sidestep_preview"; // node.properties: {step, filename, subfolder, type} of its newest preview
+const PROP_GRID = "sidestep_grid"; // node.properties: Compare's grid {rows, strengths, cost, cells: [[ref|null]]}
+const CELL_H = 24;
 const CHART_H = 150;
 const MAX_POINTS = 4000;
 const COLORS = { loss: "#6f9ede", smoothed: "#ffaa3c" };
@@ -40,6 +45,17 @@ const STYLE = `
 .sidestep-play { font: 12px sans-serif; color: #ddd; background: #2a2f3a; border: 1px solid #4a5266; border-radius: 4px;
   padding: 3px 8px; text-align: left; cursor: pointer; }
 .sidestep-play:hover { background: #343a48; }
+.sidestep-grid-box { display: flex; flex-direction: column; gap: 2px; }
+.sidestep-grid { border-collapse: collapse; width: 100%; table-layout: fixed; }
+.sidestep-grid th { font: 11px sans-serif; color: #aaa; font-weight: normal; text-align: center; padding: 1px 2px;
+  white-space: nowrap; overflow: hidden; text-overflow: ellipsis; height: ${CELL_H - 4}px; }
+.sidestep-grid th.sidestep-row { text-align: left; color: #ddd; }
+.sidestep-grid td { padding: 1px 2px; height: ${CELL_H}px; }
+.sidestep-cell { width: 100%; height: ${CELL_H - 2}px; font: 12px sans-serif; color: #ddd; background: #2a2f3a;
+  border: 1px solid #4a5266; border-radius: 4px; cursor: pointer; padding: 0; }
+.sidestep-cell:hover:not(:disabled) { background: #343a48; }
+.sidestep-cell:disabled { color: #666; cursor: default; }
+.sidestep-cell.playing { background: #4a3a58; border-color: #a070d0; }
 .sidestep-result { font: 11px monospace; color: #bbb; white-space: pre-wrap; overflow-wrap: anywhere;
   word-break: break-word; max-height: 180px; overflow-y: auto; }
 `;
@@ -95,7 +111,8 @@ function panel(node) {
   injectStyle();
   const root = el("div", "sidestep-panel");
   root.dataset.sidestepNode = String(node.id);
-  const st = { node, root, steps: [], loss: [], smooth: [], total: 0, run: "", text: "", preview: null, audio: null };
+  const st = { node, root, steps: [], loss: [], smooth: [], total: 0, run: "", text: "", preview: null, audio: null,
+    grid: null };
   if (node.comfyClass === TRAIN) {
     st.chartBox = el("div", "sidestep-chart-box", root);
     st.status = el("div", "sidestep-status", st.chartBox);
@@ -115,6 +132,17 @@ function panel(node) {
       togglePreview(st);
     });
     new ResizeObserver(() => drawChart(st)).observe(st.canvas);
+  }
+  if (node.comfyClass === COMPARE) {
+    st.gridBox = el("div", "sidestep-grid-box", root);
+    st.cost = el("div", "sidestep-status sidestep-cost", st.gridBox);
+    st.table = el("table", "sidestep-grid", st.gridBox);
+    st.table.addEventListener("click", (e) => {
+      const b = e.target.closest?.("button.sidestep-cell");
+      if (!b || b.disabled) return;
+      e.stopPropagation();
+      toggleAudio(st, b.dataset.url);
+    });
   }
   st.result = el("div", "sidestep-result", root);
   node.__sidestep = st;
@@ -141,6 +169,7 @@ function panelHeight(st) {
   let h = 0;
   if (st.chartBox && !st.chartBox.hidden) h += CHART_H + 36;
   if (st.play && !st.play.hidden) h += 28;
+  if (st.gridBox && !st.gridBox.hidden) h += 18 + (CELL_H + 2) * (st.grid.rows.length + 1);
   if (st.text) h += Math.min(180, 14 * (st.text.split("\n").length + 1));
   return h + 4 * (visible.length - 1);
 }
@@ -166,6 +195,7 @@ function render(st) {
       st.play.dataset.url = st.preview.url;
     }
   }
+  if (st.gridBox) renderGrid(st);
   st.result.hidden = !st.text;
   st.result.textContent = st.text;
   // Nodes 2.0 grows a node to its content by itself but never shrinks it below its size: fit only on shrinking.
@@ -335,21 +365,91 @@ function stopAudio(st) {
 }
 
 function togglePreview(st) {
-  if (!st.preview) return;
-  if (st.audio && !st.audio.paused && st.audio.dataset.url === st.preview.url) {
+  if (st.preview) toggleAudio(st, st.preview.url);
+}
+
+// One player per node: a second click on what plays stops it, a click elsewhere switches to that.
+function toggleAudio(st, url) {
+  if (st.audio && !st.audio.paused && st.audio.dataset.url === url) {
     st.audio.pause();
   } else {
     stopAudio(st);
-    if (!st.audio || st.audio.dataset.url !== st.preview.url) {
-      st.audio = new Audio(st.preview.url);
-      st.audio.dataset.url = st.preview.url;
+    if (!st.audio || st.audio.dataset.url !== url) {
+      st.audio = new Audio(url);
+      st.audio.dataset.url = url;
       st.audio.addEventListener("ended", () => render(st));
       st.audio.addEventListener("pause", () => render(st));
+      st.audio.addEventListener("play", () => render(st));
     }
     st.audio.currentTime = 0;
     st.audio.play().catch(() => {});
   }
   render(st);
+}
+
+// ----- Compare Adapters: the grid of play buttons -----
+
+function setGrid(st, grid) {
+  st.grid = grid ? { ...grid, cells: grid.rows.map((_, r) => [...(grid.cells?.[r] ?? grid.strengths.map(() => null))]) } : null;
+  const before = JSON.stringify(st.node.properties[PROP_GRID]);
+  if (st.grid && st.grid.cells.every((row) => row.every((c) => c))) st.node.properties[PROP_GRID] = st.grid;
+  else delete st.node.properties[PROP_GRID];
+  if (JSON.stringify(st.node.properties[PROP_GRID]) !== before) remember();
+  render(st);
+}
+
+function fmtStrength(s) {
+  return String(Math.round(Number(s) * 1000) / 1000);
+}
+
+function renderGrid(st) {
+  const g = st.grid;
+  st.gridBox.hidden = !g;
+  if (!g) return;
+  st.cost.textContent = g.cost ?? "";
+  const shape = JSON.stringify([g.rows, g.strengths]);
+  if (st.table.dataset.shape !== shape) {
+    st.table.replaceChildren();
+    const head = el("tr", "", el("thead", "", st.table));
+    el("th", "", head).textContent = "checkpoint";
+    for (const s of g.strengths) el("th", "", head).textContent = `× ${fmtStrength(s)}`;
+    const body = el("tbody", "", st.table);
+    g.rows.forEach((label, r) => {
+      const tr = el("tr", "", body);
+      const th = el("th", "sidestep-row", tr);
+      th.textContent = label;
+      th.title = label;
+      g.strengths.forEach((s, c) => {
+        const b = el("button", "sidestep-cell", el("td", "", tr));
+        b.type = "button";
+        Object.assign(b.dataset, { row: String(r), col: String(c), label, strength: fmtStrength(s) });
+      });
+    });
+    st.table.dataset.shape = shape;
+  }
+  for (const b of st.table.querySelectorAll("button.sidestep-cell")) {
+    const ref = g.cells[Number(b.dataset.row)]?.[Number(b.dataset.col)];
+    const url = ref ? viewURL(ref) : "";
+    const playing = !!url && st.audio && !st.audio.paused && st.audio.dataset.url === url;
+    b.disabled = !url;
+    b.dataset.url = url;
+    b.classList.toggle("playing", playing);
+    b.textContent = !url ? "…" : playing ? "■" : "▶";
+    b.title = url ? `${b.dataset.label} at strength ${b.dataset.strength}: ${playing ? "stop" : "play"}` : "not rendered yet";
+  }
+}
+
+function onCompareEvent(ev) {
+  const d = ev.detail ?? {};
+  const node = nodeById(d.node);
+  if (!node || node.comfyClass !== COMPARE) return;
+  const st = panel(node);
+  if (d.event === "plan") {
+    setGrid(st, { rows: d.rows, strengths: d.strengths, cost: d.cost, cells: d.cells });
+  } else if (d.event === "cell" && st.grid?.cells?.[d.row]) {
+    st.grid.cells[d.row][d.col] = d.audio;
+    setGrid(st, st.grid);
+  }
 }
 
 // ----- a new run on a node clears the previous one -----
@@ -359,6 +459,7 @@ function startRun(st) {
   Object.assign(st, { steps: [], loss: [], smooth: [], total: 0, run: "", text: "", statusText: undefined });
   delete st.node.properties[PROP_LOG];
   setPreview(st, null);
+  if (st.gridBox) setGrid(st, null);
 }
 
 function onExecuting(ev) {
@@ -416,6 +517,7 @@ function onExecuted(node, message) {
     const preview = message?.sidestep_preview?.[0];
     if (preview && preview.step !== st.preview?.step) setPreview(st, preview);
   }
+  if (node.comfyClass === COMPARE && message?.sidestep_grid?.[0]) setGrid(st, message.sidestep_grid[0]);
   if (node.comfyClass === EXPORT) app.refreshComboInNodes?.(); // the new file in every LoRA list
   render(st);
 }
@@ -528,6 +630,7 @@ app.registerExtension({
   async setup() {
     api.addEventListener(TRAIN_EVENT, onTrainEvent);
     api.addEventListener(PREVIEW_EVENT, onPreviewEvent);
+    api.addEventListener(COMPARE_EVENT, onCompareEvent);
     api.addEventListener("executing", onExecuting);
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
@@ -546,6 +649,7 @@ app.registerExtension({
       const r = onConfigure?.apply(this, arguments);
       applyAdapterType(this);
       if (nodeData.name === TRAIN) restore(this);
+      if (nodeData.name === COMPARE && this.properties?.[PROP_GRID]?.rows) setGrid(panel(this), this.properties[PROP_GRID]);
       fit(this);
       return r;
     };

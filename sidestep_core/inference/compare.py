@@ -280,10 +280,10 @@ def run_of(path: Union[str, Path]) -> Optional[Path]:
 
 
 def cell_name(row: Optional[Row], strength: float) -> str:
-    """File stem of a render: ``base`` or ``<label>@<strength>`` (``/`` of ``step_N/ema`` → ``-``)."""
+    """File stem of a render: ``base`` or ``<label>_x<strength>`` (``/`` of ``step_N/ema`` → ``-``)."""
     if row is None:
         return "base"
-    return re.sub(r"[^A-Za-z0-9._@-]+", "-", f"{row.label}@{strength:g}").strip("-")
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", f"{row.label}_x{strength:g}").strip("-")
 
 
 # ----- rendering with the core model (the CLI; the ComfyUI node renders through ComfyUI's sampler) -----
