@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = ROOT / "example_workflows"
 PACK_NAME = "ComfyUI-SideStep"
 NODE_IDS = ("SideStepLoadCheckpoint", "SideStepPreprocessAudio", "SideStepTrainAdapter",
-            "SideStepEstimateGradients", "SideStepExportAdapter", "SideStepApplyAdapter")
+            "SideStepEstimateGradients", "SideStepExportAdapter", "SideStepApplyAdapter", "SideStepCompareAdapters")
 SHORTEN = {
     "SideStepTrainAdapter": {"max_steps": 2, "estimate_steps": 0, "tensorboard": False},
     "SideStepEstimateGradients": {"batches": 2, "runs": 1},
@@ -76,7 +76,7 @@ def history_text(entry: dict, class_type: str) -> str:
 # --------------------------------------------------------------------------------------------------------
 
 
-def test_object_info_lists_the_six_nodes(object_info):
+def test_object_info_lists_the_nodes(object_info):
     from pack_loader import pack_module
 
     S = pack_module("spec")
