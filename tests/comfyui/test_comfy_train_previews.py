@@ -5,6 +5,7 @@ negative CONDITIONING, a LATENT and a VAE. Every N steps the node patches a clon
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -75,8 +76,10 @@ def test_previews_render_the_users_graph_and_change_nothing(setup):
     with_prev = ext.TrainAdapter.execute(bundle, dataset, **settings("prev", preview_every=2, preview_seed=5),
                                          **graph)
     run = with_prev.result[0].run_dir
-    files = sorted(p.name for p in (run / "previews").iterdir())
+    files = sorted(p.name for p in (run / "previews").glob("*.flac"))
     assert files == ["step_2.flac", "step_3.flac"]  # every 2 steps, and the last step
+    timing = json.loads((run / "previews" / "timing.json").read_text())  # what the newest one took (Compare)
+    assert timing["step"] == 3 and timing["seconds"] > 0 and timing["frames"] == round(SECONDS * 48000 / 1920)
     for name in files:
         dec = decode_audio(run / "previews" / name)
         assert dec.source_rate == 48000 and dec.source_channels == 2
