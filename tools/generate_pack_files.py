@@ -153,8 +153,8 @@ HEIGHTS = {
     "SaveAudioAdvanced": 174, "SideStepCompareAdapters": 430,
 }
 WIDTHS = {"MarkdownNote": 420, "SideStepPreprocessAudio": 340, "SideStepTrainAdapter": 360,
-          "SideStepCompareAdapters": 360, "SideStepApplyAdapter": 340, "SideStepEstimateGradients": 340, "PreviewImage": 420, "PreviewAny": 340,
-          "TextEncodeAceStepAudio1.5": 400}
+          "SideStepCompareAdapters": 360, "SideStepApplyAdapter": 340, "SideStepEstimateGradients": 340,
+          "PreviewImage": 420, "PreviewAny": 340, "TextEncodeAceStepAudio1.5": 400}
 COLUMN = 400  # distance between columns of 320-360 wide nodes
 
 

@@ -7,9 +7,9 @@ the silence latent as timbre reference (first 750 frames for the ``acestep`` pro
 ``comfyui``), and ``context_latents`` = silence ‖ ones. A model trained on that cache therefore sees at generation
 time exactly what it saw in training (tests/test_generate.py compares the two paths tensor for tensor).
 
-Sampling is :mod:`sidestep_core.inference.sampling` (upstream ``generate_audio``); decoding is the Oobleck VAE, tiled over
-long latents. Adapters are applied through :func:`sidestep_core.adapters.apply_unmerged` (hooks; the base weights
-stay untouched, the strength can change between renders).
+Sampling is :mod:`sidestep_core.inference.sampling` (upstream ``generate_audio``); decoding is the Oobleck VAE,
+tiled over long latents. Adapters are applied through :func:`sidestep_core.adapters.apply_unmerged` (hooks; the
+base weights stay untouched, the strength can change between renders).
 
 Lengths: ``frames = round(seconds · 48000 / 1920)`` (ComfyUI's empty ACE-Step 1.5 latent), audio =
 ``frames · 1920`` samples.
