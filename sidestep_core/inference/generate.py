@@ -28,9 +28,9 @@ import numpy as np
 import torch
 
 from .. import conditioning
-from . import sampling
 from ..adapters.choice import is_training_run, resolve_checkpoint, run_checkpoints
 from ..model.model import AceStepModel
+from . import sampling
 
 Progress = Callable[[dict], None]
 
