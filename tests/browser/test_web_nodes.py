@@ -1,7 +1,8 @@
 """The web extension (``web/sidestep.js``) in the real front end, on both canvases: Train Adapter shows only the
 chosen adapter type's options and keeps advanced inputs behind a toggle; every node's panel holds the loss chart
 (legend, step axis, redrawn from ``loss.csv`` after a reload), the play button of the newest preview and the
-result text wrapped inside the node; a new run clears the last; Export Adapter refreshes every LoRA list.
+result text wrapped inside the node; a new run clears the last; Export Adapter refreshes every LoRA list; Compare
+Adapters' grid of play buttons fills as renders finish and comes back after a reload.
 
 Progress, preview and result messages are sent into the page as the server sends them (the front end's own
 ``api`` event dispatch), so these tests need no training run; ``test_queue_ui.py`` checks the same panel after a
@@ -286,3 +287,45 @@ def test_export_refreshes_the_lora_lists(page, comfy_server, canvas):
     # nodes made afterwards (a workflow opened next, e.g. apply_saved_adapter) know the file too: not "missing"
     later = add_node(page, "SideStepApplyAdapter", 40, 400)
     assert name in page.evaluate(lists, [later])[0]
+
+
+# ----- Compare Adapters: the grid of play buttons -----
+
+
+def test_compare_grid_fills_as_renders_finish_and_survives_a_reload(page, comfy_server, canvas):
+    fresh(page, comfy_server, canvas)
+    node = add_node(page, "SideStepCompareAdapters")
+    rows, strengths = ["step_100", "final"], [0.5, 0.8, 1.0]
+    cells = [[{"filename": f"{r}_{s}.flac", "subfolder": f"sidestep/compare/web_{canvas}", "type": "output"}
+              for s in strengths] for r in rows]
+    buttons = f"{PANEL.format(id=node)} button.sidestep-cell"
+    send(page, "executing", str(node))
+    send(page, "sidestep.compare", {"node": str(node), "event": "plan", "rows": rows, "strengths": strengths,
+                                    "cost": "6 render(s) × about 2.0 s ≈ 12s",
+                                    "cells": [[None] * 3 for _ in rows]})
+    page.wait_for_function("(sel) => document.querySelectorAll(sel).length === 6", arg=buttons, timeout=10_000)
+    assert page.eval_on_selector_all(buttons, "bs => bs.every(b => b.disabled)")  # nothing rendered yet
+    assert page.locator(f"{PANEL.format(id=node)} .sidestep-cost").inner_text().startswith("6 render(s)")
+    send(page, "sidestep.compare", {"node": str(node), "event": "cell", "row": 1, "col": 2, "audio": cells[1][2]})
+    page.wait_for_function("(sel) => !document.querySelector(sel + \"[data-row='1'][data-col='2']\").disabled",
+                           arg=buttons, timeout=10_000)
+    assert page.eval_on_selector_all(buttons, "bs => bs.filter(b => !b.disabled).length") == 1
+    heads = page.eval_on_selector_all(f"{PANEL.format(id=node)} th.sidestep-row", "e => e.map(x => x.textContent)")
+    assert heads == rows
+    assert page.locator(buttons).first.is_visible()
+
+    # the finished grid is kept with the workflow and drawn again after a reload
+    send(page, "executed", {"node": str(node), "display_node": str(node), "prompt_id": "web",
+                            "output": {"text": ["6 renders"], "sidestep_grid": [
+                                {"rows": rows, "strengths": strengths, "cost": "6 render(s)", "cells": cells}]}})
+    page.wait_for_function("(sel) => [...document.querySelectorAll(sel)].every(b => !b.disabled)", arg=buttons,
+                           timeout=10_000)
+    page.wait_for_function("(f) => Object.keys(localStorage).some(k => k.startsWith('Comfy.Workflow.Draft')"
+                           " && localStorage.getItem(k).includes(f))", arg=f"web_{canvas}", timeout=10_000)
+    page.reload()
+    page.wait_for_function("() => window.app?.graph?.nodes?.length > 0", timeout=120_000)
+    page.wait_for_function("(sel) => document.querySelectorAll(sel).length === 6 && [...document"
+                           ".querySelectorAll(sel)].every(b => !b.disabled && b.dataset.url)", arg=buttons,
+                           timeout=30_000)
+    urls = page.eval_on_selector_all(buttons, "bs => bs.map(b => decodeURIComponent(b.dataset.url))")
+    assert "final_0.8.flac" in urls[4]
