@@ -15,7 +15,7 @@ from sidestep_core.planner.codes import (
     read_codes,
 )
 from sidestep_core.planner.loading import load_planner
-from tests.goldens import DATA
+from goldens import DATA
 
 
 @pytest.fixture(scope="module")
