@@ -193,6 +193,7 @@ def label_folder(
     lm: Optional[str | Path] = None,
     lm_tokenizer: Optional[str | Path] = None,
     dataset_json: Optional[str | Path] = None,
+    vae: Optional[str | Path] = None,
     device: str = "cpu",
     temperature: float = 0.7,
     seed: int = 0,
@@ -201,7 +202,8 @@ def label_folder(
 ) -> list[LabelResult]:
     """Label every song of ``audio_dir`` that lacks a caption, bpm, key, time signature or language.
 
-    Audio is decoded and VAE-encoded (posterior mean), turned into codes with the checkpoint's audio tokenizer
+    ``lm`` / ``vae`` None: the ones beside the checkpoint. Audio is decoded and VAE-encoded (posterior mean),
+    turned into codes with the checkpoint's audio tokenizer
     (cached in ``cache_dir``, default ``<audio_dir>/.sidestep-codes``) and described by the LM."""
     from ..audio.decode import AudioError, DecodeWorker, decode_audio
     from ..data.discovery import collect_items
@@ -224,16 +226,15 @@ def label_folder(
     if not todo:
         return results
     loaded = load_acestep(checkpoint, parts={"tokenizer"}, device=device)
-    if loaded.silence_latent is None:
-        raise ValueError(f"{checkpoint}: no silence_latent.pt beside the DiT (needed to pad codes as upstream does)")
     planner = load_planner(lm if lm is not None else find_planner(checkpoint), tokenizer=lm_tokenizer,
                            device=device)
     check_codebook(loaded.model, planner)
     ckpt = Path(checkpoint).expanduser()
     dit = (resolve_dit_folder(ckpt) or ckpt) if ckpt.is_dir() else ckpt
-    vae = vae_mod.load_vae(vae_mod.find_vae(dit), device=device)
-    cache = CodeCache(Path(cache_dir) if cache_dir else audio_dir / ".sidestep-codes", loaded.model,
-                      loaded.silence_latent)
+    vae = vae_mod.load_vae(Path(vae).expanduser() if vae else vae_mod.find_vae(dit), device=device)
+    # ComfyUI layouts carry no silence_latent.pt: derive it from the VAE, as preprocessing does
+    silence = loaded.silence_latent if loaded.silence_latent is not None else vae_mod.silence_latent_from_vae(vae)
+    cache = CodeCache(Path(cache_dir) if cache_dir else audio_dir / ".sidestep-codes", loaded.model, silence)
     note = f"{planner.size} planner LM {planner.path.name}, temperature {temperature:g}, seed {seed}"
     with DecodeWorker() as worker:
         for n, item in enumerate(todo):
