@@ -1,6 +1,5 @@
 """Auto-labelling with the tiny LM: well-formed labels for what is missing, never touching what the user wrote."""
 
-import pytest
 import torch
 
 from preprocess_helpers import tone, write_audio
