@@ -64,6 +64,8 @@ def dynamic_options(name: str) -> list[str]:
         return model_choices()
     if name == S.DYNAMIC_TEXT_ENCODERS:
         return list_files(paths("text_encoders"), {"qwen_0.6b"})
+    if name == S.DYNAMIC_PLANNER_LMS:
+        return list_files(paths("text_encoders"), {"planner_lm"})
     if name == S.DYNAMIC_VAES:
         return list_files(paths("vae"), {"vae"})
     if name == S.DYNAMIC_LORAS:

@@ -41,6 +41,7 @@ NONE = "none"
 DYNAMIC_MODELS = "acestep_models"
 DYNAMIC_TEXT_ENCODERS = "text_encoders"
 DYNAMIC_VAES = "vaes"
+DYNAMIC_PLANNER_LMS = "planner_lms"  # 5 Hz LM files (text_encoders/qwen_1.7b_ace15.safetensors, …)
 DYNAMIC_LORAS = "loras"
 DYNAMIC_PRESETS = "presets"
 DYNAMIC_SAMPLERS = "samplers"  # ComfyUI's sampler names (comfy.samplers.KSampler.SAMPLERS)
@@ -221,6 +222,14 @@ PREPROCESS = NodeSpec(
                   tooltip="loudness normalisation before encoding: none, peak (to -1 dBFS) or lufs (to -14 LUFS)"),
         InputSpec("trigger_tag", "STRING", "",
                   tooltip="a tag added to every caption (e.g. a made-up word) so the adapter can be called by it"),
+        InputSpec("auto_label", "BOOLEAN", False,
+                  tooltip="songs without a caption, bpm, key, time signature or language get them from the 5 Hz "
+                          "LM's reading of their audio codes, written to song.labels.txt beside the song (edit "
+                          "freely; what you wrote yourself is never replaced, and an existing labels file is kept)"),
+        InputSpec("planner_lm", "COMBO", AUTO, options=(AUTO,), dynamic=DYNAMIC_PLANNER_LMS,
+                  tooltip="the 5 Hz LM used by auto_label (text_encoders/qwen_1.7b_ace15.safetensors or "
+                          "qwen_4b_ace15). auto: qwen_1.7b_ace15, else the one beside an original folder or inside "
+                          "an all-in-one checkpoint"),
     ),
     (OutputSpec("dataset", DATASET_TYPE, "the preprocessed dataset (a cache folder)"),),
     search_aliases=("dataset", "audio dataset", "encode audio"),
