@@ -167,3 +167,35 @@ def test_bake_refuses_its_own_base_and_foreign_adapters(dit, adapters, tmp_path,
     with pytest.raises(AdapterShapeError, match="made for another model"):
         bake(dit, [(foreign, 1.0)], tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the command line
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_cli_merge_and_bake(dit, tmp_path, capsys):
+    from sidestep_core.cli import main
+
+    a, _ = saved_adapter(tmp_path, dit, "lora", seed=1)
+    b, _ = saved_adapter(tmp_path, dit, "loha", seed=2)
+    d, _ = saved_adapter(tmp_path, dit, "dora", seed=3)
+    out = tmp_path / "m.safetensors"
+    assert main(["merge", str(a), str(b), "--weights", "0.5,1.5", "--out", str(out), "--plain"]) == 0
+    stdout = capsys.readouterr().out
+    assert "verified" in stdout and f"wrote {out}" in stdout
+    sources = [(read_adapter_weights(a), 0.5), (read_adapter_weights(b), 1.5)]
+    assert max_rel_err(chained(dit, [(read_adapter_weights(out), 1.0)]), chained(dit, sources)) < TOL
+
+    assert main(["merge", str(a), str(d), "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "bake" in capsys.readouterr().err
+    assert main(["merge", str(a), str(b), "--weights", "1", "--out", str(out)]) == 2
+    assert "1 weight(s) for 2 adapter(s)" in capsys.readouterr().err
+    assert main(["merge", str(a), "--out", str(out), "--no-overwrite"]) == 2
+
+    baked = tmp_path / "baked.safetensors"
+    assert main(["merge", str(d), str(a), "--weights", "1,-0.5", "--bake", str(dit), "--out", str(baked)]) == 0
+    assert "UNETLoader" in capsys.readouterr().out
+    got, _ = _tensors(baked)
+    want = chained(dit, [(read_adapter_weights(d), 1.0), (read_adapter_weights(a), -0.5)])
+    assert all(torch.equal(got[f"decoder.{k}"], v.to(torch.bfloat16)) for k, v in want.items())
