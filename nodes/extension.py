@@ -1,4 +1,4 @@
-"""``comfy_entrypoint``: the six Side-Step nodes as ComfyUI V3 nodes, one module each.
+"""``comfy_entrypoint``: the seven Side-Step nodes as ComfyUI V3 nodes, one module each.
 
 Each node's ``execute`` converts ComfyUI values into one ``sidestep_core`` call and back; the schemas come from
 ``spec.py`` (through ``schema.py``). Everything that trains runs inside ``torch.inference_mode(False)`` (ComfyUI
@@ -16,10 +16,12 @@ from .comfy_glue import log
 from .estimate_gradients import EstimateGradients
 from .export_adapter import ExportAdapter
 from .load_checkpoint import LoadCheckpoint
+from .merge_adapters import MergeAdapters
 from .preprocess_audio import PreprocessAudio
 from .train_adapter import TrainAdapter
 
-NODE_CLASSES = (LoadCheckpoint, PreprocessAudio, TrainAdapter, EstimateGradients, ExportAdapter, ApplyAdapter)
+NODE_CLASSES = (LoadCheckpoint, PreprocessAudio, TrainAdapter, EstimateGradients, ExportAdapter, ApplyAdapter,
+                MergeAdapters)
 
 
 class SideStepExtension(ComfyExtension):

@@ -135,7 +135,8 @@ def test_web_extension_parses():
 def test_node_ids_and_types():
     assert [n.node_id for n in S.NODES] == ["SideStepLoadCheckpoint", "SideStepPreprocessAudio",
                                            "SideStepTrainAdapter", "SideStepEstimateGradients",
-                                           "SideStepExportAdapter", "SideStepApplyAdapter"]
+                                           "SideStepExportAdapter", "SideStepApplyAdapter",
+                                           "SideStepMergeAdapters"]
     for node in S.NODES:
         names = [i.name for i in node.inputs]
         assert len(names) == len(set(names)), node.node_id
@@ -144,6 +145,8 @@ def test_node_ids_and_types():
     assert S.EXPORT.output_node and [o.kind for o in S.EXPORT.outputs] == ["STRING"]
     assert [o.kind for o in S.APPLY.outputs] == ["MODEL"] and S.APPLY.input("adapter").optional
     assert S.EXPORT.input("format").options == ("comfyui", "peft", "lycoris")
+    assert S.MERGE.output_node and [o.kind for o in S.MERGE.outputs] == ["STRING"]
+    assert S.MERGE.input("mode").options == ("sum", "bake") and S.MERGE.input("model").optional
 
 
 def test_train_inputs_are_train_config_fields():
