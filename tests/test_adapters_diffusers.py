@@ -142,3 +142,23 @@ def test_fact_a_peft_folder_loads_in_diffusers_at_scale_one(dit, tmp_path):
         got = pipe.transformer.get_submodule(diffusers_name(n)).base_layer.weight
         w = base.get_submodule(n).weight.detach().float()
         assert rel_err(got - w, 0.5 * (ref[n] - w)) < TOL
+
+
+def test_names_round_trip_and_cli_export(dit, tmp_path, capsys):
+    from sidestep_core.cli import main
+    from sidestep_core.adapters.diffusers_format import read_diffusers, target_name
+
+    for n in ("layers.3.self_attn.o_proj", "layers.0.cross_attn.q_norm", "proj_in.1", "condition_embedder",
+              "layers.1.mlp.up_proj", "time_embed.linear_1"):
+        assert target_name(diffusers_name(n)) == n
+    assert diffusers_name("layers.3.self_attn.o_proj") == "layers.3.self_attn.to_out.0"
+    folder, ref = saved_adapter(tmp_path, dit, "oft")
+    assert main(["export", str(folder), "--format", "diffusers", "--plain"]) == 2  # OFT's delta needs the base
+    assert "needs the base model" in capsys.readouterr().err
+    folder, ref = saved_adapter(tmp_path, dit, "dora")
+    code = main(["export", str(folder), "--format", "diffusers", "--checkpoint", str(dit), "--plain"])
+    out = capsys.readouterr().out
+    path = folder.resolve().parent / "dora_diffusers.safetensors"
+    assert code == 0 and path.is_file() and "verified" in out
+    back = read_diffusers(path)
+    assert set(back.modules) == set(ref)

@@ -29,7 +29,7 @@ from ..fsutil import atomic_save_file
 from .comfy_export import BaseWeights, ExportError, _base_getter
 from .delta import delta_weight
 from .merge import low_rank_factors
-from .weights import AdapterWeights
+from .weights import AdapterWeights, ModuleWeights
 
 PREFIX = "transformer."
 _SEGMENTS = {"q_proj": "to_q", "k_proj": "to_k", "v_proj": "to_v", "o_proj": "to_out.0", "q_norm": "norm_q",
@@ -43,6 +43,16 @@ def diffusers_name(target: str) -> str:
         if target == old or target.startswith(old + "."):
             target = new + target[len(old):]
     return ".".join(_SEGMENTS.get(s, s) for s in target.split("."))
+
+
+def target_name(module: str) -> str:
+    """The inverse of :func:`diffusers_name`."""
+    for old, new in _MODULES.items():
+        if module == new or module.startswith(new + "."):
+            module = old + module[len(new):]
+    module = module.replace("to_out.0", "o_proj")
+    back = {v: k for k, v in _SEGMENTS.items()}
+    return ".".join(back.get(s, s) for s in module.split("."))
 
 
 def diffusers_state_dict(dit: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -103,6 +113,22 @@ def to_diffusers(aw: AdapterWeights, base: Optional[BaseWeights] = None) -> tupl
     if len(doras) > 1:
         raise ExportError(f"{where}: mixes DoRA and plain modules, which one diffusers LoRA config cannot describe")
     return sd, sorted(set(notes))
+
+
+def read_diffusers(path: str | Path) -> AdapterWeights:
+    """A file written by :func:`export_diffusers`, back in the common form (to verify an export)."""
+    from safetensors.torch import load_file
+
+    sd = load_file(str(path))
+    modules = {}
+    for key in sd:
+        if key.endswith(".lora_A.weight"):
+            module = key[len(PREFIX): -len(".lora_A.weight")]
+            mag = sd.get(f"{PREFIX}{module}.lora_magnitude_vector")
+            modules[target_name(module)] = ModuleWeights(
+                "lora", {"up": sd[f"{PREFIX}{module}.lora_B.weight"], "down": sd[key]},
+                dora=mag, dora_mode=None if mag is None else "row_merged")
+    return AdapterWeights(modules, source=str(path), format="diffusers")
 
 
 def export_diffusers(aw: AdapterWeights, out_path: str | Path, *, base: Optional[BaseWeights] = None,
