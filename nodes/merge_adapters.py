@@ -21,7 +21,7 @@ class MergeAdapters(io.ComfyNode):
         return build_schema(S.MERGE)
 
     @classmethod
-    def execute(cls, mode="sum", name="sidestep_merged", overwrite=True, adapter: Optional[AdapterRef] = None,
+    def execute(cls, mode="sum", name="sidestep_merged", overwrite=True, rank=0, adapter: Optional[AdapterRef] = None,
                 adapter_weight=1.0, checkpoint="final", model: Optional[ModelBundle] = None,
                 **slots) -> io.NodeOutput:
         from sidestep_core.adapters import export_comfyui, read_adapter_weights
@@ -43,6 +43,8 @@ class MergeAdapters(io.ComfyNode):
             from sidestep_core.adapters.bake import bake
 
             base = model.checkpoint if model is not None else (adapter.checkpoint if adapter is not None else None)
+            if rank:
+                raise ValueError("Merge Adapters: rank applies to mode 'sum' only (a baked model is exact)")
             if base is None:
                 raise ValueError("Merge Adapters: baking needs the base model: connect Load ACE-Step Checkpoint "
                                  "to 'model' (or a trained adapter, whose base model is used)")
@@ -55,6 +57,13 @@ class MergeAdapters(io.ComfyNode):
         from sidestep_core.adapters.merge import weighted_sum
 
         merged = weighted_sum(sources)
+        if rank:
+            from sidestep_core.adapters.merge import rerank
+
+            merged, errors = rerank(merged, int(rank))
+            if errors:
+                lines.append(f"re-ranked {len(errors)} target(s) to rank {rank} by truncated SVD: relative error "
+                             f"max {max(errors.values()):.2e}, mean {sum(errors.values()) / len(errors):.2e}")
         path, notes = export_comfyui(merged, calls.export_path(Path(paths("loras")[0]), name, bool(overwrite)))
         folder_paths.filename_list_cache.pop("loras", None)
         return io.NodeOutput(str(path), ui=text(f"wrote {path}", *lines, *merged.notes, *notes))

@@ -448,6 +448,9 @@ MERGE = NodeSpec(
         InputSpec("name", "STRING", "sidestep_merged", tooltip="file name (.safetensors is added)"),
         InputSpec("overwrite", "BOOLEAN", True, advanced=True,
                   tooltip="replace a file of the same name; off: add a number"),
+        InputSpec("rank", "INT", 0, min=0, max=4096, advanced=True,
+                  tooltip="sum: cut every target to its best rank-N approximation (truncated SVD; smaller, no longer "
+                          "exact: the error is shown); 0 keeps the exact sum"),
         InputSpec("adapter", ADAPTER_TYPE, optional=True,
                   tooltip="from Train Adapter: merged first, before the files"),
         InputSpec("adapter_weight", "FLOAT", 1.0, min=-10.0, max=10.0, step=0.01, optional=True,

@@ -187,6 +187,13 @@ def test_cli_merge_and_bake(dit, tmp_path, capsys):
     sources = [(read_adapter_weights(a), 0.5), (read_adapter_weights(b), 1.5)]
     assert max_rel_err(chained(dit, [(read_adapter_weights(out), 1.0)]), chained(dit, sources)) < TOL
 
+    small = tmp_path / "small.safetensors"
+    assert main(["merge", str(a), str(b), "--weights", "0.5,1.5", "--rank", "4", "--out", str(small)]) == 0
+    stdout = capsys.readouterr().out
+    assert "truncated SVD: relative error" in stdout and "vs the re-ranked sum" in stdout
+    assert {m.rank() for m in read_adapter_weights(small).modules.values()} == {4}
+    assert main(["merge", str(a), "--rank", "4", "--bake", str(dit), "--out", str(small)]) == 2
+
     assert main(["merge", str(a), str(d), "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "bake" in capsys.readouterr().err
     assert main(["merge", str(a), str(b), "--weights", "1", "--out", str(out)]) == 2
@@ -199,3 +206,23 @@ def test_cli_merge_and_bake(dit, tmp_path, capsys):
     got, _ = _tensors(baked)
     want = chained(dit, [(read_adapter_weights(d), 1.0), (read_adapter_weights(a), -0.5)])
     assert all(torch.equal(got[f"decoder.{k}"], v.to(torch.bfloat16)) for k, v in want.items())
+
+
+def test_rerank_is_the_best_rank_k_and_states_its_error(adapters):
+    from sidestep_core.adapters.delta import additive_delta
+    from sidestep_core.adapters.merge import rerank
+
+    merged = weighted_sum([(adapters("lora", 1), 1.0), (adapters("lora_patterns", 2), 0.5)])
+    cut, errors = rerank(merged, 4)
+    assert errors and json.loads(cut.metadata["sidestep_merge_rank_error"])["max"] == max(errors.values())
+    for name, m in merged.modules.items():
+        shape = torch.Size(m.weight_shape())
+        full = additive_delta(m, shape).double()
+        approx = additive_delta(cut.modules[name], shape).double()
+        assert cut.modules[name].rank() <= 4
+        s = torch.linalg.svdvals(full)
+        best = float(s[4:].square().sum().sqrt() / s.square().sum().sqrt())  # Eckart–Young
+        got = float((full - approx).norm() / full.norm())
+        assert abs(got - best) < 1e-5 and abs(errors.get(name, 0.0) - best) < 1e-5, name
+    same, none = rerank(merged, 100)
+    assert none == {} and same.modules["layers.0.self_attn.q_proj"].rank() == 12

@@ -15,6 +15,10 @@ delta (``diff``) instead, which is then also the smaller file. Bias deltas add.
 
 DoRA and OFT are refused: their W' is not W + ΔW with a ΔW independent of W (DoRA renormalises the merged weight,
 OFT rotates it), so no weighted sum of them is an adapter; bake them into the model (:mod:`.bake`) instead.
+
+:func:`rerank` is the one approximation offered, and only on request: each target cut to its best rank-k
+approximation (truncated SVD; Eckart–Young: no rank-k matrix is closer in Frobenius norm), with the relative error
+‖ΔW − ΔW_k‖_F / ‖ΔW‖_F of every target returned so it can be stated.
 """
 
 from __future__ import annotations
@@ -128,3 +132,47 @@ def weighted_sum(sources: Sequence[tuple[AdapterWeights, float]]) -> AdapterWeig
         out.notes.append(f"{kinds['diff']} target(s) written as full deltas: their summed rank reaches the weight's "
                          "size, or a source module has no low-rank form")
     return out
+
+
+def _truncated(u: torch.Tensor, d: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Best rank-k factors of u @ d (through QR of both factors, so ΔW itself is never formed) and the relative
+    Frobenius error of the truncation."""
+    qu, ru = torch.linalg.qr(u.double())
+    qd, rd = torch.linalg.qr(d.double().T)
+    p, sv, vh = torch.linalg.svd(ru @ rd.T)
+    total = float(sv.square().sum())
+    err = (float(sv[k:].square().sum()) / total) ** 0.5 if total > 0 else 0.0
+    root = sv[:k].sqrt()
+    return (qu @ p[:, :k] * root).float(), (root[:, None] * (vh[:k] @ qd.T)).float(), err
+
+
+def rerank(aw: AdapterWeights, rank: int) -> tuple[AdapterWeights, dict[str, float]]:
+    """``aw`` with every LoRA / full-delta target of a larger rank cut to rank ``rank`` by truncated SVD, and the
+    relative error ‖ΔW − ΔW_k‖_F / ‖ΔW‖_F per target that was cut (0 for none)."""
+    if rank < 1:
+        raise ValueError(f"rank must be at least 1, got {rank}")
+    errors: dict[str, float] = {}
+
+    def cut(name: str, m: ModuleWeights) -> ModuleWeights:
+        if m.dora is not None or m.kind not in ("lora", "diff") or len(m.weight_shape()) != 2:
+            return m
+        if m.kind == "lora":
+            if m.rank() <= rank:
+                return m
+            u, d = m.tensors["up"].float() * m.scale, m.tensors["down"].float()
+        else:
+            u, d = m.tensors["diff"].float(), torch.eye(m.tensors["diff"].shape[1])
+            if min(u.shape) <= rank:
+                return m
+        up, down, errors[name] = _truncated(u, d, rank)
+        return ModuleWeights("lora", {"up": up.contiguous(), "down": down.contiguous()}, scale=1.0,
+                             alpha=float(rank), bias_diff=m.bias_diff)
+
+    out = AdapterWeights({n: cut(n, m) for n, m in aw.modules.items()}, dict(aw.metadata), aw.source, aw.format,
+                         {n: cut(n, m) for n, m in aw.outside.items()}, list(aw.notes))
+    if errors:
+        worst = max(errors, key=errors.get)
+        out.metadata["sidestep_merge_rank"] = str(rank)
+        out.metadata["sidestep_merge_rank_error"] = json.dumps({"max": errors[worst], "target": worst,
+                                                                "mean": sum(errors.values()) / len(errors)})
+    return out, errors

@@ -38,6 +38,9 @@ def register(sub, name):
     p.add_argument("--bake", metavar="BASE",
                    help="bake into a copy of this model (ComfyUI diffusion-model file, all-in-one checkpoint or "
                    "ACE-Step folder) instead of writing an adapter")
+    p.add_argument("--rank", type=int, default=0, metavar="R",
+                   help="after the exact sum, cut every target to its best rank-R approximation (truncated SVD) — "
+                   "smaller, no longer exact: the relative error of each target is printed (default: 0, exact)")
     p.add_argument("--format", choices=("comfyui", "peft"), default="comfyui",
                    help="format of the merged adapter (default: %(default)s)")
     p.add_argument("--no-overwrite", dest="overwrite", action="store_false", help="refuse to replace a file")
@@ -94,6 +97,8 @@ def run(args) -> int:
     if args.bake:
         from ..adapters.bake import bake
 
+        if args.rank:
+            raise ValueError("--rank applies to the weighted sum only (a baked model is exact)")
         if out.suffix != ".safetensors":
             out = out.with_suffix(".safetensors")
         result = bake(args.bake, sources, out)
@@ -108,6 +113,17 @@ def run(args) -> int:
     merged = weighted_sum(sources)
     for note in merged.notes:
         say(f"note: {note}")
+    if args.rank:
+        from ..adapters.merge import rerank
+
+        merged, errors = rerank(merged, args.rank)
+        if errors:
+            worst = max(errors, key=errors.get)
+            say(f"re-ranked {len(errors)} target(s) to rank {args.rank} by truncated SVD: relative error "
+                f"‖ΔW − ΔW_{args.rank}‖/‖ΔW‖ max {errors[worst]:.2e} ({worst}), mean "
+                f"{sum(errors.values()) / len(errors):.2e}")
+        else:
+            say(f"every target already has rank ≤ {args.rank}: nothing re-ranked, the sum stays exact")
     if args.format == "peft":
         path, notes = export_peft(merged, out)
     else:
@@ -117,9 +133,10 @@ def run(args) -> int:
         say(f"note: {note}")
     say(f"wrote {path} ({merged.summary().split(' from ')[0]}, {len(merged.all_modules())} targets)")
     if args.verify:
-        worst = verify_sum(read_adapter_weights(path), sources)
-        say(f"verified: weight changes of the written adapter vs the weighted sum, max relative difference "
-            f"{worst:.2e}")
+        truncated = bool(args.rank)  # then the file is checked against the re-ranked adapter it was written from
+        worst = verify_sum(read_adapter_weights(path), [(merged, 1.0)] if truncated else sources)
+        say(f"verified: weight changes of the written adapter vs the "
+            f"{'re-ranked' if truncated else 'weighted'} sum, max relative difference {worst:.2e}")
         if worst > VERIFY_TOLERANCE:
             say(f"error: the merged adapter differs from the weighted sum by more than {VERIFY_TOLERANCE:g}")
             return EXIT_FAILED

@@ -165,6 +165,8 @@ def test_node_sum_writes_the_weighted_sum_to_loras(comfy, files, node):
     got = patched_weights(chain(comfy, base, [(path, 1.0)]))
     want = patched_weights(chain(comfy, base, [(sources["lora"][1], 0.7), (sources["loha"][1], -0.2)]))
     assert max(rel_err(got[k], want[k]) for k in want) < TOL
+    cut = cls.execute(mode="sum", lora_1="lora.safetensors", lora_2="loha.safetensors", rank=2, name="mix2")
+    assert "truncated SVD: relative error max" in cut.ui.as_dict()["text"][0]
 
 
 def test_node_bake_uses_the_trained_adapters_base_and_refuses_dora_sums(comfy, files, node, tmp_path):
