@@ -226,3 +226,23 @@ def test_rerank_is_the_best_rank_k_and_states_its_error(adapters):
         assert abs(got - best) < 1e-5 and abs(errors.get(name, 0.0) - best) < 1e-5, name
     same, none = rerank(merged, 100)
     assert none == {} and same.modules["layers.0.self_attn.q_proj"].rank() == 12
+
+
+def test_bake_interrupted_midway_leaves_the_old_file_and_no_temporary(dit, adapters, tmp_path, monkeypatch):
+    import sidestep_core.adapters.bake as bake_module
+
+    out = tmp_path / "baked.safetensors"
+    out.write_bytes(b"previous")
+    calls = []
+
+    def failing(m, w, s):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return w
+
+    monkeypatch.setattr(bake_module, "merged_weight", failing)
+    with pytest.raises(OSError, match="No space"):
+        bake(dit, [(adapters("lora"), 1.0)], out)
+    assert out.read_bytes() == b"previous"
+    assert [p.name for p in tmp_path.iterdir()] == ["baked.safetensors"]

@@ -13,7 +13,6 @@ at about one weight tensor; it goes to a temporary file beside the destination a
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -21,7 +20,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .. import __version__
-from ..fsutil import _temp_in
+from ..fsutil import atomic_write_stream
 from .delta import merged_weight
 from .weights import AdapterShapeError, AdapterWeights, ModuleWeights
 
@@ -96,21 +95,17 @@ def _write_streamed(dest: Path, entries: list[tuple[str, str, tuple[int, ...]]],
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors itself writes it
-    tmp = _temp_in(dest)
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(len(raw).to_bytes(8, "little"))
-            fh.write(raw)
-            for name, dtype, shape in entries:
-                t = produce(name)
-                if t.dtype != _DTYPES[dtype] or tuple(t.shape) != tuple(shape):
-                    raise RuntimeError(f"{name}: produced {t.dtype} {tuple(t.shape)}, header says {dtype} {shape}")
-                fh.write(t.contiguous().reshape(-1).view(torch.uint8).numpy())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    def fill(fh) -> None:
+        fh.write(len(raw).to_bytes(8, "little"))
+        fh.write(raw)
+        for name, dtype, shape in entries:
+            t = produce(name)
+            if t.dtype != _DTYPES[dtype] or tuple(t.shape) != tuple(shape):
+                raise RuntimeError(f"{name}: produced {t.dtype} {tuple(t.shape)}, header says {dtype} {shape}")
+            fh.write(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+    atomic_write_stream(dest, fill)
 
 
 def bake(base: str | Path, sources: Sequence[tuple[AdapterWeights, float]], out_path: str | Path, *,

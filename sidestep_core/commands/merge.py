@@ -131,7 +131,7 @@ def run(args) -> int:
         path, notes = export_comfyui(merged, out)
     for note in notes:
         say(f"note: {note}")
-    say(f"wrote {path} ({merged.summary().split(' from ')[0]}, {len(merged.all_modules())} targets)")
+    say(f"wrote {path} ({merged.adapter_type} adapter, {len(merged.all_modules())} targets)")
     if args.verify:
         truncated = bool(args.rank)  # then the file is checked against the re-ranked adapter it was written from
         worst = verify_sum(read_adapter_weights(path), [(merged, 1.0)] if truncated else sources)
