@@ -17,11 +17,12 @@ from .compare_adapters import CompareAdapters
 from .estimate_gradients import EstimateGradients
 from .export_adapter import ExportAdapter
 from .load_checkpoint import LoadCheckpoint
+from .merge_adapters import MergeAdapters
 from .preprocess_audio import PreprocessAudio
 from .train_adapter import TrainAdapter
 
 NODE_CLASSES = (LoadCheckpoint, PreprocessAudio, TrainAdapter, EstimateGradients, ExportAdapter, ApplyAdapter,
-                CompareAdapters)
+                CompareAdapters, MergeAdapters)
 
 
 class SideStepExtension(ComfyExtension):

@@ -480,7 +480,51 @@ COMPARE = NodeSpec(
     search_aliases=("compare lora", "compare checkpoints", "listening grid", "ab test"),
 )
 
-NODES: tuple[NodeSpec, ...] = (LOAD, PREPROCESS, TRAIN, ESTIMATE, EXPORT, APPLY, COMPARE)
+MERGE_MODES = ("sum", "bake")
+MERGE_SLOTS = 3  # lora_N / weight_N pairs
+
+
+def _merge_slot(n: int) -> tuple[InputSpec, InputSpec]:
+    return (InputSpec(f"lora_{n}", "COMBO", NONE, options=(NONE,), dynamic=DYNAMIC_LORAS,
+                      tooltip="an adapter file from models/loras (none: unused)"),
+            InputSpec(f"weight_{n}", "FLOAT", 1.0, min=-10.0, max=10.0, step=0.01,
+                      tooltip="its weight in the sum, or its strength when baked"))
+
+
+MERGE = NodeSpec(
+    "SideStepMergeAdapters",
+    "Merge Adapters",
+    "Combines adapters. sum: one new adapter in models/loras whose weight change is exactly the weighted sum of "
+    "the sources' (LoRAs of any ranks are concatenated, no approximation; LoHa/LoKr enter exactly; DoRA and OFT "
+    "cannot be summed — bake them). bake: a copy of the base model with every adapter applied in order at its "
+    "weight, written to models/diffusion_models for UNETLoader.",
+    (
+        InputSpec("mode", "COMBO", "sum", options=MERGE_MODES,
+                  tooltip="sum: a new adapter (LoRA family); bake: a new diffusion model file (every adapter type)"),
+        *(i for n in range(1, MERGE_SLOTS + 1) for i in _merge_slot(n)),
+        InputSpec("name", "STRING", "sidestep_merged", tooltip="file name (.safetensors is added)"),
+        InputSpec("overwrite", "BOOLEAN", True, advanced=True,
+                  tooltip="replace a file of the same name; off: add a number"),
+        InputSpec("rank", "INT", 0, min=0, max=4096, advanced=True,
+                  tooltip="sum: cut every target to its best rank-N approximation (truncated SVD; smaller, no longer "
+                          "exact: the error is shown); 0 keeps the exact sum"),
+        InputSpec("adapter", ADAPTER_TYPE, optional=True,
+                  tooltip="from Train Adapter: merged first, before the files"),
+        InputSpec("adapter_weight", "FLOAT", 1.0, min=-10.0, max=10.0, step=0.01, optional=True,
+                  tooltip="the connected adapter's weight (strength when baked)"),
+        InputSpec("checkpoint", "STRING", "final", optional=True,
+                  tooltip="with a connected adapter, which one of its run: final, last, step_N, ema, step_N/ema "
+                          "or last/ema"),
+        InputSpec("model", MODEL_TYPE, optional=True,
+                  tooltip="bake: the base model (from Load ACE-Step Checkpoint); default: the model the "
+                          "connected adapter was trained on"),
+    ),
+    (OutputSpec("path", "STRING", "the written file"),),
+    output_node=True,
+    search_aliases=("merge lora", "combine lora", "bake lora", "lora merge"),
+)
+
+NODES: tuple[NodeSpec, ...] = (LOAD, PREPROCESS, TRAIN, ESTIMATE, EXPORT, APPLY, COMPARE, MERGE)
 BY_ID = {n.node_id: n for n in NODES}
 
 # Apply Adapter's groups: (input, substring of the module path).

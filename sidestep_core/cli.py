@@ -19,6 +19,7 @@ COMMANDS = {
     "train": "train",
     "estimate": "estimate",
     "export": "export",
+    "merge": "merge",
     "presets": "presets",
     "generate": "generate",
     "compare": "generate",

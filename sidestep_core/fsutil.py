@@ -16,7 +16,7 @@ import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, BinaryIO, Callable, Mapping, Optional
 
 log = logging.getLogger("sidestep")
 
@@ -45,6 +45,21 @@ def atomic_write_bytes(dest: str | Path, data: bytes) -> None:
     tmp = _temp_in(dest)
     try:
         _write(tmp, data)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_stream(dest: str | Path, fill: Callable[[BinaryIO], None]) -> None:
+    """Like :func:`atomic_write_bytes` for files too large to hold in memory: ``fill`` writes into the open
+    temporary file, piece by piece."""
+    dest = Path(dest)
+    tmp = _temp_in(dest)
+    try:
+        with open(tmp, "wb") as fh:
+            fill(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)

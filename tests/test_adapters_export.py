@@ -14,7 +14,8 @@ from safetensors import safe_open
 
 from adapter_helpers import CASES, DIT, decoder, max_rel_err, saved_adapter
 from sidestep_core.adapters import export_comfyui, merged_state, read_adapter_weights, to_comfyui_state_dict
-from sidestep_core.adapters.comfy_export import ExportError, default_export_path, needs_base
+from sidestep_core.adapters.comfy_export import ExportError, needs_base
+from sidestep_core.adapters.formats import default_output_path
 from sidestep_core.adapters.formats import parse_state_dict
 
 # What ComfyUI 0.27 reads for an ACE-Step 1.5 linear layer (comfy/lora.py load_lora + weight_adapter/*.py).
@@ -146,11 +147,15 @@ def test_dtype_option_and_default_path(tmp_path, saved):
     sd, _ = to_comfyui_state_dict(aw, dtype=torch.bfloat16)
     assert {v.dtype for k, v in sd.items() if not k.endswith(".alpha")} == {torch.bfloat16}
     assert {v.dtype for k, v in sd.items() if k.endswith(".alpha")} == {torch.float32}
-    assert default_export_path(folder) == folder.resolve().parent / "lora_comfyui.safetensors"
-    assert default_export_path(folder / "adapter_model.safetensors").name == "lora_comfyui.safetensors"
+    c = "_comfyui.safetensors"
+    assert default_output_path(folder, c) == folder.resolve().parent / "lora_comfyui.safetensors"
+    assert default_output_path(folder / "adapter_model.safetensors", c).name == "lora_comfyui.safetensors"
+    assert default_output_path(folder, "_peft") == folder.resolve().parent / "lora_peft"
+    (folder / "ema").mkdir()
+    assert default_output_path(folder / "ema", c) == folder.resolve().parent / "lora_ema_comfyui.safetensors"
     f = tmp_path / "x.safetensors"
     f.write_bytes(b"")
-    assert default_export_path(f) == tmp_path / "x_comfyui.safetensors"
+    assert default_output_path(f, c) == tmp_path / "x_comfyui.safetensors"
 
 
 def test_trainlora_style_file_round_trip(base, tiny_original):

@@ -136,7 +136,7 @@ def test_node_ids_and_types():
     assert [n.node_id for n in S.NODES] == ["SideStepLoadCheckpoint", "SideStepPreprocessAudio",
                                            "SideStepTrainAdapter", "SideStepEstimateGradients",
                                            "SideStepExportAdapter", "SideStepApplyAdapter",
-                                           "SideStepCompareAdapters"]
+                                           "SideStepCompareAdapters", "SideStepMergeAdapters"]
     for node in S.NODES:
         names = [i.name for i in node.inputs]
         assert len(names) == len(set(names)), node.node_id
@@ -147,6 +147,8 @@ def test_node_ids_and_types():
     assert S.EXPORT.input("format").options == ("comfyui", "peft", "lycoris")
     assert S.COMPARE.output_node and [o.kind for o in S.COMPARE.outputs] == ["AUDIO", "IMAGE", "STRING"]
     assert S.COMPARE.input("adapter").optional and S.COMPARE.input("checkpoints").default == "last 3"
+    assert S.MERGE.output_node and [o.kind for o in S.MERGE.outputs] == ["STRING"]
+    assert S.MERGE.input("mode").options == ("sum", "bake") and S.MERGE.input("model").optional
 
 
 def test_train_inputs_are_train_config_fields():

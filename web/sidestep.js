@@ -9,13 +9,13 @@
 //   definition). Every node keeps its advanced inputs behind a toggle: Nodes 2.0 has its own footer button; the
 //   classic canvas gets a button widget (canvas-only, never serialized).
 // - The chart is redrawn from the run's loss.csv after a page reload (the run is remembered in node.properties).
-// - After Export Adapter, LoRA lists are refreshed so the new file can be picked at once.
+// - After Export Adapter and Merge Adapters, model lists are refreshed so the new file can be picked at once.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const PREFIX = "SideStep";
 const TRAIN = "SideStepTrainAdapter";
-const EXPORT = "SideStepExportAdapter";
+const WRITERS = new Set(["SideStepExportAdapter", "SideStepMergeAdapters"]); // nodes that write into models/
 const COMPARE = "SideStepCompareAdapters";
 const TRAIN_EVENT = "sidestep.train";
 const PREVIEW_EVENT = "sidestep.preview";
@@ -518,7 +518,7 @@ function onExecuted(node, message) {
     if (preview && preview.step !== st.preview?.step) setPreview(st, preview);
   }
   if (node.comfyClass === COMPARE && message?.sidestep_grid?.[0]) setGrid(st, message.sidestep_grid[0]);
-  if (node.comfyClass === EXPORT) app.refreshComboInNodes?.(); // the new file in every LoRA list
+  if (WRITERS.has(node.comfyClass)) app.refreshComboInNodes?.(); // the new file in every LoRA / model list
   render(st);
 }
 

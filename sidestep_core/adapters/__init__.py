@@ -6,6 +6,9 @@ and apply adapters to the core model.
 - ``delta``: the maths of each adapter type (merged weight W' from base weight W).
 - ``comfy_export``: write one ``.safetensors`` that stock ComfyUI applies exactly.
 - ``upstream``: what upstream ACE-Step's own loader reads: ``lokr_config`` metadata, PEFT folders (``export_peft``).
+- ``diffusers_format``: one file for diffusers' ``AceStepPipeline.load_lora_weights``, and its module names.
+- ``merge``: the exact weighted sum of adapters as one adapter (and optional SVD re-ranking, its error stated).
+- ``bake``: adapters applied to a copy of the base model, written tensor by tensor as a ComfyUI diffusion model.
 - ``apply``: merge / unmerge / unmerged (hooked) application to the core decoder at a strength.
 - ``convert``: back to the trainer's settings and keys, to continue training an adapter read from any file.
 """

@@ -250,17 +250,3 @@ def export_comfyui(
     out_path = Path(out_path).expanduser()
     atomic_save_file(sd, out_path, meta)
     return out_path, notes
-
-
-def default_export_path(adapter_path: str | Path) -> Path:
-    """``run/final`` -> ``run/final_comfyui.safetensors``; ``x.safetensors`` -> ``x_comfyui.safetensors``."""
-    p = Path(adapter_path).expanduser()
-    if p.is_file():
-        if p.name in ("adapter_model.safetensors",) or p.name.endswith("_weights.safetensors"):
-            p = p.parent
-        else:
-            return p.with_name(p.stem + "_comfyui.safetensors")
-    p = p.resolve()
-    if p.name == "ema":  # run/final/ema -> run/final_ema…, beside the folder it belongs to, not inside it
-        return p.parent.parent / f"{p.parent.name}_ema_comfyui.safetensors"
-    return p.parent / f"{p.name}_comfyui.safetensors"

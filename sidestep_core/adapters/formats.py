@@ -336,3 +336,20 @@ def _peft_scale(conf: dict, root: str, rank: int) -> tuple[float, float]:
 def _note(aw: AdapterWeights, text: str) -> None:
     if text not in aw.notes:
         aw.notes.append(text)
+
+
+def default_output_path(adapter_path: str | Path, suffix: str) -> Path:
+    """Where an export of ``adapter_path`` goes by default: beside it, named after it plus ``suffix``
+    (``_comfyui.safetensors``, ``_peft``, ``_diffusers.safetensors``). ``run/final`` -> ``run/final<suffix>``;
+    ``x.safetensors`` -> ``x<suffix>``; a trainer weights file names its folder; ``run/final/ema`` ->
+    ``run/final_ema<suffix>``, beside the folder it belongs to, not inside it."""
+    p = Path(adapter_path).expanduser()
+    if p.is_file():
+        if p.name == PEFT_WEIGHTS or p.name.endswith("_weights.safetensors"):
+            p = p.parent
+        else:
+            return p.with_name(p.stem + suffix)
+    p = p.resolve()
+    if p.name == "ema":
+        return p.parent.parent / f"{p.parent.name}_ema{suffix}"
+    return p.parent / f"{p.name}{suffix}"

@@ -181,17 +181,3 @@ def export_peft(aw: AdapterWeights, folder: str | Path, *, base: Optional[BaseWe
     atomic_save_file(sd, folder / PEFT_WEIGHTS, meta)
     atomic_write_json(folder / PEFT_CONFIG, conf)
     return folder, notes
-
-
-def default_peft_path(adapter_path: str | Path) -> Path:
-    """``run/final`` -> ``run/final_peft``; ``x.safetensors`` -> ``x_peft`` (beside it)."""
-    p = Path(adapter_path).expanduser()
-    if p.is_file():
-        if p.name == PEFT_WEIGHTS or p.name.endswith("_weights.safetensors"):
-            p = p.parent
-        else:
-            return p.with_name(p.stem + "_peft")
-    p = p.resolve()
-    if p.name == "ema":  # run/final/ema -> run/final_ema…, beside the folder it belongs to, not inside it
-        return p.parent.parent / f"{p.parent.name}_ema_peft"
-    return p.parent / f"{p.name}_peft"

@@ -1,5 +1,6 @@
-"""``sidestep export``: write an adapter as one ``.safetensors`` file that stock ComfyUI loads exactly, or as a PEFT
-folder that upstream ACE-Step's own loader takes (``--format peft``)."""
+"""``sidestep export``: write an adapter as one ``.safetensors`` file that stock ComfyUI loads exactly, as a PEFT
+folder that upstream ACE-Step's own loader takes (``--format peft``), or as one file for diffusers' ACE-Step pipeline
+(``--format diffusers``)."""
 
 from __future__ import annotations
 
@@ -27,19 +28,22 @@ def register(sub, name):
         "LyCORIS oft_blocks. --format peft writes instead a PEFT folder that upstream ACE-Step's Gradio UI and "
         "API load (its LoRA path): LoRA/DoRA as they are, LoHA as PEFT LoHa, and OFT (and anything else) as an "
         "exact full-rank LoRA of its weight change — as large as the adapted weights, and for OFT exact only on "
-        "the base model given. With the base model at hand the written adapter is read back and its merged "
-        "weights are compared with the adapter's.",
+        "the base model given. --format diffusers writes one file for diffusers' AceStepPipeline.load_lora_weights "
+        "(diffusers' module names, scales folded into the weights, which is what that loader needs; OFT and "
+        "non-PEFT DoRA as exact full-rank deltas on the base model given). With the base model at hand the "
+        "written adapter is read back and its merged weights are compared with the adapter's.",
         epilog=EXIT_CODES_HELP,
     )
     p.add_argument("adapter", help="adapter folder (e.g. OUT/final) or file, or a training run folder (OUT)")
     p.add_argument("--pick", default="final", metavar="CHOICE",
                    help="which adapter of a training run: final, last, step_N, ema, step_N/ema or last/ema "
                    "(default: final)")
-    p.add_argument("--format", choices=("comfyui", "peft"), default="comfyui",
+    p.add_argument("--format", choices=("comfyui", "peft", "diffusers"), default="comfyui",
                    help="comfyui: one .safetensors for ComfyUI's LoRA loaders; peft: a PEFT folder "
-                   "(adapter_config.json + adapter_model.safetensors) for upstream ACE-Step (default: %(default)s)")
-    p.add_argument("--out", help="output file, or folder for --format peft (default: <adapter>_comfyui.safetensors "
-                   "or <adapter>_peft/ beside the adapter)")
+                   "(adapter_config.json + adapter_model.safetensors) for upstream ACE-Step; diffusers: one "
+                   ".safetensors for diffusers' AceStepPipeline.load_lora_weights (default: %(default)s)")
+    p.add_argument("--out", help="output file, or folder for --format peft (default: <adapter>_comfyui.safetensors, "
+                   "<adapter>_peft/ or <adapter>_diffusers.safetensors beside the adapter)")
     p.add_argument("--checkpoint",
                    help="the base model the adapter was trained on; needed for DoRA and rescaled OFT (every OFT "
                    "with --format peft), and used to "
@@ -77,8 +81,10 @@ def run(args) -> int:
     import torch
 
     from ..adapters import export_comfyui, read_adapter_weights
-    from ..adapters.comfy_export import default_export_path, needs_base
-    from ..adapters.upstream import default_peft_path, export_peft
+    from ..adapters.comfy_export import needs_base
+    from ..adapters.diffusers_format import export_diffusers, read_diffusers
+    from ..adapters.formats import default_output_path
+    from ..adapters.upstream import export_peft
     from ..adapters.formats import read_adapter_weights as read_back
     from ..adapters.apply import merged_state
 
@@ -89,19 +95,17 @@ def run(args) -> int:
     say(aw.summary())
     for note in aw.notes:
         say(f"note: {note}")
-    peft = args.format == "peft"
-    if peft:
-        out = Path(args.out).expanduser() if args.out else default_peft_path(adapter_path)
-    else:
-        out = Path(args.out).expanduser() if args.out else default_export_path(adapter_path)
-        if out.suffix != ".safetensors":
-            out = out.with_suffix(".safetensors")
+    peft, for_diffusers = args.format == "peft", args.format == "diffusers"
+    suffix = {"comfyui": "_comfyui.safetensors", "peft": "_peft", "diffusers": "_diffusers.safetensors"}
+    out = Path(args.out).expanduser() if args.out else default_output_path(adapter_path, suffix[args.format])
+    if not peft and out.suffix != ".safetensors":
+        out = out.with_suffix(".safetensors")
     if out.exists() and not args.overwrite:
         raise ValueError(f"{out}: exists (leave out --no-overwrite to replace it)")
 
     checkpoint = Path(args.checkpoint).expanduser() if args.checkpoint else find_run_checkpoint(adapter_path)
     rescaled_oft = [n for n, m in aw.all_modules().items()
-                    if m.kind == "oft" and ("rescale" in m.tensors or peft)]
+                    if m.kind == "oft" and ("rescale" in m.tensors or peft or for_diffusers)]
     base = identity = variant = None
     if checkpoint is not None:
         from ..model import load_acestep
@@ -115,14 +119,20 @@ def run(args) -> int:
             say(f"warning: the adapter was trained on model {trained_on}, {checkpoint} is {identity}"
                 + ("; DoRA magnitudes are converted for the model given" if needs_base(aw) else ""))
         say(f"base model: {checkpoint} ({variant}, identity {identity})")
-    elif needs_base(aw) or rescaled_oft:
-        what = "DoRA" if needs_base(aw) else ("OFT" if peft else "rescaled OFT")
-        raise ValueError(f"{adapter_path}: exporting {what} for {'PEFT' if peft else 'ComfyUI'} needs the base "
-                         "model it was trained on; pass --checkpoint")
+    elif (needs_base(aw) and not for_diffusers) or rescaled_oft or (for_diffusers and any(
+            m.dora_mode not in (None, "row_merged") for m in aw.modules.values())):
+        # diffusers takes PEFT's own DoRA magnitudes; ComfyUI's dora_scale is relative to the base weights
+        what = "OFT" if rescaled_oft and (peft or for_diffusers) else ("rescaled OFT" if rescaled_oft else "DoRA")
+        target = {"comfyui": "ComfyUI", "peft": "PEFT", "diffusers": "diffusers"}[args.format]
+        raise ValueError(f"{adapter_path}: exporting {what} for {target} needs the base model it was trained on; "
+                         "pass --checkpoint")
 
-    if peft:
-        if args.key_style != "comfy" or args.dtype != "keep":
-            raise ValueError("--key-style and --dtype apply to --format comfyui only")
+    if (peft or for_diffusers) and (args.key_style != "comfy" or args.dtype != "keep"):
+        raise ValueError("--key-style and --dtype apply to --format comfyui only")
+    if for_diffusers:
+        path, notes = export_diffusers(aw, out, base=base, base_identity=identity or "")
+        written = f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, for diffusers' AceStepPipeline)"
+    elif peft:
         path, notes = export_peft(aw, out, base=base, base_identity=identity or "", base_variant=variant or "")
         size = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
         written = f"wrote {path}/ ({size / 2**20:.1f} MiB, PEFT folder for ACE-Step's own loader)"
@@ -136,7 +146,7 @@ def run(args) -> int:
     say(written)
 
     if args.verify and base is not None:
-        back = read_back(path)
+        back = read_diffusers(path) if for_diffusers else read_back(path)
         ours = merged_state(base, aw)
         theirs = merged_state(base, back)
         worst = max(float((theirs[n] - ours[n]).norm() / ours[n].norm().clamp_min(1e-12)) for n in ours)

@@ -1,8 +1,8 @@
 """The web extension (``web/sidestep.js``) in the real front end, on both canvases: Train Adapter shows only the
 chosen adapter type's options and keeps advanced inputs behind a toggle; every node's panel holds the loss chart
 (legend, step axis, redrawn from ``loss.csv`` after a reload), the play button of the newest preview and the
-result text wrapped inside the node; a new run clears the last; Export Adapter refreshes every LoRA list; Compare
-Adapters' grid of play buttons fills as renders finish and comes back after a reload.
+result text wrapped inside the node; a new run clears the last; Export Adapter and Merge Adapters refresh every
+LoRA list; Compare Adapters' grid of play buttons fills as renders finish and comes back after a reload.
 
 Progress, preview and result messages are sent into the page as the server sends them (the front end's own
 ``api`` event dispatch), so these tests need no training run; ``test_queue_ui.py`` checks the same panel after a
@@ -269,17 +269,18 @@ def test_chart_is_redrawn_from_the_loss_log_after_a_reload(page, comfy_server, c
     assert page.locator(chart).is_visible()
 
 
-def test_export_refreshes_the_lora_lists(page, comfy_server, canvas):
+@pytest.mark.parametrize("writer", ["SideStepExportAdapter", "SideStepMergeAdapters"])
+def test_export_refreshes_the_lora_lists(page, comfy_server, canvas, writer):
     fresh(page, comfy_server, canvas)
     apply_node = add_node(page, "SideStepApplyAdapter", 40, 40)
     loader = add_node(page, "LoraLoaderModelOnly", 420, 40)
-    export = add_node(page, "SideStepExportAdapter", 420, 300)
-    name = f"web_export_{canvas}.safetensors"
+    export = add_node(page, writer, 420, 300)
+    name = f"web_export_{canvas}_{writer}.safetensors"
     lists = ("(ids) => ids.map(id => app.graph.getNodeById(id).widgets.find(w => w.name === 'lora_name')"
              ".options.values)")
     assert not any(name in v for v in page.evaluate(lists, [apply_node, loader]))
 
-    (comfy_server.base / "models" / "loras" / name).write_bytes(b"")  # what Export Adapter has just written
+    (comfy_server.base / "models" / "loras" / name).write_bytes(b"")  # what the node has just written
     send(page, "executed", {"node": str(export), "display_node": str(export), "prompt_id": "web",
                             "output": {"text": [f"wrote {name}"]}})
     page.wait_for_function(f"(ids) => ({lists})(ids).every(v => v.includes({name!r}))",

@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = ROOT / "example_workflows"
 PACK_NAME = "ComfyUI-SideStep"
 NODE_IDS = ("SideStepLoadCheckpoint", "SideStepPreprocessAudio", "SideStepTrainAdapter",
-            "SideStepEstimateGradients", "SideStepExportAdapter", "SideStepApplyAdapter", "SideStepCompareAdapters")
+            "SideStepEstimateGradients", "SideStepExportAdapter", "SideStepApplyAdapter", "SideStepCompareAdapters",
+            "SideStepMergeAdapters")
 SHORTEN = {
     "SideStepTrainAdapter": {"max_steps": 2, "estimate_steps": 0, "tensorboard": False},
     "SideStepEstimateGradients": {"batches": 2, "runs": 1},
