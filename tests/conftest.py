@@ -19,3 +19,11 @@ def tiny_original(tmp_path_factory) -> Path:
     from sidestep_core.tiny import make_tiny_checkpoint
 
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_original"), "original", "tiny", 0).root
+
+
+@pytest.fixture(scope="session")
+def tiny_with_lm(tmp_path_factory):
+    """The tiny model in the original layout with the tiny 5 Hz planner LM beside it (a ``TinyCheckpoint``)."""
+    from sidestep_core.tiny import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_with_lm"), "original", "tiny", 0, lm=True)

@@ -17,12 +17,14 @@ def register(sub, name):
     p.add_argument("--profile", choices=PROFILES, default="tiny",
                    help="tiny: seconds on CPU; comfyui-min: the smallest model ComfyUI itself loads (default: tiny)")
     p.add_argument("--seed", type=int, default=0, help="weight seed (default: 0)")
+    p.add_argument("--lm", action="store_true",
+                   help="also write a tiny 5 Hz planner LM (Qwen3 causal LM with the audio-code vocabulary)")
     return p
 
 
 def run(args) -> int:
     from ..tiny.writer import describe, make_tiny_checkpoint
 
-    ckpt = make_tiny_checkpoint(args.dir, args.layout, args.profile, args.seed)
+    ckpt = make_tiny_checkpoint(args.dir, args.layout, args.profile, args.seed, lm=args.lm)
     print(describe(ckpt))
     return 0

@@ -31,6 +31,8 @@ from .components import (
     write_tokenizer_folder,
     write_vae_folder,
 )
+from ..planner.tiny import TOKENIZER_FOLDER as PLANNER_TOKENIZER_FOLDER
+from ..planner.tiny import make_tiny_planner, planner_state, planner_state_to_comfy, write_planner_tokenizer
 from . import LAYOUTS
 from .profiles import Profile, get_profile
 from .weights import bf16_exact, seeded_state_dict
@@ -56,6 +58,7 @@ class TinyCheckpoint:
     vae: Path
     text_encoder: Path
     tokenizer_dir: Path  # a folder holding tokenizer.json
+    planner: Optional[Path] = None  # the 5 Hz LM (folder, file, or the all-in-one file), when written
 
 
 def dit_state(profile: Profile, seed: int) -> dict[str, torch.Tensor]:
@@ -85,8 +88,9 @@ def _save_sharded(state: dict[str, torch.Tensor], folder: Path, shards: int = 2)
 
 
 def make_tiny_checkpoint(
-    out: str | Path, layout: str = "original", profile: str = "tiny", seed: int = 0
+    out: str | Path, layout: str = "original", profile: str = "tiny", seed: int = 0, lm: bool = False
 ) -> TinyCheckpoint:
+    """``lm``: also write the tiny 5 Hz planner LM in the same layout (:mod:`sidestep_core.planner.tiny`)."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     prof = get_profile(profile)
@@ -112,7 +116,8 @@ def make_tiny_checkpoint(
 
         silence = silence_latent_from_vae(vae)  # [1, T, 64]
         torch.save(silence.transpose(1, 2).contiguous().float(), dit_dir / "silence_latent.pt")
-        return TinyCheckpoint(root, layout, dit_dir, root / "vae", text_dir, text_dir)
+        planner = make_tiny_planner(root, "original", seed) if lm else None
+        return TinyCheckpoint(root, layout, dit_dir, root / "vae", text_dir, text_dir, planner)
 
     from ..text.encoder import qwen_state_dict_to_comfy
     from ..vae import vae_state_dict_to_comfy
@@ -134,21 +139,26 @@ def make_tiny_checkpoint(
         save_file(_bf16(dit), str(paths["dit"]), metadata=meta)
         save_file(_bf16(qwen_state_dict_to_comfy(te_state)), str(paths["te"]))
         save_file(_bf16(vae_comfy), str(paths["vae"]))
-        return TinyCheckpoint(root, layout, paths["dit"], paths["vae"], paths["te"], text_dir)
+        planner = make_tiny_planner(root, "comfyui-split", seed) if lm else None
+        return TinyCheckpoint(root, layout, paths["dit"], paths["vae"], paths["te"], text_dir, planner)
 
     aio = models / "checkpoints" / (COMFY_XL_AIO if xl else COMFY_AIO)
     aio.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"model.diffusion_model.{k}": v for k, v in dit.items()}
     tensors.update(qwen_state_dict_to_comfy(te_state, aio=True))
     tensors.update({f"vae.{k}": v for k, v in vae_comfy.items()})
+    if lm:
+        tensors.update(planner_state_to_comfy(planner_state(seed), aio=True))
+        write_planner_tokenizer(root / PLANNER_TOKENIZER_FOLDER)
     save_file(_bf16(tensors), str(aio), metadata=meta)
-    return TinyCheckpoint(root, layout, aio, aio, aio, text_dir)
+    return TinyCheckpoint(root, layout, aio, aio, aio, text_dir, aio if lm else None)
 
 
 def describe(ckpt: TinyCheckpoint) -> str:
     return (
         f"layout {ckpt.layout} at {ckpt.root}\n  DiT: {ckpt.dit}\n  VAE: {ckpt.vae}\n"
         f"  text encoder: {ckpt.text_encoder}\n  tokenizer: {ckpt.tokenizer_dir}"
+        + (f"\n  planner LM: {ckpt.planner}" if ckpt.planner else "")
     )
 
 
