@@ -29,6 +29,7 @@ MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
+LM_FOLDER = "lm"  # the LM adapter's sub-folder in a run's checkpoints and final/
 # ComfyUI's text-encoder attribute for each LM width (comfy/text_encoders/ace15.py, llama.py).
 COMFY_SLOTS = {2048: "qwen3_2b", 2560: "qwen3_4b"}
 
@@ -173,6 +174,13 @@ def read_lm_adapter(folder: str | Path) -> LMAdapterFile:
     if meta.get("sidestep_lm_adapter") != "lora":
         raise ValueError(f"{folder}: not a planner-LM adapter written by Side-Step (no sidestep_lm_adapter metadata)")
     return LMAdapterFile(weights, tensors, conf, meta)
+
+
+def has_dit_adapter(folder: Path) -> bool:
+    """Whether a run's adapter folder holds a DiT adapter too (a run may train the planner LM only)."""
+    from ..training.adapters import iter_adapter_paths
+
+    return any(p.suffix == ".safetensors" for p in iter_adapter_paths(Path(folder)))
 
 
 def check_fits(adapter: LMAdapterFile, shape: Mapping[str, int]) -> None:
