@@ -63,6 +63,8 @@ def dynamic_options(name: str) -> list[str]:
         return model_choices()
     if name == S.DYNAMIC_TEXT_ENCODERS:
         return list_files(paths("text_encoders"), {"qwen_0.6b"})
+    if name == S.DYNAMIC_PLANNERS:
+        return list_files(paths("text_encoders"), {"planner_lm"})
     if name == S.DYNAMIC_VAES:
         return list_files(paths("vae"), {"vae"})
     if name == S.DYNAMIC_LORAS:
@@ -98,6 +100,22 @@ def pick(folder: str, explicit: str, preferred: str, kind: str) -> Optional[Path
         return Path(path)
     found = list_files(paths(folder), {kind})
     return Path(folder_paths.get_full_path(folder, found[0])) if found else None
+
+
+def planner_path(choice: str, checkpoint: Path) -> Path:
+    """The planner LM file Train Adapter's ``lm_name`` names; ``auto``: the first LM in text_encoders, else the
+    one the core finds beside the checkpoint (inside an all-in-one file, an acestep-5Hz-lm-* folder)."""
+    if choice and choice != S.AUTO:
+        path = folder_paths.get_full_path("text_encoders", choice)
+        if path is None:
+            raise ValueError(f"lm_name: {choice!r} not found in ComfyUI's text_encoders folders")
+        return Path(path)
+    found = list_files(paths("text_encoders"), {"planner_lm"})
+    if found:
+        return Path(folder_paths.get_full_path("text_encoders", found[0]))
+    from sidestep_core.planner import find_planner
+
+    return find_planner(checkpoint)
 
 
 def comfy_tokenizer_dir() -> Optional[Path]:

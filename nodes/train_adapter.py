@@ -16,8 +16,8 @@ from comfy_api.latest import io, ui
 
 from . import calls, runs, spec as S
 from .chart import read_loss_csv, render_loss_curve
-from .comfy_glue import (PREVIEW_EVENT, TRAIN_EVENT, device, free_comfy_models, log, preset_config, release_memory,
-                         runs_root, send, text, training_mode)
+from .comfy_glue import (PREVIEW_EVENT, TRAIN_EVENT, device, free_comfy_models, log, planner_path, preset_config,
+                         release_memory, runs_root, send, text, training_mode)
 from .schema import build_schema
 from .values import AdapterRef, DatasetRef, EstimateRef, ModelBundle
 
@@ -172,8 +172,9 @@ class TrainAdapter(io.ComfyNode):
         from sidestep_core.training import train
 
         graph = {n: values.pop(n, None) for n in S.PREVIEW_SOCKETS}  # ComfyUI objects: never into the config
+        lm_choice = values.pop(S.LM_NAME, S.AUTO)
         cfg = calls.train_config(values, model, estimate, preset=preset_config(values.get("preset", S.NONE)),
-                                 device=device())
+                                 device=device(), find_lm=lambda: planner_path(lm_choice, model.checkpoint))
         name = runs.safe_name(values.get("output_name", "sidestep_adapter"))
         plan = runs.plan_run(runs_root(), name, cfg, model.identity, dataset.identity,
                              bool(values.get("resume", True)))

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from sidestep_core.model.loading import ANCHOR, KNOWN_PREFIXES, CheckpointError, read_header, resolve_dit_folder
+from sidestep_core.planner.vocab import AUDIO_CODE_OFFSET
 
 # ----------------------------------------------------------------------------------------------------------
 # the values
@@ -103,7 +104,8 @@ VAE_ANCHOR = "decoder.layers.1.layers.0.beta"
 
 def classify(path: str | Path) -> Optional[str]:
     """``acestep`` (a DiT file), ``acestep_aio`` (DiT + text encoder + VAE), ``qwen_0.6b`` (the 1024-wide Qwen3
-    text encoder), ``vae`` (an Oobleck VAE), or None. Reads only the safetensors header; cached by size and mtime."""
+    text encoder), ``planner_lm`` (a 5 Hz planner LM: a Qwen3 whose vocabulary has the audio codes), ``vae`` (an
+    Oobleck VAE), or None. Reads only the safetensors header; cached by size and mtime."""
     p = Path(path)
     try:
         st = p.stat()
@@ -123,6 +125,8 @@ def classify(path: str | Path) -> Optional[str]:
             kind = "acestep_aio" if any(k.startswith(("vae.", "text_encoders.")) for k in keys) else "acestep"
         elif any(k.endswith(VAE_ANCHOR) for k in keys):
             kind = "vae"
+        elif header.get("model.embed_tokens.weight", {}).get("shape", [0])[0] > AUDIO_CODE_OFFSET:
+            kind = "planner_lm"
         else:
             widths = [header[k]["shape"][0] for k in keys if k.endswith(QWEN_ANCHOR)]
             if widths and widths[0] == 1024:

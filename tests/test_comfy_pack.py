@@ -36,6 +36,7 @@ NOT_ON_NODE = {
     "rank_pattern": "from Estimate Gradients", "alpha_pattern": "from Estimate Gradients",
     "timestep_mu": "the checkpoint's value", "timestep_sigma": "the checkpoint's value",
     "log_every": "TensorBoard cadence", "histogram_every": "TensorBoard cadence",
+    "lm": "the lm_name input, resolved in ComfyUI's text_encoders folders",
     # Audio previews while training need the text encoder and VAE loaded by the trainer; in ComfyUI the graph
     # generates with ComfyUI's own nodes instead, so the node turns them off.
     "preview_every": "off in ComfyUI", "preview_prompts": "off in ComfyUI", "preview_steps": "off in ComfyUI",
@@ -142,7 +143,8 @@ def test_node_ids_and_types():
     assert [o.kind for o in S.TRAIN.outputs] == ["ACESTEP_ADAPTER", "IMAGE"]
     assert [o.kind for o in S.ESTIMATE.outputs] == ["ACESTEP_ESTIMATE", "STRING"]
     assert S.EXPORT.output_node and [o.kind for o in S.EXPORT.outputs] == ["STRING"]
-    assert [o.kind for o in S.APPLY.outputs] == ["MODEL"] and S.APPLY.input("adapter").optional
+    assert [o.kind for o in S.APPLY.outputs] == ["MODEL", "CLIP"] and S.APPLY.input("adapter").optional
+    assert S.APPLY.input("clip").optional
     assert S.EXPORT.input("format").options == ("comfyui", "peft", "lycoris")
 
 

@@ -183,10 +183,10 @@ def has_dit_adapter(folder: Path) -> bool:
     return any(p.suffix == ".safetensors" for p in iter_adapter_paths(Path(folder)))
 
 
-def check_fits(adapter: LMAdapterFile, shape: Mapping[str, int]) -> None:
-    """Refuse an adapter trained on an LM of another size, naming both sizes."""
+def check_fits(adapter: LMAdapterFile, shape: Mapping[str, int], keys: Optional[tuple[str, ...]] = None) -> None:
+    """Refuse an adapter trained on an LM of another size (compared on ``keys``, default all), naming both."""
     own = adapter.shape
-    if own is not None and any(own.get(k) != v for k, v in shape.items()):
+    if own is not None and any(own.get(k) != shape[k] for k in (keys or tuple(shape))):
         raise LMAdapterMismatchError(
             f"{adapter.path}: this LM adapter was trained on a planner LM of {describe_shape(own)}, but the LM given "
             f"has {describe_shape(shape)}; use the LM it was trained on (e.g. the 1.7B LM for a 1.7B adapter)")

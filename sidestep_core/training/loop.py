@@ -570,15 +570,17 @@ class _Trainer:
                 "Try a lower learning rate, --max-grad-norm, or check the dataset")
 
     # ----- validation -----
-    def _validate(self) -> tuple[Optional[float], Optional[float]]:
+    def _validations(self) -> tuple[Optional[float], Optional[float]]:
         """``(validation loss, the LM's)``; with the LM alone its loss is both."""
-        if self.val_ds is None or not self.dist.main:
+        if not self.dist.main:
             return None, None
         lm = self.planner.validation_loss(self.val_idx) if self.planner is not None else None
-        return (self._validate_dit() if self.adapter is not None else lm), lm
+        return (self._validate() if self.adapter is not None else lm), lm
 
-    def _validate_dit(self) -> float:
+    def _validate(self) -> Optional[float]:
         """Deterministic: every held-out clip's centre crop, a fixed t and noise per clip, no CFG dropout."""
+        if self.val_ds is None or not self.dist.main:
+            return None
         module = self.adapter.module
         module.eval()
         total = 0.0
@@ -770,7 +772,7 @@ class _Trainer:
                 if self.val_ds is not None and (
                     (cfg.val_every and self.step % cfg.val_every == 0) or (not cfg.val_every and save)
                 ):
-                    val, lm_val = self._validate()
+                    val, lm_val = self._validations()
                     if val is not None:
                         self.last_val = val
                         self.best_val = val if self.best_val is None else min(self.best_val, val)

@@ -101,3 +101,53 @@ def test_lm_export_loads_onto_comfyuis_lm_exactly(comfy, clip, trained, tmp_path
         got = comfy.lora.calculate_weight(patched.patcher.patches[key], comfy_sd[key].float().clone(), key)
         want = merged[f"{t}.weight"]
         assert (got - want).abs().max() <= 1e-6 * want.abs().max(), t
+
+
+@pytest.fixture(scope="module")
+def apply_node(comfy):
+    from pack_loader import pack_module
+
+    return pack_module("apply_adapter"), pack_module("values")
+
+
+def _ref(values, folder, tmp_path):
+    return values.AdapterRef(path=folder, run_dir=tmp_path, name="run", kind="lora", steps=1, status="complete",
+                             base_variant="turbo", base_identity="", checkpoint=tmp_path)
+
+
+def test_apply_adapter_patches_the_clips_lm_through_comfyuis_patcher(comfy, clip, trained, apply_node, tmp_path):
+    """A run that trained the planner LM only: the MODEL passes unchanged, the CLIP's LM gets the adapter, at
+    lm_strength, exactly as merging it would give."""
+    import shutil
+
+    ext, values = apply_node
+    base, folder, merged, targets = trained
+    final = tmp_path / "final"
+    shutil.copytree(folder, final / "lm")
+    model = object()  # never touched: there is no DiT adapter in this run
+    out = ext.ApplyAdapter.execute(model, adapter=_ref(values, final, tmp_path), clip=clip, lm_strength=0.5)
+    same_model, patched = out.result
+    assert same_model is model and patched is not clip
+    lines = out.ui.as_dict()["text"]
+    assert "MODEL unchanged" in lines[0] and any("planner LM: applied 14 modules" in ln for ln in lines)
+    comfy_sd = clip.cond_stage_model.state_dict()
+    for t in targets:
+        key = f"qwen3_2b.transformer.{t}.weight"
+        got = comfy.lora.calculate_weight(patched.patcher.patches[key], comfy_sd[key].float().clone(), key)
+        want = base[f"{t}.weight"] + 0.5 * (merged[f"{t}.weight"] - base[f"{t}.weight"])
+        assert (got - want).abs().max() <= 1e-6 * want.abs().max(), t
+    assert clip.patcher.patches == {}  # the input CLIP is not changed
+
+
+def test_apply_adapter_refuses_an_lm_adapter_of_another_size(comfy, clip, apply_node, tmp_path):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from sidestep_core.planner.lm_adapter import inject_lm_lora
+
+    ext, values = apply_node
+    small = Qwen3ForCausalLM(Qwen3Config(hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=256))
+    inject_lm_lora(small, rank=2, alpha=2.0, dropout=0.0, mlp=False).save(tmp_path / "final" / "lm", {})
+    with pytest.raises(ValueError, match=r"trained on a planner LM of width 64, 2 layers, but the LM given has "
+                                         r"width 2048, 28 layers"):
+        ext.ApplyAdapter.execute(object(), adapter=_ref(values, tmp_path / "final", tmp_path), clip=clip)
