@@ -179,6 +179,14 @@ class TrainConfig:
     def trains_lm(self) -> bool:
         return self.train_models in ("lm", "both")
 
+    def check_lm(self) -> None:
+        """A run that trains the planner LM needs one (a run field, so presets cannot hold it: checked per run)."""
+        if self.trains_lm and not str(self.lm).strip():
+            raise ValueError(
+                f"lm: train_models {self.train_models} trains the planner LM, but no LM is given: pass the LM's "
+                "folder (checkpoints/acestep-5Hz-lm-1.7B) or ComfyUI's file (models/text_encoders/"
+                "qwen_1.7b_ace15.safetensors)")
+
     def validate(self) -> "TrainConfig":
         """Raise ``ValueError`` naming the first bad field; return self so calls chain."""
 
@@ -239,10 +247,6 @@ class TrainConfig:
             bad("preview_steps", "must be an integer >= 1")
         if not (self.offload_layers == "auto" or str(self.offload_layers).isdigit()):
             bad("offload_layers", "must be a number of layers >= 0 or 'auto'")
-        if self.train_models != "dit" and not str(self.lm).strip():
-            bad("lm", f"train_models {self.train_models} trains the planner LM, but no LM is given: pass the LM's "
-                "folder (checkpoints/acestep-5Hz-lm-1.7B) or ComfyUI file (models/text_encoders/"
-                "qwen_1.7b_ace15.safetensors)")
         if self.resume not in ("none", "auto") and not self.resume.strip():
             bad("resume", "must be 'none', 'auto' or a checkpoint path")
         return self

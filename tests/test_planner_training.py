@@ -142,10 +142,12 @@ def test_the_loss_can_cover_the_metadata(tiny_with_lm, songs, tmp_path):
     assert all(m > c for m, c in zip(counts["codes_and_metadata"], counts["codes"]))
 
 
-def test_no_lm_given_is_a_clear_error():
+def test_no_lm_given_is_a_clear_error(tiny_with_lm, songs, tmp_path):
     with pytest.raises(ValueError, match=r"lm: train_models both trains the planner LM, but no LM is given.*"
                                          r"qwen_1.7b_ace15"):
-        TrainConfig(train_models="both").validate()
+        train(lm_config(tiny_with_lm, lm=""), tiny_with_lm.dit, songs, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+    TrainConfig(train_models="both").validate()  # presets hold no LM path: only a run needs one
 
 
 def test_resuming_with_other_models_or_another_lm_fails_loudly(tiny_with_lm, songs, tmp_path):
@@ -194,3 +196,17 @@ def test_export_writes_the_lm_adapter_for_comfyui_and_upstream(tiny_with_lm, son
     planner = load_planner(tiny_with_lm.planner)
     model = PeftModel.from_pretrained(planner.model, str(lm_peft))  # what upstream does with an LM adapter
     assert any("lora_A" in n for n, _ in model.named_parameters())
+
+
+def test_one_command_trains_both_from_the_preset(tiny_with_lm, songs, tmp_path):
+    from train_helpers import run_cli
+
+    out = tmp_path / "cli"
+    rc = run_cli("--preset", "dit_and_lm", "--checkpoint", str(tiny_with_lm.dit), "--dataset", str(songs),
+                 "--out", str(out), "--lm", str(tiny_with_lm.planner), "--rank", "4", "--lm-rank", "4",
+                 "--max-steps", "2", "--crop-seconds", "0", "--precision", "fp32", "--estimate-steps", "0",
+                 "--device", "cpu", "--plain")
+    assert rc == 0
+    assert find_adapter(out / "final")[0] == "lora" and (out / "final" / "lm" / "adapter_config.json").is_file()
+    assert json.loads((out / "training_config.json").read_text())["config"]["train_models"] == "both"
+    assert list((out / "runs").glob("events.out.tfevents.*"))  # one TensorBoard log for both

@@ -175,6 +175,7 @@ def train(
     for name in ("checkpoint", "dataset", "out"):
         if not getattr(cfg, name):
             raise ValueError(f"{name}: required")
+    cfg.check_lm()
     return _Trainer(cfg, progress, should_stop, step_hook).run()
 
 
