@@ -72,3 +72,11 @@ def test_train_adapter_trains_the_dit_and_the_planner_lm(setup):
 
     saved = read_lm_adapter(ref.path / "lm")
     assert saved.shape["hidden_size"] == 32 and saved.metadata["sidestep_steps"] == "2"
+    # Export Adapter writes the DiT's file and says why the tiny LM's adapter has no ComfyUI form
+    import folder_paths as fp
+    from pack_loader import pack_module
+
+    loras = Path(fp.get_output_directory()) / "loras"
+    exported = pack_module("export_adapter").ExportAdapter.execute(ref, name="both", directory=str(loras))
+    assert Path(exported.result[0]).name == "both.safetensors" and (loras / "both.safetensors").is_file()
+    assert "ComfyUI runs only the 1.7B (width 2048) and 4B" in "\n".join(exported.ui.as_dict()["text"])
