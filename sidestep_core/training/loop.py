@@ -860,7 +860,7 @@ def _plan_text(plan: dict[str, Any]) -> str:
     if "lm_targets" in plan:
         lines.append(f"{'      ' if lines else 'plan: '}planner LM: LoRA rank {plan['lm_rank']} on {plan['lm_targets']} "
                      f"modules ({plan['lm_params']:,} trainable parameters), loss on {plan['lm_loss']}, "
-                     f"{plan['lm_tokens']:,} code tokens in the dataset, {plan['precision']} on {plan['device']}")
+                     f"{plan['lm_tokens']:,} tokens to learn in the dataset, {plan['precision']} on {plan['device']}")
     lines.append(
         f"      {plan['clips']} clips ({plan['val_clips']} held out), batch {plan['batch_size']} x accumulation "
         f"{plan['gradient_accumulation']}, crop {plan['crop_frames']} frames; {plan['steps_per_epoch']} steps per "
