@@ -63,7 +63,7 @@ def dynamic_options(name: str) -> list[str]:
         return model_choices()
     if name == S.DYNAMIC_TEXT_ENCODERS:
         return list_files(paths("text_encoders"), {"qwen_0.6b"})
-    if name == S.DYNAMIC_PLANNERS:
+    if name == S.DYNAMIC_PLANNER_LMS:
         return list_files(paths("text_encoders"), {"planner_lm"})
     if name == S.DYNAMIC_VAES:
         return list_files(paths("vae"), {"vae"})
@@ -103,12 +103,12 @@ def pick(folder: str, explicit: str, preferred: str, kind: str) -> Optional[Path
 
 
 def planner_path(choice: str, checkpoint: Path) -> Path:
-    """The planner LM file Train Adapter's ``lm_name`` names; ``auto``: the first LM in text_encoders, else the
+    """The planner LM file Train Adapter's ``planner_lm`` names; ``auto``: the first LM in text_encoders, else the
     one the core finds beside the checkpoint (inside an all-in-one file, an acestep-5Hz-lm-* folder)."""
     if choice and choice != S.AUTO:
         path = folder_paths.get_full_path("text_encoders", choice)
         if path is None:
-            raise ValueError(f"lm_name: {choice!r} not found in ComfyUI's text_encoders folders")
+            raise ValueError(f"planner_lm: {choice!r} not found in ComfyUI's text_encoders folders")
         return Path(path)
     found = list_files(paths("text_encoders"), {"planner_lm"})
     if found:

@@ -13,7 +13,17 @@ import folder_paths
 from comfy_api.latest import io
 
 from . import calls, spec as S
-from .comfy_glue import DATASETS_FOLDER, device, free_comfy_models, input_path, log, paths, release_memory, text
+from .comfy_glue import (
+    DATASETS_FOLDER,
+    device,
+    free_comfy_models,
+    input_path,
+    log,
+    paths,
+    pick,
+    release_memory,
+    text,
+)
 from .schema import build_schema
 from .values import ModelBundle
 
@@ -71,7 +81,7 @@ class PreprocessAudio(io.ComfyNode):
 
     @classmethod
     def execute(cls, model: ModelBundle, folder, dataset_json="", prompt_style=S.COMFYUI, max_duration=600.0,
-                normalize="none", trigger_tag="") -> io.NodeOutput:
+                normalize="none", trigger_tag="", auto_label=False, planner_lm=S.AUTO) -> io.NodeOutput:
         from sidestep_core.data.preprocess import preprocess
 
         audio_dir = input_path(folder, "folder")
@@ -84,6 +94,8 @@ class PreprocessAudio(io.ComfyNode):
             dict(prompt_style=prompt_style, max_duration=max_duration, normalize=normalize, trigger_tag=trigger_tag),
             model, device())
         free_comfy_models()
+        if auto_label:
+            _label(model, audio_dir, json_path, out, planner_lm)
         try:
             result = preprocess(model.checkpoint, audio_dir, out, dataset_json=json_path, config=cfg,
                                 progress=_stage_progress(cls.hidden.unique_id))
@@ -94,3 +106,21 @@ class PreprocessAudio(io.ComfyNode):
             raise ValueError(f"{audio_dir}: no usable samples\n{lines}")
         ref = calls.dataset_ref(out, result, trigger_tag)
         return io.NodeOutput(ref, ui=text(ref.summary()))
+
+
+def _label(model: ModelBundle, audio_dir: Path, json_path: Optional[Path], out: Path, planner_lm: str) -> None:
+    """Auto-labels the songs that lack metadata (the codes are cached in the dataset folder)."""
+    from sidestep_core.planner.codes import CODES_DIR
+    from sidestep_core.planner.label import label_folder
+
+    lm = pick("text_encoders", planner_lm, "qwen_1.7b_ace15.safetensors", "planner_lm")
+    try:
+        results = label_folder(model.checkpoint, audio_dir, lm=lm, dataset_json=json_path, vae=model.vae,
+                               device=device(), cache_dir=out / CODES_DIR,
+                               progress=lambda done, total, rel: mm.throw_exception_if_processing_interrupted())
+    finally:
+        release_memory()
+    for r in results:
+        if r.status in ("labelled", "failed"):
+            detail = ", ".join(f"{k}={v}" for k, v in r.fields.items()) or r.reason
+            log.info("auto-label %s %s: %s", r.status, r.rel, detail)

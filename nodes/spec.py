@@ -40,8 +40,8 @@ NONE = "none"
 # Combos whose options come from the user's folders; ``comfy_glue.py`` fills them when ComfyUI asks.
 DYNAMIC_MODELS = "acestep_models"
 DYNAMIC_TEXT_ENCODERS = "text_encoders"
-DYNAMIC_PLANNERS = "planner_lms"  # text_encoders files that are 5 Hz planner LMs
 DYNAMIC_VAES = "vaes"
+DYNAMIC_PLANNER_LMS = "planner_lms"  # 5 Hz LM files (text_encoders/qwen_1.7b_ace15.safetensors, …)
 DYNAMIC_LORAS = "loras"
 DYNAMIC_PRESETS = "presets"
 DYNAMIC_SAMPLERS = "samplers"  # ComfyUI's sampler names (comfy.samplers.KSampler.SAMPLERS)
@@ -52,7 +52,7 @@ DYNAMIC_SCHEDULERS = "schedulers"  # ComfyUI's scheduler names (comfy.samplers.K
 ADAPTERS_KEY = "sidestep_adapters"
 
 # Train Adapter's preview graph: the sockets a KSampler + VAEDecodeAudio of the user's graph would take.
-LM_NAME = "lm_name"  # Train Adapter's planner-LM file (sets TrainConfig.lm once resolved in ComfyUI's folders)
+LM_NAME = "planner_lm"  # Train Adapter's LM file, as Preprocess names it (sets TrainConfig.lm once resolved)
 PREVIEW_SOCKETS = ("preview_model", "preview_positive", "preview_negative", "preview_latent", "preview_vae")
 
 
@@ -224,6 +224,14 @@ PREPROCESS = NodeSpec(
                   tooltip="loudness normalisation before encoding: none, peak (to -1 dBFS) or lufs (to -14 LUFS)"),
         InputSpec("trigger_tag", "STRING", "",
                   tooltip="a tag added to every caption (e.g. a made-up word) so the adapter can be called by it"),
+        InputSpec("auto_label", "BOOLEAN", False,
+                  tooltip="songs without a caption, bpm, key, time signature or language get them from the 5 Hz "
+                          "LM's reading of their audio codes, written to song.labels.txt beside the song (edit "
+                          "freely; what you wrote yourself is never replaced, and an existing labels file is kept)"),
+        InputSpec("planner_lm", "COMBO", AUTO, options=(AUTO,), dynamic=DYNAMIC_PLANNER_LMS,
+                  tooltip="the 5 Hz LM used by auto_label (text_encoders/qwen_1.7b_ace15.safetensors or "
+                          "qwen_4b_ace15). auto: qwen_1.7b_ace15, else the one beside an original folder or inside "
+                          "an all-in-one checkpoint"),
     ),
     (OutputSpec("dataset", DATASET_TYPE, "the preprocessed dataset (a cache folder)"),),
     search_aliases=("dataset", "audio dataset", "encode audio"),
@@ -329,7 +337,7 @@ TRAIN = NodeSpec(
                   optional=True, advanced=True, tooltip="ComfyUI scheduler, as in KSampler"),
         # the planner LM (optional and last, so workflows saved before these inputs keep their widget order)
         cfg("train_models", optional=True),
-        InputSpec(LM_NAME, "COMBO", AUTO, options=(AUTO,), dynamic=DYNAMIC_PLANNERS, optional=True,
+        InputSpec(LM_NAME, "COMBO", AUTO, options=(AUTO,), dynamic=DYNAMIC_PLANNER_LMS, optional=True,
                   tooltip="the 5 Hz planner LM to train when train_models is lm or both "
                           "(text_encoders/qwen_1.7b_ace15.safetensors or qwen_4b_ace15). auto: the LM inside an "
                           "all-in-one checkpoint, beside an original folder, or in text_encoders"),

@@ -103,9 +103,8 @@ VAE_ANCHOR = "decoder.layers.1.layers.0.beta"
 
 
 def classify(path: str | Path) -> Optional[str]:
-    """``acestep`` (a DiT file), ``acestep_aio`` (DiT + text encoder + VAE), ``qwen_0.6b`` (the 1024-wide Qwen3
-    text encoder), ``planner_lm`` (a 5 Hz planner LM: a Qwen3 whose vocabulary has the audio codes), ``vae`` (an
-    Oobleck VAE), or None. Reads only the safetensors header; cached by size and mtime."""
+    """``acestep`` (a DiT file), ``acestep_aio`` (DiT + text encoder + VAE), ``planner_lm`` (the 5 Hz LM),
+    ``qwen_0.6b`` (the 1024-wide Qwen3 text encoder), ``vae`` (an Oobleck VAE), or None. Reads only the safetensors header; cached by size and mtime."""
     p = Path(path)
     try:
         st = p.stat()
@@ -125,8 +124,8 @@ def classify(path: str | Path) -> Optional[str]:
             kind = "acestep_aio" if any(k.startswith(("vae.", "text_encoders.")) for k in keys) else "acestep"
         elif any(k.endswith(VAE_ANCHOR) for k in keys):
             kind = "vae"
-        elif header.get("model.embed_tokens.weight", {}).get("shape", [0])[0] > AUDIO_CODE_OFFSET:
-            kind = "planner_lm"
+        elif any(k.endswith("embed_tokens.weight") and header[k]["shape"][0] > AUDIO_CODE_OFFSET for k in keys):
+            kind = "planner_lm"  # a Qwen3 whose vocabulary holds the audio codes: the 5 Hz LM
         else:
             widths = [header[k]["shape"][0] for k in keys if k.endswith(QWEN_ANCHOR)]
             if widths and widths[0] == 1024:

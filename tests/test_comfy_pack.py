@@ -36,7 +36,7 @@ NOT_ON_NODE = {
     "rank_pattern": "from Estimate Gradients", "alpha_pattern": "from Estimate Gradients",
     "timestep_mu": "the checkpoint's value", "timestep_sigma": "the checkpoint's value",
     "log_every": "TensorBoard cadence", "histogram_every": "TensorBoard cadence",
-    "lm": "the lm_name input, resolved in ComfyUI's text_encoders folders",
+    "lm": "the planner_lm input, resolved in ComfyUI's text_encoders folders",
     # Audio previews while training need the text encoder and VAE loaded by the trainer; in ComfyUI the graph
     # generates with ComfyUI's own nodes instead, so the node turns them off.
     "preview_every": "off in ComfyUI", "preview_prompts": "off in ComfyUI", "preview_steps": "off in ComfyUI",

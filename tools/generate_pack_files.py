@@ -292,7 +292,7 @@ def train_dit_and_lm(b: Builder) -> dict:
         "*Apply Adapter* then patches the model and the CLIP's LM, and *TextEncodeAceStepAudio1.5* runs with "
         "`generate_audio_codes` on, so the LM writes the audio codes with its adapter.\n\n"
         "The LM adds memory (the 1.7B LM in bf16, about 4 GB more) and time per step; train the DiT alone "
-        "(`train_models` dit) when the sound is all you want to change. `lm_name` auto picks the LM in "
+        "(`train_models` dit) when the sound is all you want to change. `planner_lm` auto picks the LM in "
         "`models/text_encoders/`.")))
     load, pre = side_step_front(b, Column(b, 0))
     train = Column(b, COLUMN).add("SideStepTrainAdapter", {"output_name": "my_style_with_lm", "train_models": "both"})

@@ -19,7 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
-from .metadata import DatasetSettings, MetadataError, SampleMeta, json_entry_meta, load_dataset_json, read_sidecars
+from .metadata import (
+    DatasetSettings,
+    MetadataError,
+    SampleMeta,
+    fill_from_labels,
+    json_entry_meta,
+    load_dataset_json,
+    read_sidecars,
+)
 
 AUDIO_EXTENSIONS = frozenset(
     {".wav", ".wave", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".aif", ".aiff", ".aifc"}
@@ -182,7 +190,7 @@ def _from_folder(audio_dir: Path, exclude: Iterable[Path], allow_outside: bool) 
     for path in paths:
         rel = _lexical(path, audio_dir)
         try:
-            meta = read_sidecars(path) or SampleMeta()
+            meta = fill_from_labels(read_sidecars(path) or SampleMeta(), path)
         except MetadataError as exc:
             failures.append(Failure(rel, f"unreadable metadata: {_relative_message(exc, audio_dir)}"))
             continue
@@ -245,7 +253,12 @@ def _from_json(
         count = seen.get(rel, 0) + 1
         seen[rel] = count
         sample_id = rel if count == 1 else f"{rel}#{count}"
-        items.append(Item(sample_id, path, rel, json_entry_meta(entry)))
+        try:
+            meta = fill_from_labels(json_entry_meta(entry), path)
+        except MetadataError as exc:
+            failures.append(Failure(rel, f"unreadable metadata: {_relative_message(exc, audio_dir)}"))
+            continue
+        items.append(Item(sample_id, path, rel, meta))
     return items, failures, settings
 
 

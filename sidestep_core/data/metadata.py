@@ -406,7 +406,44 @@ def sidecar_paths(audio: Path) -> dict[str, Path]:
         "txt": stem.with_name(stem.name + ".txt"),
         "caption": stem.with_name(stem.name + ".caption.txt"),
         "lyrics": stem.with_name(stem.name + ".lyrics.txt"),
+        "labels": stem.with_name(stem.name + LABELS_SUFFIX),
     }
+
+
+# Generated labels (``sidestep label``) live in their own sidecar, ``song.labels.txt``: ``key: value`` lines after
+# ``#`` comment lines. They only fill what the user's own metadata leaves empty, so a user's value always wins.
+LABELS_SUFFIX = ".labels.txt"
+LABEL_FIELDS = ("caption", "bpm", "keyscale", "timesignature", "language")
+
+
+def missing_label_fields(meta: SampleMeta) -> list[str]:
+    """The fields auto-labelling may fill: an empty caption, an unknown bpm / key / time signature / language."""
+    return [k for k in LABEL_FIELDS if (not meta.caption.strip() if k == "caption" else getattr(meta, k) is None)]
+
+
+def read_labels(audio: Path) -> Optional[dict[str, str]]:
+    """The fields of ``song.labels.txt``, or None when there is none."""
+    path = sidecar_paths(audio)["labels"]
+    if not _sidecar_exists(path):
+        return None
+    warnings: list[str] = []
+    text = "\n".join(ln for ln in _read_text(path, warnings).split("\n") if not ln.lstrip().startswith("#"))
+    fields = parse_sidecar_text(text) or {}
+    return {k: v for k, v in fields.items() if k in LABEL_FIELDS and v.strip()}
+
+
+def fill_from_labels(meta: SampleMeta, audio: Path) -> SampleMeta:
+    """``meta`` with its missing fields taken from the song's generated labels (never replacing a given value)."""
+    labels = read_labels(audio)
+    if not labels:
+        return meta
+    filled = meta_from_fields(labels, "labels")
+    used = [k for k in missing_label_fields(meta) if k in labels]
+    for key in used:
+        setattr(meta, key, getattr(filled, key))
+    if used:
+        meta.source = f"{meta.source}+{sidecar_paths(audio)['labels'].name}"
+    return meta
 
 
 def read_sidecars(audio: Path) -> Optional[SampleMeta]:

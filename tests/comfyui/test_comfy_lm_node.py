@@ -1,5 +1,5 @@
 """Train Adapter in-process with ``train_models`` both: the tiny planner LM picked from ComfyUI's text_encoders
-folder (``lm_name`` auto lists only planner LMs), both adapters in the run, the LM's in ``final/lm``; an LM asked
+folder (``planner_lm`` auto lists only planner LMs), both adapters in the run, the LM's in ``final/lm``; an LM asked
 for but absent is a clear error naming where to put one."""
 
 from __future__ import annotations
