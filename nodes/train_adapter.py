@@ -217,9 +217,13 @@ class TrainAdapter(io.ComfyNode):
             checkpoint=model.checkpoint, trigger_tag=cfg.trigger_tag or dataset.trigger_tag,
         )
         steps, loss, smooth = read_loss_csv(plan.out / "loss.csv")
-        image = render_loss_curve(steps, loss, smooth, title=f"{name}: {cfg.adapter} rank {cfg.rank}, "
-                                                             f"{adapter.steps} steps")
-        notes.insert(0, f"{adapter.kind} adapter, {adapter.steps} steps ({result_status}): {adapter.path}")
+        what = {"dit": f"{cfg.adapter} rank {cfg.rank}", "lm": f"planner LM LoRA rank {cfg.lm_rank}",
+                "both": f"{cfg.adapter} rank {cfg.rank} + planner LM LoRA rank {cfg.lm_rank}"}[cfg.train_models]
+        image = render_loss_curve(steps, loss, smooth, title=f"{name}: {what}, {adapter.steps} steps")
+        notes.insert(0, f"{what}, {adapter.steps} steps ({result_status}): {adapter.path}")
+        if cfg.trains_lm:
+            notes.insert(1, f"the planner LM's adapter: {adapter.path / 'lm'} (Apply Adapter with the CLIP "
+                            "connected applies it)")
         if loss:
             notes.append(f"last loss {loss[-1]:.5f} (smoothed {smooth[-1]:.5f})")
         web = {"sidestep_loss_log": [loss_log]}  # for the web extension: the chart after a page reload

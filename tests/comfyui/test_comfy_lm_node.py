@@ -66,6 +66,8 @@ def test_train_adapter_trains_the_dit_and_the_planner_lm(setup):
     assert glue.dynamic_options("planner_lms") == [lm_file.name]  # the 0.6B encoder is not listed
     out = ext.TrainAdapter.execute(bundle, dataset, **settings("both"))
     ref = out.result[0]
+    lines = out.ui["text"][0]
+    assert "lora rank 4 + planner LM LoRA rank 4, 2 steps (complete)" in lines and "final/lm" in lines, lines
     assert (ref.path / "adapter_model.safetensors").is_file()
     assert (ref.path / "lm" / "adapter_model.safetensors").is_file()
     from sidestep_core.planner.lm_adapter import read_lm_adapter
