@@ -339,6 +339,14 @@ def test_run_plan_fresh_resume_reuse_restart(tmp_path):
     assert runs.plan_run(tmp_path, "my style!", cfg.replace(rank=8), "model", "data", resume=True).out != plan.out
     assert runs.plan_run(tmp_path, "my style!", cfg, "model2", "data", resume=True).out != plan.out
     assert runs.plan_run(tmp_path, "my style!", cfg, "model", "data2", resume=True).out != plan.out
+    # a planner LM in a run that trains it is part of what is trained; a DiT-only run ignores the field
+    assert runs.plan_run(tmp_path, "my style!", cfg.replace(lm="x"), "model", "data", resume=True).out == plan.out
+    (tmp_path / "lm_a.safetensors").write_bytes(b"1")
+    (tmp_path / "lm_b.safetensors").write_bytes(b"22")
+    both = cfg.replace(train_models="both")
+    outs = {runs.plan_run(tmp_path, "my style!", both.replace(lm=str(tmp_path / f"lm_{x}.safetensors")), "model",
+                          "data", resume=True).out for x in "ab"}
+    assert len(outs) == 2 and plan.out not in outs
     (plan.out / "final").mkdir()
     runs.write_marker(plan.out, cfg, "complete", 10, 10)
     assert runs.plan_run(tmp_path, "my style!", cfg, "model", "data", resume=True).action == "reuse"
