@@ -82,3 +82,32 @@ def test_train_adapter_trains_the_dit_and_the_planner_lm(setup):
     exported = pack_module("export_adapter").ExportAdapter.execute(ref, name="both", directory=str(loras))
     assert Path(exported.result[0]).name == "both.safetensors" and (loras / "both.safetensors").is_file()
     assert "ComfyUI runs only the 1.7B (width 2048) and 4B" in "\n".join(exported.ui.as_dict()["text"])
+
+
+def test_previews_run_with_audio_codes_while_both_adapters_train(comfy, setup, tmp_path):
+    """The preview graph's positive conditioning carries audio codes (TextEncodeAceStepAudio1.5 with
+    generate_audio_codes on): each preview samples the DiT, adapter applied, on those codes while the planner LM
+    trains beside it. (The codes themselves come from the LM as it was when the graph encoded them.)"""
+    import folder_paths
+
+    ext, glue, bundle, dataset, lm_file = setup
+    folder_paths.add_model_folder_path("text_encoders", str(lm_file.parent), is_default=True)
+    models = H.write_model_set()
+    patcher = comfy.sd.load_diffusion_model(str(models / "diffusion_models" / H.DIT_NAME),
+                                            model_options={"dtype": torch.float32})
+    vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(models / "vae" / H.VAE_NAME)))
+    g = torch.Generator().manual_seed(3)
+    frames = 10  # 0.4 s
+    with torch.inference_mode():
+        cond = torch.randn(1, 6, 1024, generator=g) * 0.1
+        lyrics = torch.randn(1, 5, 1024, generator=g) * 0.1
+        codes = torch.randint(0, 64000, (frames // 5,), generator=g).tolist()
+        positive = [[cond, {"conditioning_lyrics": lyrics, "audio_codes": [codes]}]]
+        negative = [[torch.zeros_like(cond), {"conditioning_lyrics": torch.zeros_like(lyrics)}]]
+        latent = {"samples": torch.zeros(1, 64, frames), "type": "audio"}
+    out = ext.TrainAdapter.execute(bundle, dataset, **settings("codes_previews", preview_every=2, preview_seed=1),
+                                   preview_model=patcher, preview_positive=positive, preview_negative=negative,
+                                   preview_latent=latent, preview_vae=vae)
+    run = out.result[0].run_dir
+    assert sorted(p.name for p in (run / "previews").iterdir()) == ["step_2.flac"]
+    assert (out.result[0].path / "lm" / "adapter_model.safetensors").is_file()
