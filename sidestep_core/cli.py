@@ -23,6 +23,7 @@ COMMANDS = {
     "generate": "generate",
     "compare": "generate",
     "plan": "plan",
+    "label": "label",
 }
 
 

@@ -1,6 +1,5 @@
 """Auto-labelling with the tiny LM: well-formed labels for what is missing, never touching what the user wrote."""
 
-import pytest
 import torch
 
 from preprocess_helpers import tone, write_audio
@@ -83,3 +82,22 @@ def test_label_folder_fills_only_what_is_missing(tmp_path, tiny_with_lm):
     label_folder(tiny_with_lm.root, audio, seed=3)
     assert sorted((audio / ".sidestep-codes").iterdir()) == cached
     assert read_labels(audio / "partial.wav") is not None
+
+
+def test_label_command(tmp_path, tiny_with_lm, capsys):
+    from sidestep_core.cli import main
+
+    songs = tmp_path / "songs"
+    write_audio(songs / "a.wav", tone(1.5, 48000), 48000)
+    (songs / "b.wav").write_bytes(b"not audio")
+    code = main(["label", "--checkpoint", str(tiny_with_lm.root), "--audio-dir", str(songs), "--device", "cpu",
+                 "--temperature", "0", "--plain"])
+    out = capsys.readouterr()
+    assert code == 0
+    assert "labelled a.wav: bpm: " in out.out and "failed b.wav" in out.err
+    assert "1 failed, 1 labelled" in out.out
+    _well_formed(read_labels(songs / "a.wav"))
+    # no LM beside the model: the error says which file to put where
+    code = main(["label", "--checkpoint", str(tiny_with_lm.dit), "--audio-dir", str(songs), "--device", "cpu",
+                 "--lm", str(tmp_path / "nowhere")])
+    assert code == 2 and "acestep-5Hz-lm-1.7B" in capsys.readouterr().err

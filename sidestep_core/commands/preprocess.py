@@ -32,6 +32,8 @@ metadata per song (next to song.wav; without any, the song gets --default-captio
   song.lyrics.txt        they override the same fields of song.txt
   --dataset-json FILE    an ACE-Step / Side-Step dataset JSON: a list of samples, or {"metadata": {...},
                          "samples": [...]}, each sample with audio_path or filename and the keys above
+  song.labels.txt        labels written by `sidestep label` (marked as generated): they fill only what the
+                         files above and the dataset JSON leave empty (caption, bpm, key, signature, language)
   Sidecars are UTF-8; UTF-16 with a BOM and Windows-1252/Latin-1 are read with a note. Lyrics that are only
   [Instrumental] (any case), or none at all, mark an instrumental.
 

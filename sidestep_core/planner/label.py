@@ -105,15 +105,10 @@ def _free_line(stream: _Stream, tokenizer, temperature: float, gen: torch.Genera
     out: list[int] = []
     for _ in range(MAX_CAPTION_TOKENS):
         tok = _pick(stream.logits, text_ids, temperature, gen)
-        piece = tokenizer.decode([tok])
-        if "\n" in piece:
-            head = piece.split("\n", 1)[0]
-            if head:
-                out.append(tok)
-            stream.feed([tok])
-            return tokenizer.decode(out).split("\n", 1)[0] if head else tokenizer.decode(out)
         out.append(tok)
         stream.feed([tok])
+        if "\n" in tokenizer.decode([tok]):
+            return tokenizer.decode(out).split("\n", 1)[0]
     stream.feed(tokenizer.encode("\n"))
     return tokenizer.decode(out)
 
@@ -235,7 +230,7 @@ def label_folder(
     # ComfyUI layouts carry no silence_latent.pt: derive it from the VAE, as preprocessing does
     silence = loaded.silence_latent if loaded.silence_latent is not None else vae_mod.silence_latent_from_vae(vae)
     cache = CodeCache(Path(cache_dir) if cache_dir else audio_dir / ".sidestep-codes", loaded.model, silence)
-    note = f"{planner.size} planner LM {planner.path.name}, temperature {temperature:g}, seed {seed}"
+    note = f"{planner.describe()}, temperature {temperature:g}, seed {seed}"
     with DecodeWorker() as worker:
         for n, item in enumerate(todo):
             if progress:

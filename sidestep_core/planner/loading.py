@@ -108,11 +108,6 @@ class PlannerTokenizer:
             out.append(self._tok.decode(run, skip_special_tokens=False))
         return "".join(out)
 
-    @property
-    def text_vocab_size(self) -> int:
-        """Ids below this are text (the codes start here)."""
-        return self.code_offset
-
     def identity(self) -> str:
         h = hashlib.sha256()
         for name in _TOKENIZER_FILES:
@@ -150,8 +145,6 @@ def load_planner_tokenizer(path: str | Path) -> PlannerTokenizer:
         size = 0
         while tok.convert_tokens_to_ids(V.code_token(size)) == offset + size:
             size += 1
-            if size > 1 << 20:
-                break
         last = tok.convert_tokens_to_ids(V.code_token(size))
         if isinstance(last, int) and last not in (None, tok.unk_token_id):
             raise PlannerError(f"{path}: the audio-code tokens are not consecutive ids (code {size} breaks the run)")
@@ -198,8 +191,7 @@ class Planner:
         return self.model.get_input_embeddings().weight.device
 
     def describe(self) -> str:
-        return (f"planner LM {self.size} ({self.num_layers} layers, hidden {self.hidden_size}, {self.vocab_rows} "
-                f"tokens, codebook {self.tokenizer.codebook_size}) from {self.path} [{self.layout}]")
+        return f"{self.size} planner LM {self.path.name} ({self.layout})"
 
 
 def size_name(hidden: int) -> str:
@@ -325,8 +317,8 @@ def load_planner(
     path = Path(path).expanduser()
     if not path.exists():
         raise PlannerError(f"{path}: no such file or folder; {WHERE_TO_PUT}")
-    if path.is_dir() and not (path / "config.json").is_file():
-        path = find_planner(path)
+    if path.is_dir() and not ((path / "config.json").is_file() and _is_tokenizer_dir(path)):
+        path = find_planner(path)  # a checkpoint or DiT folder: the LM beside it
     if path.is_dir():
         files, layout = _weight_files(path), LAYOUT_ORIGINAL
     else:

@@ -22,7 +22,7 @@ PyYAML formats the CoT, as in both front ends (its line folding of long captions
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from ..text.prompts import ACESTEP, COMFYUI, PROMPT_STYLES, comfy_pieces
@@ -56,7 +56,7 @@ class TrainingExample:
     ids: list[int]
     cot_mask: list[bool]  # the metadata (the CoT and the end of the assistant turn)
     code_mask: list[bool]  # the codes and the <|im_end|> that ends them
-    prompt_len: int = field(default=0)
+    prompt_len: int = 0  # ids before the assistant turn's content
 
 
 def _check_style(style: str) -> None:

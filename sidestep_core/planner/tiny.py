@@ -70,13 +70,28 @@ TINY_SHAPE = {
     "num_key_value_heads": 2,
     "head_dim": 8,
 }
+# ComfyUI builds its 1.7B LM (Qwen3_2B_ACE15_lm) with fixed sizes, so the smallest LM it loads is full size; layers
+# from RANDOM_LAYERS on get zero projections (identities), which keeps it cheap to make and exact to run.
+COMFYUI_MIN_SHAPE = {
+    "hidden_size": 2048,
+    "intermediate_size": 6144,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+}
+RANDOM_LAYERS = 2
+SHAPES = {"tiny": TINY_SHAPE, "comfyui-min": COMFYUI_MIN_SHAPE}
 
 
-def planner_config() -> dict:
+def planner_config(shape: str = "tiny") -> dict:
+    """``shape``: ``tiny``, or ``comfyui-min`` (the 1.7B's sizes, for a real ComfyUI)."""
+    if shape not in SHAPES:
+        raise ValueError(f"unknown planner shape {shape!r}; choose one of {', '.join(SHAPES)}")
     return {
         "architectures": ["Qwen3ForCausalLM"],
         "model_type": "qwen3",
-        **TINY_SHAPE,
+        **SHAPES[shape],
         "hidden_act": "silu",
         "max_position_embeddings": 40960,
         "rms_norm_eps": 1e-6,
@@ -93,15 +108,28 @@ def planner_config() -> dict:
     }
 
 
-def planner_state(seed: int = 0) -> dict[str, torch.Tensor]:
-    """Weights in transformers ``Qwen3ForCausalLM`` names, bf16-exact, without the tied ``lm_head``."""
+def planner_shapes(shape: str = "tiny") -> dict[str, tuple[int, ...]]:
+    """Tensor shapes in transformers ``Qwen3ForCausalLM`` names, without the tied ``lm_head``."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    cfg = {k: v for k, v in planner_config().items() if k not in ("architectures", "model_type", "torch_dtype")}
+    cfg = {k: v for k, v in planner_config(shape).items() if k not in ("architectures", "model_type", "torch_dtype")}
     with torch.device("meta"):
         model = Qwen3ForCausalLM(Qwen3Config(**cfg))
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    return bf16_exact(seeded_state_dict(seed + _SEED_OFFSET, shapes))
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if k != "lm_head.weight"}
+
+
+def _identity_projection(key: str) -> bool:
+    parts = key.split(".")  # model.layers.N.<self_attn|mlp>.<x>_proj.weight
+    return (parts[1] == "layers" and int(parts[2]) >= RANDOM_LAYERS and parts[-2].endswith("_proj"))
+
+
+def planner_state(seed: int = 0, shape: str = "tiny") -> dict[str, torch.Tensor]:
+    """Seeded weights, bf16-exact; for ``comfyui-min`` the layers past the first two are identities."""
+    shapes = planner_shapes(shape)
+    zero = {k for k in shapes if shape != "tiny" and _identity_projection(k)}
+    state = bf16_exact(seeded_state_dict(seed + _SEED_OFFSET, {k: v for k, v in shapes.items() if k not in zero}))
+    state.update({k: torch.zeros(shapes[k], dtype=torch.bfloat16) for k in zero})  # written as bf16 anyway
+    return state
 
 
 def build_planner_tokenizer():
@@ -169,17 +197,17 @@ def planner_state_to_comfy(state: dict[str, torch.Tensor], *, aio: bool = False)
     return {prefix + k: v for k, v in state.items() if k != "lm_head.weight"}
 
 
-def make_tiny_planner(root: str | Path, layout: str = "original", seed: int = 0) -> Path:
+def make_tiny_planner(root: str | Path, layout: str = "original", seed: int = 0, shape: str = "tiny") -> Path:
     """Writes the tiny LM under ``root`` in ``layout`` (``original`` or ``comfyui-split``) and returns its path
     (the folder, or the safetensors file). The all-in-one layout is written by the checkpoint writer."""
     from safetensors.torch import save_file
 
     root = Path(root).expanduser()
-    state = planner_state(seed)
+    state = planner_state(seed, shape)
     if layout == "original":
         folder = root / ORIGINAL_FOLDER
         write_planner_tokenizer(folder)
-        (folder / "config.json").write_text(json.dumps(planner_config(), indent=2))
+        (folder / "config.json").write_text(json.dumps(planner_config(shape), indent=2))
         save_file(_bf16(state), str(folder / "model.safetensors"), metadata={"format": "pt"})
         return folder
     if layout == "comfyui-split":

@@ -8,7 +8,6 @@ product of its levels (8·8·8·5·5·5 = 64,000), so codes take ids 151,669 …
 from __future__ import annotations
 
 import math
-import re
 
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -30,17 +29,5 @@ FSQ_LEVELS = (8, 8, 8, 5, 5, 5)
 CODEBOOK_SIZE = math.prod(FSQ_LEVELS)  # 64000
 LM_VOCAB_ROWS = 217204  # embedding rows of the released LMs (ComfyUI's Qwen3_2B/4B_ACE15_lm configs)
 
-_CODE_TOKEN = re.compile(r"<\|audio_code_(\d+)\|>")
-
-
 def code_token(code: int) -> str:
     return f"<|audio_code_{code}|>"
-
-
-def codes_from_text(text: str) -> list[int]:
-    """The codes of every ``<|audio_code_N|>`` in ``text``, in order."""
-    return [int(m) for m in _CODE_TOKEN.findall(text)]
-
-
-def codes_to_text(codes) -> str:
-    return "".join(code_token(int(c)) for c in codes)

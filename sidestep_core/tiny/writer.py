@@ -87,10 +87,15 @@ def _save_sharded(state: dict[str, torch.Tensor], folder: Path, shards: int = 2)
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
+def _lm_shape(profile: str) -> str:
+    return "comfyui-min" if profile == "comfyui-min" else "tiny"
+
+
 def make_tiny_checkpoint(
     out: str | Path, layout: str = "original", profile: str = "tiny", seed: int = 0, lm: bool = False
 ) -> TinyCheckpoint:
-    """``lm``: also write the tiny 5 Hz planner LM in the same layout (:mod:`sidestep_core.planner.tiny`)."""
+    """``lm``: also write the tiny 5 Hz planner LM in the same layout (:mod:`sidestep_core.planner.tiny`); with the
+    ``comfyui-min`` profile it has the 1.7B LM's sizes, as ComfyUI only loads those (3.4 GB)."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     prof = get_profile(profile)
@@ -116,7 +121,7 @@ def make_tiny_checkpoint(
 
         silence = silence_latent_from_vae(vae)  # [1, T, 64]
         torch.save(silence.transpose(1, 2).contiguous().float(), dit_dir / "silence_latent.pt")
-        planner = make_tiny_planner(root, "original", seed) if lm else None
+        planner = make_tiny_planner(root, "original", seed, _lm_shape(profile)) if lm else None
         return TinyCheckpoint(root, layout, dit_dir, root / "vae", text_dir, text_dir, planner)
 
     from ..text.encoder import qwen_state_dict_to_comfy
@@ -139,7 +144,7 @@ def make_tiny_checkpoint(
         save_file(_bf16(dit), str(paths["dit"]), metadata=meta)
         save_file(_bf16(qwen_state_dict_to_comfy(te_state)), str(paths["te"]))
         save_file(_bf16(vae_comfy), str(paths["vae"]))
-        planner = make_tiny_planner(root, "comfyui-split", seed) if lm else None
+        planner = make_tiny_planner(root, "comfyui-split", seed, _lm_shape(profile)) if lm else None
         return TinyCheckpoint(root, layout, paths["dit"], paths["vae"], paths["te"], text_dir, planner)
 
     aio = models / "checkpoints" / (COMFY_XL_AIO if xl else COMFY_AIO)
@@ -148,7 +153,7 @@ def make_tiny_checkpoint(
     tensors.update(qwen_state_dict_to_comfy(te_state, aio=True))
     tensors.update({f"vae.{k}": v for k, v in vae_comfy.items()})
     if lm:
-        tensors.update(planner_state_to_comfy(planner_state(seed), aio=True))
+        tensors.update(planner_state_to_comfy(planner_state(seed, _lm_shape(profile)), aio=True))
         write_planner_tokenizer(root / PLANNER_TOKENIZER_FOLDER)
     save_file(_bf16(tensors), str(aio), metadata=meta)
     return TinyCheckpoint(root, layout, aio, aio, aio, text_dir, aio if lm else None)
