@@ -3,6 +3,10 @@
 Before anything is patched, the adapter is checked against the shapes of the connected model with the same core
 check ``sidestep export`` runs (ComfyUI itself only fails when it patches the weights, during sampling, and logs
 keys it cannot place without failing); what ComfyUI still leaves out is reported in the node's text.
+
+With a CLIP connected, the planner-LM adapter that came with the adapter (a run's ``final/lm``, or
+``<lora_name>_lm.safetensors`` beside a file) patches the text encoder's 5 Hz LM through the CLIP's patcher, in the
+generic ``text_encoders.*`` keys ComfyUI's LoraLoader uses; an adapter for an LM of another size is refused.
 """
 
 from __future__ import annotations
@@ -43,12 +47,19 @@ class ApplyAdapter(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, lora_name=S.NONE, strength=1.0, self_attn_strength=1.0, cross_attn_strength=1.0,
-                mlp_strength=1.0, adapter: Optional[AdapterRef] = None, checkpoint="final") -> io.NodeOutput:
+                mlp_strength=1.0, adapter: Optional[AdapterRef] = None, checkpoint="final", clip=None,
+                lm_strength=1.0) -> io.NodeOutput:
         from sidestep_core.adapters import AdapterFormatError, read_adapter_weights, to_comfyui_state_dict
+        from sidestep_core.planner.lm_adapter import LM_FOLDER, has_dit_adapter
 
         notes: list[str] = []
+        lm_source = None
         if adapter is not None:
             chosen = calls.chosen_adapter(adapter, checkpoint)
+            lm_source = chosen / LM_FOLDER if (chosen / LM_FOLDER).is_dir() else None
+        if adapter is not None and lm_source is not None and not has_dit_adapter(chosen):
+            sd, source = None, str(chosen)  # a run that trained the planner LM only
+        elif adapter is not None:
             aw = read_adapter_weights(chosen)
             check_fits(model, aw)
             base = dora_base(aw, adapter)
@@ -63,6 +74,8 @@ class ApplyAdapter(io.ComfyNode):
                 notes.append(f"lora_name {lora_name!r} ignored: the connected adapter is used")
         elif lora_name not in ("", S.NONE):
             path = folder_paths.get_full_path_or_raise("loras", lora_name)
+            sibling = os.path.splitext(path)[0] + "_lm.safetensors"
+            lm_source = sibling if os.path.isfile(sibling) else None
             try:
                 check_fits(model, read_adapter_weights(path))
             except AdapterFormatError as exc:  # a file the core cannot read: ComfyUI may still apply it
@@ -71,6 +84,17 @@ class ApplyAdapter(io.ComfyNode):
             source = path
         else:
             raise ValueError("Apply Adapter: connect an adapter or choose a lora_name")
+        patched_clip = clip
+        if clip is not None and lm_source is not None:
+            patched_clip, lm_notes = apply_lm(clip, lm_source, lm_strength)
+            notes.extend(lm_notes)
+        elif clip is not None:
+            notes.append("no planner-LM adapter comes with this adapter: the CLIP passes through unchanged")
+        elif lm_source is not None:
+            notes.append(f"{lm_source}: a planner-LM adapter is there; connect the CLIP to apply it")
+        if sd is None:
+            return io.NodeOutput(model, patched_clip, ui=text(f"no DiT adapter in {source}: MODEL unchanged",
+                                                              *notes))
         key_map = comfy.lora.model_lora_keys_unet(model.model, {})
         with logged_unloaded_keys() as unloaded:
             patches = comfy.lora.load_lora(sd, key_map)
@@ -92,9 +116,46 @@ class ApplyAdapter(io.ComfyNode):
             left_out.append(f"{len(missing)} adapter module(s) not in this model, first: {missing[0]}")
         for line in left_out:
             log.warning("Apply Adapter: %s: only part of the adapter applies: %s", source, line)
-        return io.NodeOutput(patched, ui=text(f"applied {len(applied)} modules from {source}",
+        return io.NodeOutput(patched, patched_clip, ui=text(f"applied {len(applied)} modules from {source}",
                                               *(f"warning: only part of the adapter applies: {w}" for w in left_out),
                                               *notes))
+
+
+def apply_lm(clip, source, strength: float):
+    """``(patched CLIP, notes)``: the planner-LM adapter at ``source`` (a PEFT folder written by training, or a
+    ComfyUI file) on the CLIP's LM through ComfyUI's own key map and patcher."""
+    from sidestep_core.planner.lm_adapter import check_fits, read_lm_adapter, to_comfyui_lm_state_dict
+
+    te = clip.cond_stage_model
+    slot = getattr(te, "lm_model", None)
+    lm = getattr(te, slot, None) if slot else None
+    if lm is None:
+        raise ValueError("Apply Adapter: the connected CLIP has no 5 Hz planner LM (load it with DualCLIPLoader "
+                         "type ace: qwen_0.6b_ace15 and qwen_1.7b_ace15 / qwen_4b_ace15)")
+    conf = lm.transformer.model.config
+    if os.path.isdir(source):
+        saved = read_lm_adapter(source)
+        # the width tells the released LMs apart (ComfyUI's config keeps 28/36 layers whatever a file holds)
+        check_fits(saved, {"hidden_size": conf.hidden_size, "num_hidden_layers": conf.num_hidden_layers},
+                   keys=("hidden_size",))
+        sd = to_comfyui_lm_state_dict(saved)
+    else:
+        sd = comfy.utils.load_torch_file(source, safe_load=True)
+    key_map = comfy.lora.model_lora_keys_clip(te, {})
+    with logged_unloaded_keys() as unloaded:
+        patches = comfy.lora.load_lora(sd, key_map)
+    if not patches:
+        raise ValueError(f"{source}: no tensor of this LM adapter matches the connected CLIP's LM ({slot}: width "
+                         f"{conf.hidden_size}, {conf.num_hidden_layers} layers); it was trained on an LM of another "
+                         "size")
+    patched = clip.clone()
+    applied = set(patched.add_patches(patches, strength))
+    notes = [f"planner LM: applied {len(applied)} modules from {source} to {slot}"]
+    if unloaded or len(applied) < len(patches):
+        left = unloaded or [k for k in patches if k not in applied]
+        notes.append(f"warning: only part of the LM adapter applies ({len(left)} left out, first: {left[0]})")
+        log.warning("Apply Adapter: %s: %s", source, notes[-1])
+    return patched, notes
 
 
 def check_fits(model, aw) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from sidestep_core.config import TrainConfig
 from sidestep_core.data.preprocess import PreprocessConfig
@@ -80,11 +80,15 @@ def dataset_ref(out: Path, result, trigger_tag: str) -> DatasetRef:
 
 
 def train_config(values: dict[str, Any], model: ModelBundle, estimate: Optional[EstimateRef], *,
-                 preset: Optional[TrainConfig], device: str) -> TrainConfig:
-    """The one ``TrainConfig`` behind a Train Adapter node (run paths are added by the trainer call)."""
+                 preset: Optional[TrainConfig], device: str, find_lm: Optional[Callable[[], Path]] = None
+                 ) -> TrainConfig:
+    """The one ``TrainConfig`` behind a Train Adapter node (run paths are added by the trainer call).
+    ``find_lm()`` gives the planner LM's path, asked only when the settings train it."""
     cfg = S.train_config_from_inputs(values, preset)
     # No audio previews inside ComfyUI (a preset may ask for them): the graph generates with ComfyUI's own nodes.
     changes: dict[str, Any] = {"base_variant": model.stated_variant or "", "device": device, "preview_every": 0}
+    if cfg.trains_lm and find_lm is not None:
+        changes["lm"] = str(find_lm())
     if estimate is not None:
         changes["target_modules"] = list(estimate.targets)
         if cfg.adapter != "oft":

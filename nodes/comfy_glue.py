@@ -103,6 +103,22 @@ def pick(folder: str, explicit: str, preferred: str, kind: str) -> Optional[Path
     return Path(folder_paths.get_full_path(folder, found[0])) if found else None
 
 
+def planner_path(choice: str, checkpoint: Path) -> Path:
+    """The planner LM file Train Adapter's ``planner_lm`` names; ``auto``: the first LM in text_encoders, else the
+    one the core finds beside the checkpoint (inside an all-in-one file, an acestep-5Hz-lm-* folder)."""
+    if choice and choice != S.AUTO:
+        path = folder_paths.get_full_path("text_encoders", choice)
+        if path is None:
+            raise ValueError(f"planner_lm: {choice!r} not found in ComfyUI's text_encoders folders")
+        return Path(path)
+    found = list_files(paths("text_encoders"), {"planner_lm"})
+    if found:
+        return Path(folder_paths.get_full_path("text_encoders", found[0]))
+    from sidestep_core.planner import find_planner
+
+    return find_planner(checkpoint)
+
+
 def comfy_tokenizer_dir() -> Optional[Path]:
     """The Qwen tokenizer ComfyUI ships for its ACE-Step 1.5 text encoder (comfy/text_encoders/qwen25_tokenizer)."""
     import comfy.text_encoders

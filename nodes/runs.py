@@ -40,9 +40,20 @@ def safe_name(name: str, fallback: str = "sidestep_adapter") -> str:
 def run_fingerprint(cfg: TrainConfig, model_identity: str, dataset_identity: str) -> str:
     settings = {k: v for k, v in cfg.to_dict(include_run=False).items()
                 if k not in LENGTH_FIELDS + BOOKKEEPING_FIELDS and k not in RUN_ONLY_FIELDS}
-    blob = json.dumps({"model": model_identity, "dataset": dataset_identity, "settings": settings},
-                      sort_keys=True, default=str)
+    what = {"model": model_identity, "dataset": dataset_identity, "settings": settings}
+    if cfg.trains_lm:  # another planner LM is another run (runs that train the DiT alone keep their names)
+        what["lm"] = _lm_identity(Path(cfg.lm))
+    blob = json.dumps(what, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def _lm_identity(path: Path) -> str:
+    """The planner LM's name and weight size: cheap, and different for every released LM and layout."""
+    weights = path / "model.safetensors" if path.is_dir() else path
+    try:
+        return f"{path.name}:{weights.stat().st_size}"
+    except OSError:
+        return path.name
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from .comfy_glue import dynamic_options
 
 _CUSTOM = {t: io.Custom(t) for t in (S.MODEL_TYPE, S.DATASET_TYPE, S.ADAPTER_TYPE, S.ESTIMATE_TYPE)}
 _BUILTIN = {"MODEL": io.Model, "IMAGE": io.Image, "STRING": io.String, "CONDITIONING": io.Conditioning,
-            "LATENT": io.Latent, "VAE": io.Vae, "AUDIO": io.Audio}
+            "LATENT": io.Latent, "VAE": io.Vae, "AUDIO": io.Audio, "CLIP": io.Clip}
 
 
 def _widget(i: S.InputSpec):

@@ -52,6 +52,7 @@ DYNAMIC_SCHEDULERS = "schedulers"  # ComfyUI's scheduler names (comfy.samplers.K
 ADAPTERS_KEY = "sidestep_adapters"
 
 # Train Adapter's preview graph: the sockets a KSampler + VAEDecodeAudio of the user's graph would take.
+LM_NAME = "planner_lm"  # Train Adapter's LM file, as Preprocess names it (sets TrainConfig.lm once resolved)
 PREVIEW_SOCKETS = ("preview_model", "preview_positive", "preview_negative", "preview_latent", "preview_vae")
 
 
@@ -144,7 +145,7 @@ def config_default(name: str) -> Any:
 
 def cfg(name: str, *, advanced: bool = False, min: Optional[float] = None, max: Optional[float] = None,
         step: Optional[float] = None, tooltip: str = "", control_after_generate: Optional[str] = None,
-        adapters: tuple = ()) -> InputSpec:
+        adapters: tuple = (), optional: bool = False) -> InputSpec:
     """An input that sets the ``TrainConfig`` field of the same name, with its default, choices and help."""
     f = _TC_FIELDS[name]
     tp = _field_type(name)
@@ -153,14 +154,15 @@ def cfg(name: str, *, advanced: bool = False, min: Optional[float] = None, max: 
     default = config_default(name)
     if choices:
         return InputSpec(name, "COMBO", default, tuple(choices), advanced=advanced, adapters=adapters,
-                         tooltip=help_text, config_field=name)
+                         tooltip=help_text, config_field=name, optional=optional)
     kind = {bool: "BOOLEAN", int: "INT", float: "FLOAT", str: "STRING", list: "STRING"}[tp]
     if tp is list:
         default = ", ".join(default)
     if kind in ("INT", "FLOAT") and min is None:
         min = 0
     return InputSpec(name, kind, default, min=min, max=max, step=step, advanced=advanced, adapters=adapters,
-                     tooltip=help_text, config_field=name, control_after_generate=control_after_generate)
+                     tooltip=help_text, config_field=name, control_after_generate=control_after_generate,
+                     optional=optional)
 
 
 def to_config_value(spec: InputSpec, value: Any) -> Any:
@@ -241,7 +243,8 @@ RANKED = tuple(a for a in ADAPTERS if a != "oft")
 TRAIN = NodeSpec(
     "SideStepTrainAdapter",
     "Train Adapter",
-    "Trains a LoRA / DoRA / LoKr / LoHa / OFT adapter on the DiT. Frees ComfyUI's models first, shows a live loss "
+    "Trains a LoRA / DoRA / LoKr / LoHa / OFT adapter on the DiT, and with train_models lm / both a LoRA on the "
+    "5 Hz planner LM (what it decides: structure, phrasing, tempo, key, vocals). Frees ComfyUI's models first, shows a live loss "
     "chart, saves a checkpoint and the adapter on Cancel, and reuses a finished adapter when queued again with "
     "the same inputs (resume continues a stopped run).",
     (
@@ -332,9 +335,21 @@ TRAIN = NodeSpec(
                   optional=True, advanced=True, tooltip="ComfyUI sampler, as in KSampler"),
         InputSpec("preview_scheduler", "COMBO", "simple", options=("simple",), dynamic=DYNAMIC_SCHEDULERS,
                   optional=True, advanced=True, tooltip="ComfyUI scheduler, as in KSampler"),
+        # the planner LM (optional and last, so workflows saved before these inputs keep their widget order)
+        cfg("train_models", optional=True),
+        InputSpec(LM_NAME, "COMBO", AUTO, options=(AUTO,), dynamic=DYNAMIC_PLANNER_LMS, optional=True,
+                  tooltip="the 5 Hz planner LM to train when train_models is lm or both "
+                          "(text_encoders/qwen_1.7b_ace15.safetensors or qwen_4b_ace15). auto: the LM inside an "
+                          "all-in-one checkpoint, beside an original folder, or in text_encoders"),
+        cfg("lm_rank", optional=True, min=1, max=1024),
+        cfg("lm_learning_rate", optional=True, min=1e-7, max=10.0, step=1e-5),
+        cfg("lm_loss", optional=True, advanced=True),
+        cfg("lm_alpha", optional=True, advanced=True, min=0.001, max=4096.0, step=0.5),
+        cfg("lm_dropout", optional=True, advanced=True, max=0.99, step=0.01),
+        cfg("lm_target_mlp", optional=True, advanced=True),
     ),
     (
-        OutputSpec("adapter", ADAPTER_TYPE, "the trained adapter (run/final)"),
+        OutputSpec("adapter", ADAPTER_TYPE, "the trained adapter (run/final; run/final/lm for the planner LM's)"),
         OutputSpec("loss_curve", "IMAGE", "loss per step (raw and smoothed)"),
     ),
     search_aliases=("lora", "train lora", "lokr", "dora", "fine-tune"),
@@ -411,7 +426,8 @@ APPLY = NodeSpec(
     "Apply Adapter",
     "Applies an adapter to a ComfyUI MODEL through ComfyUI's model patcher (the model itself is not changed): the "
     "adapter from the graph, or a file from models/loras. Per-group strengths scale self-attention, "
-    "cross-attention and MLP modules separately.",
+    "cross-attention and MLP modules separately. With a CLIP connected, a planner-LM adapter trained with it "
+    "patches the text encoder's 5 Hz LM too.",
     (
         InputSpec("model", "MODEL", tooltip="an ACE-Step 1.5 MODEL (UNETLoader / CheckpointLoaderSimple)"),
         InputSpec("lora_name", "COMBO", NONE, options=(NONE,), dynamic=DYNAMIC_LORAS,
@@ -427,8 +443,15 @@ APPLY = NodeSpec(
         InputSpec("adapter", ADAPTER_TYPE, optional=True, tooltip="from Train Adapter (wins over lora_name)"),
         InputSpec("checkpoint", "STRING", "final", optional=True,
                   tooltip="with a connected adapter, which one of its run: final, last (newest checkpoint), step_N, ema (final's moving average, when trained with ema_decay), step_N/ema or last/ema"),
+        InputSpec("clip", "CLIP", optional=True,
+                  tooltip="the ACE-Step 1.5 CLIP (DualCLIPLoader type ace, with the 5 Hz LM): its LM gets the "
+                          "planner-LM adapter (the run's final/lm, or <lora_name>_lm.safetensors beside the file), "
+                          "which TextEncodeAceStepAudio1.5 uses with generate_audio_codes on"),
+        InputSpec("lm_strength", "FLOAT", 1.0, min=-10.0, max=10.0, step=0.01, optional=True,
+                  tooltip="strength of the planner-LM adapter on the connected CLIP"),
     ),
-    (OutputSpec("model", "MODEL", "the patched model"),),
+    (OutputSpec("model", "MODEL", "the patched model"),
+     OutputSpec("clip", "CLIP", "the CLIP with the planner LM patched (the input as it is without an LM adapter)")),
     search_aliases=("load lora", "lora loader", "apply lora"),
 )
 

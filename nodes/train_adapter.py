@@ -20,8 +20,8 @@ from sidestep_core.inference.compare import TIMING_FILE
 
 from . import calls, runs, spec as S
 from .chart import read_loss_csv, render_loss_curve
-from .comfy_glue import (PREVIEW_EVENT, TRAIN_EVENT, device, free_comfy_models, log, preset_config, release_memory,
-                         runs_root, send, text, training_mode)
+from .comfy_glue import (PREVIEW_EVENT, TRAIN_EVENT, device, free_comfy_models, log, planner_path, preset_config,
+                         release_memory, runs_root, send, text, training_mode)
 from .graph_render import Sampling, render_audio
 from .schema import build_schema
 from .values import AdapterRef, DatasetRef, EstimateRef, ModelBundle
@@ -167,8 +167,9 @@ class TrainAdapter(io.ComfyNode):
         from sidestep_core.training import train
 
         graph = {n: values.pop(n, None) for n in S.PREVIEW_SOCKETS}  # ComfyUI objects: never into the config
+        lm_choice = values.pop(S.LM_NAME, S.AUTO)
         cfg = calls.train_config(values, model, estimate, preset=preset_config(values.get("preset", S.NONE)),
-                                 device=device())
+                                 device=device(), find_lm=lambda: planner_path(lm_choice, model.checkpoint))
         name = runs.safe_name(values.get("output_name", "sidestep_adapter"))
         plan = runs.plan_run(runs_root(), name, cfg, model.identity, dataset.identity,
                              bool(values.get("resume", True)))
@@ -211,9 +212,13 @@ class TrainAdapter(io.ComfyNode):
             checkpoint=model.checkpoint, trigger_tag=cfg.trigger_tag or dataset.trigger_tag,
         )
         steps, loss, smooth = read_loss_csv(plan.out / "loss.csv")
-        image = render_loss_curve(steps, loss, smooth, title=f"{name}: {cfg.adapter} rank {cfg.rank}, "
-                                                             f"{adapter.steps} steps")
-        notes.insert(0, f"{adapter.kind} adapter, {adapter.steps} steps ({result_status}): {adapter.path}")
+        what = {"dit": f"{cfg.adapter} rank {cfg.rank}", "lm": f"planner LM LoRA rank {cfg.lm_rank}",
+                "both": f"{cfg.adapter} rank {cfg.rank} + planner LM LoRA rank {cfg.lm_rank}"}[cfg.train_models]
+        image = render_loss_curve(steps, loss, smooth, title=f"{name}: {what}, {adapter.steps} steps")
+        notes.insert(0, f"{what}, {adapter.steps} steps ({result_status}): {adapter.path}")
+        if cfg.trains_lm:
+            notes.insert(1, f"the planner LM's adapter: {adapter.path / 'lm'} (Apply Adapter with the CLIP "
+                            "connected applies it)")
         if loss:
             notes.append(f"last loss {loss[-1]:.5f} (smoothed {smooth[-1]:.5f})")
         web = {"sidestep_loss_log": [loss_log]}  # for the web extension: the chart after a page reload

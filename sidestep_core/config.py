@@ -23,10 +23,12 @@ SCHEDULERS = ("cosine", "cosine_restarts", "linear", "constant", "constant_with_
 PRECISIONS = ("bf16", "fp16", "fp32")
 BASE_PRECISIONS = ("bf16", "fp8", "int8", "nf4")  # storage of the frozen decoder projections (sidestep_core.device)
 MEMORY_MODES = ("manual", "auto")
+TRAIN_MODELS = ("dit", "lm", "both")  # which adapters a run trains: the DiT's, the planner LM's, or both at once
+LM_LOSSES = ("codes", "codes_and_metadata")
 
 # Paths, devices and resume: specific to one run on one machine; never part of a preset.
 RUN_ONLY_FIELDS = frozenset(
-    {"checkpoint", "dataset", "out", "resume", "device", "base_variant", "preview_prompts"}
+    {"checkpoint", "dataset", "out", "resume", "device", "base_variant", "preview_prompts", "lm"}
 )
 # A run needs these; they may come from a --config file, so the parser cannot enforce them itself.
 REQUIRED_RUN_FIELDS = ("checkpoint", "dataset", "out")
@@ -79,6 +81,23 @@ class TrainConfig:
     oft_rescaled: bool = _f(False, "OFT: also learn a per-output rescale", group="adapter")
     trigger_tag: str = _f("", "trigger tag recorded in the adapter metadata (default: the dataset's)",
                           group="adapter")
+
+    # ----- planner LM (sidestep_core.planner.training) -----
+    train_models: str = _f(
+        "dit", "adapters to train: dit (the DiT's, as always), lm (a LoRA on the 5 Hz planner LM only) or both in "
+        "one run (one resume, one TensorBoard, both adapters in every checkpoint)", choices=TRAIN_MODELS, group="lm")
+    lm: str = _f("", "the 5 Hz planner LM, needed when train_models is lm or both: its original folder "
+                 "(acestep-5Hz-lm-1.7B) or ComfyUI's text-encoder file (qwen_1.7b_ace15.safetensors)", group="run")
+    lm_rank: int = _f(16, "rank of the planner LM's LoRA", group="lm")
+    lm_alpha: float = _f(32.0, "alpha of the planner LM's LoRA (scale = alpha / rank)", group="lm")
+    lm_dropout: float = _f(0.05, "dropout of the planner LM's LoRA", group="lm")
+    lm_target_mlp: bool = _f(False, "also adapt the LM's MLP projections (gate/up/down), not only q/k/v/o",
+                             group="lm")
+    lm_learning_rate: float = _f(1e-4, "peak learning rate of the planner LM's LoRA (same schedule as the DiT's)",
+                                 group="lm")
+    lm_loss: str = _f("codes", "tokens the LM is trained to write: the audio codes (and the end), or also the "
+                      "metadata block (bpm, key, time signature, duration, language) before them",
+                      choices=LM_LOSSES, group="lm")
 
     # ----- objective -----
     timestep_mode: str = _f(
@@ -152,6 +171,22 @@ class TrainConfig:
                                            group="previews")
 
     # ------------------------------------------------------------------------------------------------------
+    @property
+    def trains_dit(self) -> bool:
+        return self.train_models in ("dit", "both")
+
+    @property
+    def trains_lm(self) -> bool:
+        return self.train_models in ("lm", "both")
+
+    def check_lm(self) -> None:
+        """A run that trains the planner LM needs one (a run field, so presets cannot hold it: checked per run)."""
+        if self.trains_lm and not str(self.lm).strip():
+            raise ValueError(
+                f"lm: train_models {self.train_models} trains the planner LM, but no LM is given: pass the LM's "
+                "folder (checkpoints/acestep-5Hz-lm-1.7B) or ComfyUI's file (models/text_encoders/"
+                "qwen_1.7b_ace15.safetensors)")
+
     def validate(self) -> "TrainConfig":
         """Raise ``ValueError`` naming the first bad field; return self so calls chain."""
 
@@ -162,14 +197,14 @@ class TrainConfig:
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 bad(f.name, f"must be one of {', '.join(choices)}")
-        for name in ("rank", "batch_size", "gradient_accumulation", "oft_block_size", "scheduler_cycles"):
+        for name in ("rank", "lm_rank", "batch_size", "gradient_accumulation", "oft_block_size", "scheduler_cycles"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 bad(name, "must be an integer >= 1")
         for name in ("max_steps", "epochs", "save_every", "keep_checkpoints", "warmup_steps", "seed", "val_every",
                      "log_every", "histogram_every", "estimate_steps", "preview_every", "ema_start_step"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 bad(name, "must be an integer >= 0")
-        for name in ("alpha", "learning_rate"):
+        for name in ("alpha", "learning_rate", "lm_alpha", "lm_learning_rate"):
             if not _finite(getattr(self, name)) or getattr(self, name) <= 0:
                 bad(name, "must be a number > 0")
         for name in ("weight_decay", "max_grad_norm", "crop_seconds", "oft_constraint"):
@@ -178,7 +213,7 @@ class TrainConfig:
         for name in ("cfg_ratio", "checkpointing_ratio", "min_lr_ratio"):
             if not _finite(getattr(self, name)) or not 0 <= getattr(self, name) <= 1:
                 bad(name, "must be between 0 and 1")
-        for name in ("dropout", "val_split", "ema_decay"):
+        for name in ("dropout", "lm_dropout", "val_split", "ema_decay"):
             if not _finite(getattr(self, name)) or not 0 <= getattr(self, name) < 1:
                 bad(name, "must be >= 0 and < 1")
         if self.timestep_sigma is not None and (not _finite(self.timestep_sigma) or self.timestep_sigma <= 0):

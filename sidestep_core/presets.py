@@ -87,6 +87,22 @@ BUILTIN: dict[str, dict[str, Any]] = {
                      "warmup_steps": 100, "crop_seconds": 30.0, "gradient_checkpointing": True,
                      "checkpointing_ratio": 1.0, "save_every": 200},
     },
+    "dit_and_lm": {
+        "description": "The recommended DiT adapter plus a LoRA r16 on the 5 Hz planner LM (structure, phrasing, "
+                       "tempo, key, vocals), trained together; needs the LM (--lm) and about 4 GB more.",
+        "settings": {**_COMMON, "rank": 64, "alpha": 128.0, "dropout": 0.1, "target_mlp": True,
+                     "learning_rate": 1e-4, "batch_size": 1, "gradient_accumulation": 4, "epochs": 200,
+                     "warmup_steps": 100, "crop_seconds": 60.0, "gradient_checkpointing": True,
+                     "checkpointing_ratio": 1.0, "save_every": 200, "train_models": "both", "lm_rank": 16,
+                     "lm_alpha": 32.0, "lm_dropout": 0.05, "lm_learning_rate": 1e-4, "lm_loss": "codes"},
+    },
+    "lm_only": {
+        "description": "Only a LoRA r16 on the 5 Hz planner LM (the DiT is not loaded): for a DiT adapter that "
+                       "already sounds right but whose songs are structured or sung unlike the dataset.",
+        "settings": {**_COMMON, "train_models": "lm", "lm_rank": 16, "lm_alpha": 32.0, "lm_dropout": 0.05,
+                     "lm_learning_rate": 1e-4, "lm_loss": "codes", "batch_size": 1, "gradient_accumulation": 4,
+                     "epochs": 100, "warmup_steps": 50, "gradient_checkpointing": True, "save_every": 200},
+    },
 }
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")

@@ -36,6 +36,7 @@ NOT_ON_NODE = {
     "rank_pattern": "from Estimate Gradients", "alpha_pattern": "from Estimate Gradients",
     "timestep_mu": "the checkpoint's value", "timestep_sigma": "the checkpoint's value",
     "log_every": "TensorBoard cadence", "histogram_every": "TensorBoard cadence",
+    "lm": "the planner_lm input, resolved in ComfyUI's text_encoders folders",
     # Audio previews while training need the text encoder and VAE loaded by the trainer; in ComfyUI the graph
     # generates with ComfyUI's own nodes instead, so the node turns them off.
     "preview_every": "off in ComfyUI", "preview_prompts": "off in ComfyUI", "preview_steps": "off in ComfyUI",
@@ -143,7 +144,8 @@ def test_node_ids_and_types():
     assert [o.kind for o in S.TRAIN.outputs] == ["ACESTEP_ADAPTER", "IMAGE"]
     assert [o.kind for o in S.ESTIMATE.outputs] == ["ACESTEP_ESTIMATE", "STRING"]
     assert S.EXPORT.output_node and [o.kind for o in S.EXPORT.outputs] == ["STRING"]
-    assert [o.kind for o in S.APPLY.outputs] == ["MODEL"] and S.APPLY.input("adapter").optional
+    assert [o.kind for o in S.APPLY.outputs] == ["MODEL", "CLIP"] and S.APPLY.input("adapter").optional
+    assert S.APPLY.input("clip").optional
     assert S.EXPORT.input("format").options == ("comfyui", "peft", "lycoris")
     assert S.COMPARE.output_node and [o.kind for o in S.COMPARE.outputs] == ["AUDIO", "IMAGE", "STRING"]
     assert S.COMPARE.input("adapter").optional and S.COMPARE.input("checkpoints").default == "last 3"
@@ -342,6 +344,14 @@ def test_run_plan_fresh_resume_reuse_restart(tmp_path):
     assert runs.plan_run(tmp_path, "my style!", cfg.replace(rank=8), "model", "data", resume=True).out != plan.out
     assert runs.plan_run(tmp_path, "my style!", cfg, "model2", "data", resume=True).out != plan.out
     assert runs.plan_run(tmp_path, "my style!", cfg, "model", "data2", resume=True).out != plan.out
+    # a planner LM in a run that trains it is part of what is trained; a DiT-only run ignores the field
+    assert runs.plan_run(tmp_path, "my style!", cfg.replace(lm="x"), "model", "data", resume=True).out == plan.out
+    (tmp_path / "lm_a.safetensors").write_bytes(b"1")
+    (tmp_path / "lm_b.safetensors").write_bytes(b"22")
+    both = cfg.replace(train_models="both")
+    outs = {runs.plan_run(tmp_path, "my style!", both.replace(lm=str(tmp_path / f"lm_{x}.safetensors")), "model",
+                          "data", resume=True).out for x in "ab"}
+    assert len(outs) == 2 and plan.out not in outs
     (plan.out / "final").mkdir()
     runs.write_marker(plan.out, cfg, "complete", 10, 10)
     assert runs.plan_run(tmp_path, "my style!", cfg, "model", "data", resume=True).action == "reuse"

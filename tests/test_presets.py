@@ -19,7 +19,8 @@ def dirs(tmp_path, monkeypatch):
     return tmp_path / "proj" / P.PROJECT_DIRNAME, user / "presets"
 
 
-EXPECTED = ("recommended", "quick_test", "high_quality", "vram_24gb_plus", "vram_16gb", "vram_12gb", "vram_8gb")
+EXPECTED = ("recommended", "quick_test", "high_quality", "vram_24gb_plus", "vram_16gb", "vram_12gb", "vram_8gb",
+            "dit_and_lm", "lm_only")
 
 
 def test_builtins_are_valid_and_hold_no_run_settings():

@@ -197,10 +197,12 @@ def side_step_front(b: Builder, col: Column, trigger: str = TRIGGER) -> tuple[di
     return load, pre
 
 
-def generation(b: Builder, model_source: dict, model_output: str, *, x: int, tags: str, prefix: str) -> dict:
+def generation(b: Builder, model_source: dict, model_output: str, *, x: int, tags: str, prefix: str,
+               lm_apply: Optional[dict] = None) -> dict:
     """ComfyUI's native ACE-Step 1.5 text-to-music graph (the audio_ace_step_1_5_split template), turbo values, in
     four columns from ``x``. Returns its conditioning, latent and VAE nodes (``text``, ``zero``, ``latent``,
-    ``vae``) and all its nodes (``nodes``)."""
+    ``vae``) and all its nodes (``nodes``). With ``lm_apply`` (an Apply Adapter node) the CLIP goes through it, so
+    the planner LM writes the audio codes with its adapter (generate_audio_codes on)."""
     loaders, encode = Column(b, x), Column(b, x + COLUMN)
     latents, sampling = Column(b, x + 2 * COLUMN + 80), Column(b, x + 3 * COLUMN + 80)  # the encoder is 400 wide
     clip = loaders.add("DualCLIPLoader", {"clip_name1": "qwen_0.6b_ace15.safetensors",
@@ -211,9 +213,13 @@ def generation(b: Builder, model_source: dict, model_output: str, *, x: int, tag
     b.link(model_source, model_output, shift, "model")
     text = encode.add("TextEncodeAceStepAudio1.5", {
         "tags": tags, "lyrics": LYRICS, "seed": 31, "bpm": 120, "duration": 60.0, "timesignature": "4",
-        "language": "en", "keyscale": "C major", "generate_audio_codes": False, "cfg_scale": 2.0,
+        "language": "en", "keyscale": "C major", "generate_audio_codes": lm_apply is not None, "cfg_scale": 2.0,
         "temperature": 0.85, "top_p": 0.9, "top_k": 0, "min_p": 0.0})
-    b.link(clip, "CLIP", text, "clip")
+    if lm_apply is not None:
+        b.link(clip, "CLIP", lm_apply, "clip")
+        b.link(lm_apply, "clip", text, "clip")
+    else:
+        b.link(clip, "CLIP", text, "clip")
     zero = latents.add("ConditioningZeroOut")
     b.link(text, "CONDITIONING", zero, "conditioning")
     latent = latents.add("EmptyAceStep1.5LatentAudio", {"seconds": 60.0, "batch_size": 1})
@@ -276,6 +282,37 @@ def train_then_generate(b: Builder) -> dict:
     b.link(gen["vae"], "VAE", train, "preview_vae")
     return b.workflow([group(b, "1 - Data and training", [load, pre, train, loss, export]),
                        group(b, "2 - Generate with the adapter", [unet, apply, *gen["nodes"]], "#8a5a9e")])
+
+
+def train_dit_and_lm(b: Builder) -> dict:
+    note(b, INTRO.format(title="train the DiT and the planner LM", body=(
+        "Trains two adapters in one run (*Train Adapter* with `train_models` both): the DiT's, which shapes the "
+        "sound, and a LoRA on the 5 Hz planner LM (`qwen_1.7b_ace15`), which shapes what the LM decides before "
+        "the DiT renders: song structure, phrasing, vocal placement, tempo and key, even the vocal gender. "
+        "*Apply Adapter* then patches the model and the CLIP's LM, and *TextEncodeAceStepAudio1.5* runs with "
+        "`generate_audio_codes` on, so the LM writes the audio codes with its adapter.\n\n"
+        "The LM adds memory (the 1.7B LM in bf16, about 4 GB more) and time per step; train the DiT alone "
+        "(`train_models` dit) when the sound is all you want to change. `planner_lm` auto picks the LM in "
+        "`models/text_encoders/`.")))
+    load, pre = side_step_front(b, Column(b, 0))
+    train = Column(b, COLUMN).add("SideStepTrainAdapter", {"output_name": "my_style_with_lm", "train_models": "both"})
+    b.link(load, "model", train, "model")
+    b.link(pre, "dataset", train, "dataset")
+    results = Column(b, 2 * COLUMN)
+    loss = results.add("PreviewImage")
+    b.link(train, "loss_curve", loss, "images")
+    export = results.add("SideStepExportAdapter", {"name": "my_style_with_lm"})
+    b.link(train, "adapter", export, "adapter")
+    model = Column(b, 3 * COLUMN + 80)
+    unet = model.add("UNETLoader", {"unet_name": DIT, "weight_dtype": "default"})
+    apply = model.add("SideStepApplyAdapter")
+    b.link(unet, "MODEL", apply, "model")
+    b.link(train, "adapter", apply, "adapter")
+    gen = generation(b, apply, "model", x=4 * COLUMN + 80, tags=f"{TRIGGER}, upbeat pop, bright synths, female vocals",
+                     prefix="audio/sidestep_train_dit_and_lm", lm_apply=apply)
+    return b.workflow([group(b, "1 - Data and training (DiT + planner LM)", [load, pre, train, loss, export]),
+                       group(b, "2 - Generate with both adapters, audio codes on", [unet, apply, *gen["nodes"]],
+                             "#8a5a9e")])
 
 
 def preprocess_and_train(b: Builder) -> dict:
@@ -410,6 +447,7 @@ SUMMARIES = {
     "estimate_then_train": "Find the modules your data pulls on most, then train only those",
     "apply_saved_adapter": "Generate with an exported adapter in ComfyUI's ACE-Step 1.5 graph",
     "train_compare_export": "Train, listen to checkpoints x strengths in a grid, export the one you like",
+    "train_dit_and_lm": "Train the DiT and the 5 Hz planner LM together, then generate with audio codes on",
 }
 THUMB_SIZE = (400, 300)
 
@@ -464,6 +502,7 @@ WORKFLOWS = {
     "estimate_then_train": estimate_then_train,
     "apply_saved_adapter": apply_saved_adapter,
     "train_compare_export": train_compare_export,
+    "train_dit_and_lm": train_dit_and_lm,
 }
 
 

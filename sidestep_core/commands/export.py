@@ -31,7 +31,10 @@ def register(sub, name):
         "the base model given. --format diffusers writes one file for diffusers' AceStepPipeline.load_lora_weights "
         "(diffusers' module names, scales folded into the weights, which is what that loader needs; OFT and "
         "non-PEFT DoRA as exact full-rank deltas on the base model given). With the base model at hand the "
-        "written adapter is read back and its merged weights are compared with the adapter's.",
+        "written adapter is read back and its merged weights are compared with the adapter's. A run that also "
+        "trained the planner LM (train_models both / lm) has its LM adapter in final/lm/ (a PEFT folder upstream "
+        "loads as it is): it is exported beside the DiT's as <name>_lm.safetensors, for the LM of ComfyUI's "
+        "ACE-Step text encoder (LoraLoader's CLIP side).",
         epilog=EXIT_CODES_HELP,
     )
     p.add_argument("adapter", help="adapter folder (e.g. OUT/final) or file, or a training run folder (OUT)")
@@ -90,7 +93,12 @@ def run(args) -> int:
 
     from ..adapters.choice import resolve_checkpoint
 
+    from ..planner.lm_adapter import LM_FOLDER, has_dit_adapter
+
     adapter_path = resolve_checkpoint(args.adapter, args.pick)
+    lm_folder = adapter_path / LM_FOLDER if adapter_path.is_dir() and (adapter_path / LM_FOLDER).is_dir() else None
+    if lm_folder is not None and not has_dit_adapter(adapter_path):  # a run that trained the planner LM only
+        return _export_lm(args, lm_folder, Path(args.out).expanduser() if args.out else None)
     aw = read_adapter_weights(adapter_path)
     say(aw.summary())
     for note in aw.notes:
@@ -157,4 +165,33 @@ def run(args) -> int:
             return EXIT_FAILED
     elif args.verify:
         say("not verified: no base model (pass --checkpoint to compare merged weights)")
+    if lm_folder is not None:
+        return _export_lm(args, lm_folder, path.with_name(f"{path.stem}_lm{path.suffix}"))
+    return EXIT_OK
+
+
+def _export_lm(args, folder: Path, out: Optional[Path]) -> int:
+    """The planner LM's adapter: for ComfyUI one file on the text encoder's LM; for upstream the PEFT folder."""
+    import shutil
+
+    from ..planner.lm_adapter import export_lm_comfyui, read_lm_adapter
+
+    if args.format == "peft":
+        read_lm_adapter(folder)  # refuse anything that is not an LM adapter
+        out = out or folder.parent.with_name(folder.parent.name + "_lm_peft")
+        if out.exists() and not args.overwrite:
+            raise ValueError(f"{out}: exists (leave out --no-overwrite to replace it)")
+        shutil.copytree(folder, out, dirs_exist_ok=True)
+        say(f"wrote {out}/ (planner LM adapter, PEFT folder: PeftModel.from_pretrained(<the LM>, this folder))")
+        return EXIT_OK
+    import torch
+
+    out = out or folder.parent.with_name(folder.parent.name + "_lm_comfyui.safetensors")
+    if out.suffix != ".safetensors":
+        out = out.with_suffix(".safetensors")
+    if out.exists() and not args.overwrite:
+        raise ValueError(f"{out}: exists (leave out --no-overwrite to replace it)")
+    path = export_lm_comfyui(folder, out, None if args.dtype == "keep" else getattr(torch, _TORCH_DTYPE[args.dtype]))
+    say(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, planner LM adapter for ComfyUI's ACE-Step text "
+        "encoder: LoraLoader's CLIP side, or Apply Adapter with a CLIP connected)")
     return EXIT_OK

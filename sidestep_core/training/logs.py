@@ -18,7 +18,7 @@ from ..fsutil import atomic_write_bytes
 
 log = logging.getLogger("sidestep.train")
 
-CSV_FIELDS = ("step", "epoch", "loss", "smoothed_loss", "lr", "grad_norm", "val_loss", "elapsed_s")
+CSV_FIELDS = ("step", "epoch", "loss", "smoothed_loss", "lr", "grad_norm", "val_loss", "elapsed_s", "lm_loss")
 
 
 class LossSmoother:

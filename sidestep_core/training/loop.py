@@ -6,6 +6,10 @@ warm-up, then train. Randomness per micro-batch (t, CFG drop, noise) comes from 
 (seed, rank, step, micro-batch) and the data order from (seed, epoch), so a resumed run repeats the uninterrupted
 one; the global RNG (adapter dropout) is saved and restored with every checkpoint.
 
+``train_models`` lm / both add the planner LM's LoRA (:mod:`sidestep_core.planner.training`): it trains on the same
+micro-batches (the clips, uncropped) with its own optimizer and clipping on the same schedule, and is saved as
+``lm/`` in every checkpoint and in ``final/``. With ``lm`` alone the DiT is not loaded at all.
+
 Multi-GPU: ``accelerate launch -m sidestep_core train …``; each rank trains on its share of every epoch's
 batches, DDP averages the gradients, and only rank 0 writes files, logs and reports progress.
 """
@@ -171,6 +175,7 @@ def train(
     for name in ("checkpoint", "dataset", "out"):
         if not getattr(cfg, name):
             raise ValueError(f"{name}: required")
+    cfg.check_lm()
     return _Trainer(cfg, progress, should_stop, step_hook).run()
 
 
@@ -197,52 +202,42 @@ class _Trainer:
 
     # ----- setup -----
     def setup(self) -> None:
-        from ..device import load_frozen_base
-
         cfg = self.cfg
         self.dtype = DTYPES[cfg.precision]
         if cfg.precision == "fp16" and self.device.type != "cuda":
             raise ValueError("precision: fp16 needs a CUDA device; use bf16 or fp32")
+        if cfg.trains_lm and cfg.precision == "fp16":
+            raise ValueError("precision: training the planner LM needs bf16 or fp32 (fp16 would need loss scaling)")
+        if cfg.trains_lm and self.dist.world > 1:
+            raise ValueError("train_models: the planner LM trains in a single process; launch without accelerate")
         self._check_out_dir()
 
-        loaded, self.holding = load_frozen_base(cfg, self.device, self.dtype, self.say)  # plan, precision, offload
-        self.info = loaded.info
-        self.model_config = loaded.config
-        decoder = loaded.model.decoder
-        decoder.requires_grad_(False)
-        self.null = loaded.model.null_condition_emb.detach()
-
         self.dataset = open_dataset(cfg.dataset)
-        self._check_dataset_fits(decoder)
-        train_idx, val_idx = split_validation(len(self.dataset), cfg.val_split, cfg.seed)
-        self.train_ds = self.dataset.subset(train_idx)
-        self.val_ds: Optional[LatentDataset] = self.dataset.subset(val_idx) if val_idx else None
+        self.train_idx, self.val_idx = split_validation(len(self.dataset), cfg.val_split, cfg.seed)
+        self.train_ds = self.dataset.subset(self.train_idx)
+        self.val_ds: Optional[LatentDataset] = self.dataset.subset(self.val_idx) if self.val_idx else None
         self.crop = int(round(cfg.crop_seconds * FRAMES_PER_SECOND))
         self.frames = [c.frames for c in self.train_ds.clips]
-
-        _seed_everything(cfg.seed)  # adapter initialisation
-        self.adapter: Adapter = inject_adapter(decoder, cfg)
-        decoder.checkpoint_ratio = cfg.checkpointing_ratio if cfg.gradient_checkpointing else 0.0
-        decoder.checkpoint_selective = cfg.selective_checkpointing
-        self.holding.attach(self.adapter, self.device, self.say)  # trainable tensors to the device, start streaming
-        self.adapter.module.train()
-        self.model = self.dist.wrap(self.adapter.module)
-        self.params = self.adapter.parameters()
-
         self.repeats = [c.repeat for c in self.train_ds.clips]
         self.batches_per_epoch = len(self._epoch_plan(0))
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.gradient_accumulation)
         self.total = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * self.steps_per_epoch
-        self.optimizer = build_optimizer(self.params, cfg)
         self.schedule = new_schedule(cfg, self.total)
-        self.ema = EMA.for_config(self.adapter, cfg)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
-        mu = cfg.timestep_mu if cfg.timestep_mu is not None else self.info.timestep_mu
-        sigma = cfg.timestep_sigma if cfg.timestep_sigma is not None else self.info.timestep_sigma
-        self.objective = Objective(cfg.timestep_mode, mu, sigma, cfg.cfg_ratio, self.null,
-                                   None if cfg.precision == "fp32" else self.dtype)
         self.trigger = cfg.trigger_tag or self.dataset.trigger_tag
-        self.previews = self._build_previews() if cfg.preview_every and self.dist.main else None
+
+        self.adapter: Optional[Adapter] = None
+        self.info = self.ema = self.previews = None
+        self.params: list[torch.nn.Parameter] = []
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
+        if cfg.trains_dit:
+            self._setup_dit()
+        self.planner = None
+        if cfg.trains_lm:
+            from ..planner.training import build_planner_training
+
+            self.planner = build_planner_training(cfg, self.dataset, self.device,
+                                                  None if cfg.precision == "fp32" else self.dtype, self.schedule,
+                                                  seed=_seed_for(cfg.seed, 1), say=self.say)
 
         self.step, self.epoch, self.batch_pos = 0, 0, 0
         self.elapsed_before = 0.0
@@ -251,6 +246,35 @@ class _Trainer:
         self.best_val: Optional[float] = None
         self.last_val: Optional[float] = None
         self._resume()
+
+    def _setup_dit(self) -> None:
+        """Load the frozen DiT and add its adapter, optimizer, EMA, objective and previews."""
+        from ..device import load_frozen_base
+
+        cfg = self.cfg
+        loaded, self.holding = load_frozen_base(cfg, self.device, self.dtype, self.say)  # plan, precision, offload
+        self.info = loaded.info
+        self.model_config = loaded.config
+        decoder = loaded.model.decoder
+        decoder.requires_grad_(False)
+        self.null = loaded.model.null_condition_emb.detach()
+        self._check_dataset_fits(decoder)
+
+        _seed_everything(cfg.seed)  # adapter initialisation
+        self.adapter = inject_adapter(decoder, cfg)
+        decoder.checkpoint_ratio = cfg.checkpointing_ratio if cfg.gradient_checkpointing else 0.0
+        decoder.checkpoint_selective = cfg.selective_checkpointing
+        self.holding.attach(self.adapter, self.device, self.say)  # trainable tensors to the device, start streaming
+        self.adapter.module.train()
+        self.model = self.dist.wrap(self.adapter.module)
+        self.params = self.adapter.parameters()
+        self.optimizer = build_optimizer(self.params, cfg)
+        self.ema = EMA.for_config(self.adapter, cfg)
+        mu = cfg.timestep_mu if cfg.timestep_mu is not None else self.info.timestep_mu
+        sigma = cfg.timestep_sigma if cfg.timestep_sigma is not None else self.info.timestep_sigma
+        self.objective = Objective(cfg.timestep_mode, mu, sigma, cfg.cfg_ratio, self.null,
+                                   None if cfg.precision == "fp32" else self.dtype)
+        self.previews = self._build_previews() if cfg.preview_every and self.dist.main else None
 
     def _epoch_plan(self, epoch: int):
         return plan_epoch(self.frames, self.crop, self.cfg.batch_size, self.cfg.seed, epoch, self.dist.world,
@@ -308,15 +332,29 @@ class _Trainer:
                 folder = st.latest_valid_checkpoint(folder) or folder
             state = self._read_state(folder)
         if state is None:
-            self.scheduler = build_scheduler(self.optimizer, cfg, self.schedule)
+            self.scheduler = build_scheduler(self.optimizer, cfg, self.schedule) if self.adapter else None
             return
         self._apply_state(folder, state)
 
     def _read_state(self, folder: Path) -> dict[str, Any]:
         """A checkpoint's training state, checked completely before anything of it is used."""
         state = st.read_checkpoint(folder)
-        if not isinstance(state, dict) or not isinstance(state.get("adapter"), dict):
-            raise st.CheckpointStateError(f"{folder}: damaged training state: no adapter description")
+        if not isinstance(state, dict):
+            raise st.CheckpointStateError(f"{folder}: damaged training state: not a mapping")
+        if self.planner is not None:
+            self.planner.check_state(state.get("lm"), folder)
+        elif state.get("lm") is not None:
+            raise AdapterMismatchError(f"{folder}: the checkpoint also trains the planner LM; resume with "
+                                       f"train_models {'both' if state.get('adapter') else 'lm'}")
+        if self.adapter is None:
+            if state.get("adapter") is not None:
+                raise AdapterMismatchError(f"{folder}: the checkpoint also trains a DiT adapter; resume with "
+                                           "train_models both")
+            st.check_state(state, folder, [])
+            return self._check_length(state, folder)
+        if not isinstance(state.get("adapter"), dict):
+            raise AdapterMismatchError(f"{folder}: the checkpoint holds no DiT adapter (it trains the planner LM "
+                                       "only); resume with train_models lm")
         a = state["adapter"]
         if a.get("kind") != self.cfg.adapter or list(a.get("targets", [])) != list(self.adapter.targets):
             raise AdapterMismatchError(
@@ -335,6 +373,9 @@ class _Trainer:
                 f"{folder}: was trained with optimizer {state.get('optimizer_name')}; resume with the same optimizer"
             )
         st.check_state(state, folder, self.params)
+        return self._check_length(state, folder)
+
+    def _check_length(self, state: dict[str, Any], folder: Path) -> dict[str, Any]:
         if state["step"] > self.total:  # a settings problem, not a damaged checkpoint: no fallback
             raise ValueError(
                 f"{folder}: is at step {state['step']}, beyond this run's {self.total} steps; nothing would be "
@@ -343,8 +384,9 @@ class _Trainer:
 
     def _apply_state(self, folder: Path, state: dict[str, Any]) -> None:
         cfg = self.cfg
-        load_adapter_weights(self.adapter, folder)
-        st.load_optimizer_state(self.optimizer, state["optimizer"], str(folder))
+        if self.adapter is not None:
+            load_adapter_weights(self.adapter, folder)
+            st.load_optimizer_state(self.optimizer, state["optimizer"], str(folder))
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.batch_pos = state["step"], state["epoch"], state["batch_pos"]
@@ -368,9 +410,14 @@ class _Trainer:
             self.schedule = extend_schedule(saved, self.step, self.total)
             notes.append(f"run length {saved['total']} -> {self.total} steps: the rest of the learning-rate schedule "
                          f"is spread over steps {self.step}-{self.total}, continuing from where it is (no jump)")
-        self.scheduler = build_scheduler(self.optimizer, cfg, self.schedule)
-        continue_at(self.scheduler, self.optimizer, cfg, self.step)
-        for key, what in (("learning_rate", "learning rate"), ("scheduler", "schedule"),
+        self.scheduler = None
+        if self.adapter is not None:
+            self.scheduler = build_scheduler(self.optimizer, cfg, self.schedule)
+            continue_at(self.scheduler, self.optimizer, cfg, self.step)
+        if self.planner is not None:
+            self.planner.resume(folder, state["lm"], self.step, self.schedule)
+        for key, what in (("learning_rate", "learning rate"), ("lm_learning_rate", "LM learning rate"),
+                          ("scheduler", "schedule"),
                           ("min_lr_ratio", "min_lr_ratio"), ("scheduler_cycles", "scheduler_cycles"),
                           ("weight_decay", "weight decay"), ("max_grad_norm", "max_grad_norm")):
             if key in old and old[key] != getattr(cfg, key):
@@ -386,25 +433,29 @@ class _Trainer:
         for note in notes:
             self.say(f"resuming with changed settings: {note}", logging.WARNING)
         self.last_checkpoint = folder
-        self.say(f"resumed from {folder} at step {self.step} (epoch {self.epoch}), learning rate "
-                 f"{self.scheduler.get_last_lr()[0]:.3g}")
+        self.say(f"resumed from {folder} at step {self.step} (epoch {self.epoch}), learning rate {self._lr():.3g}")
 
     # ----- plan -----
     def _plan(self) -> dict[str, Any]:
         cfg = self.cfg
-        n_params = self.adapter.num_parameters()
         plan: dict[str, Any] = {
-            "adapter": cfg.adapter, "targets": len(self.adapter.targets), "trainable_params": n_params,
-            "base_variant": self.info.variant, "precision": cfg.precision, "device": str(self.device),
+            "train_models": cfg.train_models, "precision": cfg.precision, "device": str(self.device),
             "processes": self.dist.world, "clips": len(self.train_ds), "val_clips": len(self.val_ds or []),
             "batch_size": cfg.batch_size, "gradient_accumulation": cfg.gradient_accumulation,
             "crop_frames": self.crop, "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total,
             "start_step": self.step, "warmup_steps": self.schedule["warmup"],
-            "timestep_mode": cfg.timestep_mode, "timestep_mu": self.objective.mu,
-            "timestep_sigma": self.objective.sigma, "cfg_ratio": cfg.cfg_ratio,
         }
-        if cfg.estimate_steps and self.step < self.total:
-            plan.update(self._measure(cfg.estimate_steps, n_params))
+        if self.adapter is not None:
+            plan.update({
+                "adapter": cfg.adapter, "targets": len(self.adapter.targets),
+                "trainable_params": self.adapter.num_parameters(), "base_variant": self.info.variant,
+                "timestep_mode": cfg.timestep_mode, "timestep_mu": self.objective.mu,
+                "timestep_sigma": self.objective.sigma, "cfg_ratio": cfg.cfg_ratio,
+            })
+        if self.planner is not None:
+            plan.update(self.planner.plan())
+        if cfg.estimate_steps and self.step < self.total and self.adapter is not None:
+            plan.update(self._measure(cfg.estimate_steps, plan["trainable_params"]))
         return plan
 
     def _measure(self, n: int, n_params: int) -> dict[str, Any]:
@@ -456,7 +507,32 @@ class _Trainer:
         return out
 
     # ----- one optimizer step -----
-    def _train_step(self, group) -> tuple[float, float, list[float]]:
+    def _train_step(self, group) -> tuple[float, float, list[float], Optional[tuple[float, float]]]:
+        """One optimizer step of every adapter trained: ``(loss, grad norm, timesteps, (LM loss, LM grad norm))``;
+        with the LM alone its loss and norm are also the first two. All gradients are computed and checked before
+        any weight changes, so an interruption or a non-finite loss never leaves one adapter a step ahead."""
+        lm = None
+        if self.planner is not None:
+            lm = self.planner.backward([[self.train_idx[it.clip] for it in items] for items in group])
+            if not all(math.isfinite(v) for v in lm):
+                raise NonFiniteLossError(self._nan_message("planner LM loss or gradient norm", lm[0]))
+        if self.adapter is not None:
+            mean_loss, grad_norm, ts = self._dit_backward(group)
+        else:
+            (mean_loss, grad_norm), ts = lm, []
+        self._in_update = True
+        if self.adapter is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+        if self.planner is not None:
+            self.planner.update()
+        self._in_update = False
+        self._zero_grad()
+        return mean_loss, grad_norm, ts, lm
+
+    def _dit_backward(self, group) -> tuple[float, float, list[float]]:
+        """The DiT adapter's gradients for one step, unscaled and clipped: ``(loss, grad norm, timesteps)``."""
         losses, ts = [], []
         n = len(group)
         for j, items in enumerate(group):
@@ -476,13 +552,17 @@ class _Trainer:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
         if not math.isfinite(grad_norm) and not self.scaler.is_enabled():
             raise NonFiniteLossError(self._nan_message("gradient norm", grad_norm))
-        self._in_update = True
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
-        self._in_update = False
-        self.optimizer.zero_grad(set_to_none=True)
         return mean_loss, grad_norm, ts
+
+    def _zero_grad(self) -> None:
+        if self.adapter is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+        if self.planner is not None:
+            self.planner.optimizer.zero_grad(set_to_none=True)
+
+    def _lr(self) -> float:
+        """The learning rate shown and logged: the DiT adapter's, or the LM's when it trains alone."""
+        return (self.scheduler if self.adapter is not None else self.planner.scheduler).get_last_lr()[0]
 
     def _nan_message(self, what: str, value: float) -> str:
         keep = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else \
@@ -491,6 +571,13 @@ class _Trainer:
                 "Try a lower learning rate, --max-grad-norm, or check the dataset")
 
     # ----- validation -----
+    def _validations(self) -> tuple[Optional[float], Optional[float]]:
+        """``(validation loss, the LM's)``; with the LM alone its loss is both."""
+        if not self.dist.main:
+            return None, None
+        lm = self.planner.validation_loss(self.val_idx) if self.planner is not None else None
+        return (self._validate() if self.adapter is not None else lm), lm
+
     def _validate(self) -> Optional[float]:
         """Deterministic: every held-out clip's centre crop, a fixed t and noise per clip, no CFG dropout."""
         if self.val_ds is None or not self.dist.main:
@@ -509,11 +596,16 @@ class _Trainer:
         return total / len(items)
 
     # ----- saving -----
+    def _run_metadata(self, status: str) -> dict[str, Any]:
+        """What every adapter file of the run records (the LM adapter adds its own ``sidestep_lm_*``)."""
+        return {"sidestep_format": "1", "sidestep_version": __version__, "sidestep_trigger_tag": self.trigger,
+                "sidestep_steps": self.step, "sidestep_epoch": self.epoch, "sidestep_status": status,
+                "sidestep_training": self.cfg.to_dict(include_run=False)}
+
     def _metadata(self, status: str) -> dict[str, str]:
         info = self.info
         return metadata_json({
-            "sidestep_format": "1",
-            "sidestep_version": __version__,
+            **self._run_metadata(status),
             "sidestep_adapter": self.adapter.kind,
             "sidestep_adapter_options": {**self.adapter.options, **self.adapter.extra},
             "sidestep_targets": self.adapter.targets,
@@ -523,11 +615,6 @@ class _Trainer:
             "sidestep_recommended_shift": info.shift,
             "sidestep_recommended_steps": info.steps,
             "sidestep_recommended_guidance": info.guidance,
-            "sidestep_trigger_tag": self.trigger,
-            "sidestep_steps": self.step,
-            "sidestep_epoch": self.epoch,
-            "sidestep_status": status,
-            "sidestep_training": self.cfg.to_dict(include_run=False),
         })
 
     def _save_checkpoint(self, elapsed: float) -> Optional[Path]:
@@ -538,9 +625,11 @@ class _Trainer:
                 "step": self.step, "epoch": self.epoch, "batch_pos": self.batch_pos, "total_steps": self.total,
                 "elapsed_s": elapsed, "world_size": self.dist.world,
                 "adapter": {"kind": self.adapter.kind, "targets": self.adapter.targets,
-                            "options": self.adapter.options},
+                            "options": self.adapter.options} if self.adapter else None,
                 "optimizer_name": self.cfg.optimizer,
-                "optimizer": st.optimizer_state(self.optimizer),
+                # without a DiT adapter: an optimizer over no parameters (the LM's is in "lm")
+                "optimizer": st.optimizer_state(self.optimizer) if self.adapter else {"state": {}, "param_groups": []},
+                "lm": self.planner.state() if self.planner else None,
                 "schedule": self.schedule,
                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
                 "smoother": self.smoother.state(),
@@ -550,8 +639,8 @@ class _Trainer:
                 "config": self.cfg.to_dict(include_run=False),
                 "version": __version__,
             }
-            meta = self._metadata("checkpoint")
-            folder = st.write_checkpoint(st.step_dir(self.out, self.step), lambda d: self._save_adapters(d, meta),
+            folder = st.write_checkpoint(st.step_dir(self.out, self.step),
+                                         lambda d: self._save_adapters(d, "checkpoint"),
                                          state)
             st.prune_checkpoints(self.out, self.cfg.keep_checkpoints, protect=folder)
             self.last_checkpoint = folder
@@ -563,16 +652,19 @@ class _Trainer:
     def _save_final(self, status: str) -> Optional[Path]:
         final = None
         if self.dist.main:
-            meta = self._metadata(status)
-            final = st.write_dir_atomically(self.out / "final", lambda d: self._save_adapters(d, meta))
+            final = st.write_dir_atomically(self.out / "final", lambda d: self._save_adapters(d, status))
             self._write_loss_png()
         self.dist.barrier()
         return final
 
-    def _save_adapters(self, folder: Path, meta: dict[str, str]) -> None:
-        self.adapter.save(folder, meta)
-        if self.ema is not None:
-            self.ema.save(folder, meta)
+    def _save_adapters(self, folder: Path, status: str) -> None:
+        if self.adapter is not None:
+            meta = self._metadata(status)
+            self.adapter.save(folder, meta)
+            if self.ema is not None:
+                self.ema.save(folder, meta)
+        if self.planner is not None:
+            self.planner.save(folder, metadata_json(self._run_metadata(status)))
 
     def _write_loss_png(self) -> None:
         from .chart import write_loss_png
@@ -589,9 +681,10 @@ class _Trainer:
         atomic_write_json(self.out / "training_config.json", {
             "version": __version__,
             "config": self.cfg.to_dict(),
-            "model": self.info.to_dict(),
+            "model": self.info.to_dict() if self.info else None,
             "adapter": {"kind": self.adapter.kind, "options": self.adapter.options, "targets": self.adapter.targets,
-                        **self.adapter.extra},
+                        **self.adapter.extra} if self.adapter else None,
+            "lm_adapter": self.planner.describe() if self.planner else None,
             "dataset": {"clips": [c.name for c in self.train_ds.clips],
                         "val_clips": [c.name for c in (self.val_ds.clips if self.val_ds else [])],
                         "trigger_tag": self.trigger},
@@ -660,8 +753,8 @@ class _Trainer:
                     self.epoch, self.batch_pos = self.epoch + 1, 0
                     continue
                 group = batches[self.batch_pos:self.batch_pos + cfg.gradient_accumulation]
-                lr = self.scheduler.get_last_lr()[0]
-                loss, grad_norm, ts = self._train_step(group)
+                lr = self._lr()
+                loss, grad_norm, ts, lm = self._train_step(group)
                 self.step += 1
                 if self.ema is not None:
                     self.ema.update(self.step)
@@ -676,35 +769,40 @@ class _Trainer:
 
                 stop = self.dist.any(bool(self.should_stop()) if self.dist.main else False)
                 save = stop or self.step == self.total or (cfg.save_every and self.step % cfg.save_every == 0)
-                val = None
+                val = lm_val = None
                 if self.val_ds is not None and (
                     (cfg.val_every and self.step % cfg.val_every == 0) or (not cfg.val_every and save)
                 ):
-                    val = self._validate()
+                    val, lm_val = self._validations()
                     if val is not None:
                         self.last_val = val
                         self.best_val = val if self.best_val is None else min(self.best_val, val)
                         self.emit("validation", step=self.step, val_loss=val)
                 if self.dist.main:
                     csv.write(step=self.step, epoch=self.epoch, loss=loss, smoothed_loss=smoothed, lr=lr,
-                              grad_norm=grad_norm, val_loss=val, elapsed_s=elapsed)
+                              grad_norm=grad_norm, val_loss=val, elapsed_s=elapsed, lm_loss=lm[0] if lm else None)
                     if cfg.log_every and self.step % cfg.log_every == 0:
                         tb.scalars(self.step, {"train/loss": loss, "train/loss_smoothed": smoothed, "train/lr": lr,
                                                "train/grad_norm": grad_norm, "train/epoch": self.epoch})
+                        if lm is not None:
+                            tb.scalars(self.step, {"lm/loss": lm[0], "lm/grad_norm": lm[1],
+                                                   "lm/lr": self.planner.lr()})
                     if val is not None:
                         tb.scalars(self.step, {"val/loss": val})
+                    if lm_val is not None:
+                        tb.scalars(self.step, {"val/lm_loss": lm_val})
                     if cfg.histogram_every and self.step % cfg.histogram_every == 0 and t_hist:
                         tb.histogram("train/timesteps", t_hist, self.step)
                         t_hist = []
                 self.emit("step", step=self.step, total=self.total, epoch=self.epoch, loss=loss,
                           smoothed_loss=smoothed, lr=lr, grad_norm=grad_norm, steps_per_s=speed.steps_per_s(),
-                          eta_s=speed.eta_s(self.total - self.step))
+                          eta_s=speed.eta_s(self.total - self.step), **({"lm_loss": lm[0]} if lm else {}))
                 if save:
                     self._save_checkpoint(elapsed)
                     saved_at = self.step
                 if self.previews is not None:  # after saving: a slow render never risks the checkpoint
                     self.previews.maybe_render(self.step, self.adapter.module, force=self.step == self.total or stop)
-                if self.step_hook is not None and self.dist.main:  # same place, same isolation as the previews
+                if self.step_hook is not None and self.dist.main and self.adapter is not None:  # as the previews
                     from ..inference.previews import Isolated
 
                     with Isolated(self.adapter.module, self.device):
@@ -713,7 +811,7 @@ class _Trainer:
         except KeyboardInterrupt:
             if self._in_update or self.dist.world > 1:
                 raise  # parameters half-updated, or other ranks cannot follow: keep the last checkpoint as it is
-            self.optimizer.zero_grad(set_to_none=True)
+            self._zero_grad()
             stop, result.interrupted = True, True
             self.say(f"interrupted at step {self.step}: saving")
             if self.step != saved_at:
@@ -754,15 +852,22 @@ def _schedule_of_old_checkpoint(cfg: TrainConfig, old: dict[str, Any], total: in
 
 
 def _plan_text(plan: dict[str, Any]) -> str:
-    lines = [
-        f"plan: {plan['adapter']} on {plan['targets']} modules ({plan['trainable_params']:,} trainable parameters), "
-        f"base {plan['base_variant']}, {plan['precision']} on {plan['device']} x{plan['processes']}",
+    lines = []
+    if "adapter" in plan:
+        lines.append(f"plan: {plan['adapter']} on {plan['targets']} modules ({plan['trainable_params']:,} trainable "
+                     f"parameters), base {plan['base_variant']}, {plan['precision']} on {plan['device']} "
+                     f"x{plan['processes']}")
+    if "lm_targets" in plan:
+        lines.append(f"{'      ' if lines else 'plan: '}planner LM: LoRA rank {plan['lm_rank']} on {plan['lm_targets']} "
+                     f"modules ({plan['lm_params']:,} trainable parameters), loss on {plan['lm_loss']}, "
+                     f"{plan['lm_tokens']:,} tokens to learn in the dataset, {plan['precision']} on {plan['device']}")
+    lines.append(
         f"      {plan['clips']} clips ({plan['val_clips']} held out), batch {plan['batch_size']} x accumulation "
         f"{plan['gradient_accumulation']}, crop {plan['crop_frames']} frames; {plan['steps_per_epoch']} steps per "
-        f"epoch, steps {plan['start_step']} -> {plan['total_steps']} (warmup {plan['warmup_steps']})",
-        f"      timesteps {plan['timestep_mode']} (mu {plan['timestep_mu']:.3g}, sigma {plan['timestep_sigma']:.3g}),"
-        f" CFG dropout {plan['cfg_ratio']}",
-    ]
+        f"epoch, steps {plan['start_step']} -> {plan['total_steps']} (warmup {plan['warmup_steps']})")
+    if "adapter" in plan:
+        lines.append(f"      timesteps {plan['timestep_mode']} (mu {plan['timestep_mu']:.3g}, sigma "
+                     f"{plan['timestep_sigma']:.3g}), CFG dropout {plan['cfg_ratio']}")
     if "peak_memory_bytes" in plan:
         time_text = (f"{plan['seconds_per_step']:.3g} s/step, about {_duration(plan['estimated_seconds'])} to go"
                      if "seconds_per_step" in plan else plan["estimate_note"])

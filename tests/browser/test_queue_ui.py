@@ -47,3 +47,21 @@ def test_train_then_generate_from_the_run_button(page, comfy_server, canvas):
     saved = entry["outputs"][str(ids["SaveAudioAdvanced"])]["audio"][0]["filename"]
     page.wait_for_function("(f) => [...document.querySelectorAll('audio')].some(a => decodeURIComponent(a.src)"
                            ".includes(f))", arg=saved, timeout=30_000)
+
+
+def test_train_dit_and_lm_queues_and_names_the_missing_lm(page, comfy_server, canvas):
+    """``train_dit_and_lm`` queued with the Run button: the front end's prompt is accepted (every value and link
+    valid), the data is preprocessed, and Train Adapter stops with the message saying where the LM goes — the
+    test model set holds no 5 Hz LM ComfyUI can run (ComfyUI builds the 1.7B LM at full size)."""
+    ui.open_app(page, comfy_server, vue=canvas == "vue")
+    ui.open_template(page, "train_dit_and_lm")
+    ids = {n["type"]: n["id"] for n in ui.read_nodes(page)}
+    ui.set_widget(page, ids["SideStepTrainAdapter"], "max_steps", 2)
+    ui.set_widget(page, ids["SideStepTrainAdapter"], "output_name", f"lm_{canvas}")
+    entry = ui.queue_from_ui(page, comfy_server)
+    status = entry["status"]
+    assert status["status_str"] == "error", ui.dumps(status["messages"])
+    errors = [m[1] for m in status["messages"] if m[0] == "execution_error"]
+    assert errors and errors[0]["node_type"] == "SideStepTrainAdapter", ui.dumps(status["messages"])
+    message = errors[0]["exception_message"]
+    assert "no 5 Hz planner LM found" in message and "qwen_1.7b_ace15.safetensors" in message, message
