@@ -224,11 +224,11 @@ PREPROCESS = NodeSpec(
                   tooltip="loudness normalisation before encoding: none, peak (to -1 dBFS) or lufs (to -14 LUFS)"),
         InputSpec("trigger_tag", "STRING", "",
                   tooltip="a tag added to every caption (e.g. a made-up word) so the adapter can be called by it"),
-        InputSpec("auto_label", "BOOLEAN", False,
+        InputSpec("auto_label", "BOOLEAN", False, optional=True,
                   tooltip="songs without a caption, bpm, key, time signature or language get them from the 5 Hz "
                           "LM's reading of their audio codes, written to song.labels.txt beside the song (edit "
                           "freely; what you wrote yourself is never replaced, and an existing labels file is kept)"),
-        InputSpec("planner_lm", "COMBO", AUTO, options=(AUTO,), dynamic=DYNAMIC_PLANNER_LMS,
+        InputSpec("planner_lm", "COMBO", AUTO, options=(AUTO,), dynamic=DYNAMIC_PLANNER_LMS, optional=True,
                   tooltip="the 5 Hz LM used by auto_label (text_encoders/qwen_1.7b_ace15.safetensors or "
                           "qwen_4b_ace15). auto: qwen_1.7b_ace15, else the one beside an original folder or inside "
                           "an all-in-one checkpoint"),
