@@ -244,8 +244,8 @@ TRAIN = NodeSpec(
     "SideStepTrainAdapter",
     "Train Adapter",
     "Trains a LoRA / DoRA / LoKr / LoHa / OFT adapter on the DiT, and with train_models lm / both a LoRA on the "
-    "5 Hz planner LM (what it decides: structure, phrasing, tempo, key, vocals). Frees ComfyUI's models first, shows a live loss "
-    "chart, saves a checkpoint and the adapter on Cancel, and reuses a finished adapter when queued again with "
+    "5 Hz planner LM (what it decides: structure, phrasing, tempo, key, vocals). Frees ComfyUI's models first, "
+    "shows a live loss chart, saves a checkpoint and the adapter on Cancel, and reuses a finished adapter when queued again with "
     "the same inputs (resume continues a stopped run).",
     (
         InputSpec("model", MODEL_TYPE, tooltip="from Load ACE-Step Checkpoint"),
@@ -414,7 +414,8 @@ EXPORT = NodeSpec(
         InputSpec("directory", "STRING", "", advanced=True,
                   tooltip="write here instead of the first models/loras folder"),
         InputSpec("checkpoint", "STRING", "final",
-                  tooltip="which adapter of the run: final, last (newest checkpoint), step_N, ema (final's moving average, when trained with ema_decay), step_N/ema or last/ema"),
+                  tooltip="which adapter of the run: final, last (newest checkpoint), step_N, ema (final's moving "
+                          "average, when trained with ema_decay), step_N/ema or last/ema"),
     ),
     (OutputSpec("path", "STRING", "the written file"),),
     output_node=True,
@@ -442,7 +443,8 @@ APPLY = NodeSpec(
                   tooltip="multiplies strength on MLP modules"),
         InputSpec("adapter", ADAPTER_TYPE, optional=True, tooltip="from Train Adapter (wins over lora_name)"),
         InputSpec("checkpoint", "STRING", "final", optional=True,
-                  tooltip="with a connected adapter, which one of its run: final, last (newest checkpoint), step_N, ema (final's moving average, when trained with ema_decay), step_N/ema or last/ema"),
+                  tooltip="with a connected adapter, which one of its run: final, last (newest checkpoint), step_N, "
+                          "ema (final's moving average, when trained with ema_decay), step_N/ema or last/ema"),
         InputSpec("clip", "CLIP", optional=True,
                   tooltip="the ACE-Step 1.5 CLIP (DualCLIPLoader type ace, with the 5 Hz LM): its LM gets the "
                           "planner-LM adapter (the run's final/lm, or <lora_name>_lm.safetensors beside the file), "
