@@ -245,8 +245,8 @@ TRAIN = NodeSpec(
     "Train Adapter",
     "Trains a LoRA / DoRA / LoKr / LoHa / OFT adapter on the DiT, and with train_models lm / both a LoRA on the "
     "5 Hz planner LM (what it decides: structure, phrasing, tempo, key, vocals). Frees ComfyUI's models first, "
-    "shows a live loss chart, saves a checkpoint and the adapter on Cancel, and reuses a finished adapter when queued again with "
-    "the same inputs (resume continues a stopped run).",
+    "shows a live loss chart, saves a checkpoint and the adapter on Cancel, and reuses a finished adapter when "
+    "queued again with the same inputs (resume continues a stopped run).",
     (
         InputSpec("model", MODEL_TYPE, tooltip="from Load ACE-Step Checkpoint"),
         InputSpec("dataset", DATASET_TYPE, tooltip="from Preprocess Audio Folder"),
