@@ -9,9 +9,10 @@ import torch
 
 from sidestep_core.config import TrainConfig
 from sidestep_core.device.measure import RandomStep
-from sidestep_core.device.plan import estimate, weight_bytes
+from sidestep_core.device.plan import CUDA_RESERVED, GIB, estimate, fit_on_card, weight_bytes
 from sidestep_core.device.shapes import real_shape
 from sidestep_core.model.config import AceStepConfig
+from sidestep_core.presets import VRAM_TIERS, load_preset
 from sidestep_core.tiny.profiles import get_profile
 from train_helpers import single_thread  # noqa: F401
 
@@ -104,3 +105,14 @@ def test_plan_refuses_and_names_the_smallest_change_that_fits(capsys):
     assert "smallest change that fits: fp8 base:" in line  # bf16 needs ~3.6 GiB; fp8 is the least change
     assert main([*args, "--free", "1.2"]) == 1
     assert "offload" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", list(VRAM_TIERS))
+def test_vram_presets_fit_their_card(name):
+    """At the 2B shape each memory-tier preset fits its card as it is; at XL with a quantized base at most (no
+    offload). The README's table of which settings fit which GPU is ``sidestep plan --tiers``."""
+    cfg, card = load_preset(name), VRAM_TIERS[name]
+    two_b = estimate(real_shape("2b"), cfg, device="cuda")
+    assert two_b.needed <= card * GIB - CUDA_RESERVED, two_b.describe()
+    xl = fit_on_card(real_shape("xl"), cfg, card, cache={})
+    assert xl is not None and xl.offload_layers == 0, name
