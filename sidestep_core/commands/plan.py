@@ -3,7 +3,8 @@
 The architecture comes from ``--checkpoint`` (its config.json or safetensors headers; no weights are read) or from
 ``--shape 2b|xl``; every training option is the same as ``sidestep train``'s. Prints the plan beside the device's
 free memory (or ``--free``), and the smallest change that fits when it does not (exit code 1). ``--table`` prints
-every base precision, with and without offloading every layer.
+every base precision, with and without offloading every layer; ``--tiers`` the least change of each ``vram_*`` preset
+that fits its card, at the 2B and XL shapes (the README's table).
 """
 
 from __future__ import annotations
