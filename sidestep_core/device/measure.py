@@ -87,7 +87,8 @@ class RandomStep:
         default = torch.get_default_dtype()
         torch.set_default_dtype(dtype)  # the frozen base in the training dtype, as the loader leaves it
         try:
-            decoder = AceStepDiT(config).to(device)
+            with device:  # random init where it runs: initialising XL on the host takes minutes
+                decoder = AceStepDiT(config)
         finally:
             torch.set_default_dtype(default)
         decoder.requires_grad_(False)
