@@ -94,7 +94,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-
 def tier_table(cond_tokens: int) -> str:
     """Each ``vram_*`` preset on its card at the 2B and XL shapes: its own settings when they fit, else the least
     change that does (the plan's ``needed``: peak + CUDA slack)."""

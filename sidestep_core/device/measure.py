@@ -122,7 +122,8 @@ class RandomStep:
         self.optimizer.zero_grad(set_to_none=True)
 
     def resident_bytes(self) -> int:
-        """The decoder's parameters and buffers on the device (frozen base and adapter) and the optimizer state (after a first ``update``)."""
+        """The decoder's parameters and buffers on the device (frozen base and adapter) and the optimizer state
+        (after a first ``update``)."""
         state = [v for s in self.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
         mine = [t for t in (*self.adapter.module.parameters(), *self.adapter.module.buffers())
                 if t.device.type == self.device.type]
