@@ -2,11 +2,13 @@
 offload (CUDA), beside the memory plan's estimate (the estimator's error).
 
     python bench/real_scale.py --shape scaled --crop-seconds 10        # CPU, minutes
-    python bench/real_scale.py --shape 2b --crop-seconds 4             # CPU, real 2B shape (slow, ~10 GB RAM)
+    python bench/real_scale.py --shape 2b --crop-seconds 2             # CPU, real 2B shape (slow, ~8 GB RAM)
     python bench/real_scale.py --shape xl --device cuda --crop-seconds 60   # GPU: torch.cuda.max_memory_allocated
 
 Peak memory: on CPU resident tensors + the peak of what a step allocates (torch profiler allocation events), on
-CUDA ``max_memory_allocated``; offload rows only on CUDA (on CPU host and device memory are the same). Time: median of ``--repeats`` steps after a warm-up. Prints a markdown table.
+CUDA ``max_memory_allocated``; offload rows only on CUDA (on CPU host and device memory are the same). Time: median
+of ``--repeats`` steps after a warm-up. The step is ``device.measure.RandomStep``, as in tests/test_device_plan.py.
+Prints a markdown table.
 """
 
 from __future__ import annotations
