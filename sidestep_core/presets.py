@@ -105,6 +105,9 @@ BUILTIN: dict[str, dict[str, Any]] = {
     },
 }
 
+# The card each memory-tier preset is meant for (GB), checked by the memory plan at the 2B and XL shapes.
+VRAM_TIERS = {"vram_8gb": 8, "vram_12gb": 12, "vram_16gb": 16, "vram_24gb_plus": 24}
+
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
 

@@ -8,7 +8,8 @@ import torch
 from sidestep_core.tiny import get_profile
 
 from goldens import assert_close as close
-from goldens import read_golden, tiny_model
+from goldens import (check_condition_encoder, check_decoder_velocity, check_tokenizer_and_detokenizer, read_golden,
+                     tiny_model)
 
 
 @pytest.fixture(scope="module")
@@ -31,37 +32,16 @@ def test_golden_was_made_from_our_generator_config(golden):
 
 @pytest.mark.parametrize("case", ["dec_T37", "dec_T40", "dec_T37_r"])
 def test_decoder_velocity(golden, model, case):
-    g, _ = golden
-    with torch.no_grad():
-        v = model.decoder(
-            hidden_states=g[f"{case}.in.hidden_states"],
-            timestep=g[f"{case}.in.timestep"],
-            timestep_r=g[f"{case}.in.timestep_r"],
-            encoder_hidden_states=g[f"{case}.in.encoder_hidden_states"],
-            context_latents=g[f"{case}.in.context_latents"],
-        )
-    close(v, g[f"{case}.out.velocity"])
+    check_decoder_velocity(model, golden[0], case)
 
 
 @pytest.mark.parametrize("case", ["enc", "enc1"])
 def test_condition_encoder(golden, model, case):
-    g, _ = golden
-    names = ["text_hidden_states", "text_attention_mask", "lyric_hidden_states", "lyric_attention_mask",
-             "refer_audio_acoustic_hidden_states_packed", "refer_audio_order_mask"]
-    with torch.no_grad():
-        states, mask = model.encoder(*(g[f"{case}.in.{n}"] for n in names))
-    assert torch.equal(mask, g[f"{case}.out.encoder_attention_mask"])
-    close(states, g[f"{case}.out.encoder_hidden_states"])
+    check_condition_encoder(model, golden[0], case)
 
 
 def test_audio_tokenizer_and_detokenizer(golden, model):
-    g, _ = golden
-    with torch.no_grad():
-        quantized, indices = model.tokenizer(g["tok.in.x"])
-        detok = model.detokenize(g["tok.out.quantized"])
-    assert torch.equal(indices.long(), g["tok.out.indices"].long())
-    close(quantized, g["tok.out.quantized"])
-    close(detok, g["tok.out.detokenized"])
+    check_tokenizer_and_detokenizer(model, golden[0])
 
 
 def test_padded_lyric_batch_where_a_window_holds_no_real_key(model):

@@ -3,7 +3,8 @@
 The architecture comes from ``--checkpoint`` (its config.json or safetensors headers; no weights are read) or from
 ``--shape 2b|xl``; every training option is the same as ``sidestep train``'s. Prints the plan beside the device's
 free memory (or ``--free``), and the smallest change that fits when it does not (exit code 1). ``--table`` prints
-every base precision, with and without offloading every layer.
+every base precision, with and without offloading every layer; ``--tiers`` the least change of each ``vram_*`` preset
+that fits its card, at the 2B and XL shapes (the README's table).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ def register(subparsers, name: str = "plan") -> argparse.ArgumentParser:
     src.add_argument("--free", type=float, metavar="GIB", help="free device memory in GiB (default: the device's)")
     src.add_argument("--cond-tokens", type=int, default=512, help="condition length (default: %(default)s)")
     src.add_argument("--table", action="store_true", help="every base precision, with and without full offload")
+    src.add_argument("--tiers", action="store_true",
+                     help="markdown table: the least change of each vram_* preset that fits its card, 2B and XL")
     src.add_argument("--preset", metavar="NAME", help="start from a preset (see `sidestep presets list`)")
     src.add_argument("--config", metavar="FILE", help="JSON settings, as for train")
     src.add_argument("--targets-from", metavar="FILE", help="targets and ranks from `sidestep estimate`")
@@ -42,6 +45,9 @@ def run(args: argparse.Namespace) -> int:
     from ..device.shapes import real_shape
     from .train import build_config
 
+    if args.tiers:
+        print(tier_table(args.cond_tokens))
+        return 0
     cfg = build_config(args).validate()
     if args.shape:
         config = real_shape(args.shape)
@@ -65,6 +71,10 @@ def run(args: argparse.Namespace) -> int:
         return P.estimate_cached(config, cfg, bp, off, target, cache, cond_tokens=args.cond_tokens)
 
     if args.table:
+        print(f"adapter: {plan_of(cfg.base_precision, 0).trainable_params / 1e6:.1f} M trainable parameters, 4 B "
+              f"each (fp32) + {P.OPTIMIZER_BYTES.get(cfg.optimizer, 8)} B of {cfg.optimizer} state; their fp32 "
+              "gradients are part of 'step'. 'peak' is what torch.cuda.max_memory_allocated would report; "
+              "'+ slack' is what must be free on CUDA.")
         print(f"{'settings':<34}{'weights':>11}{'adapter+opt':>13}{'step':>11}{'peak':>11}{'+ slack':>11}")
         for bp in BASE_PRECISIONS:
             for off in (0, config.num_hidden_layers):
@@ -83,3 +93,20 @@ def run(args: argparse.Namespace) -> int:
         return 1
     return 0
 
+
+def tier_table(cond_tokens: int) -> str:
+    """Each ``vram_*`` preset on its card at the 2B and XL shapes: its own settings when they fit, else the least
+    change that does (the plan's ``needed``: peak + CUDA slack)."""
+    from .. import presets
+    from ..device import plan as P
+    from ..device.shapes import real_shape
+
+    rows = ["| card | preset | 2B | XL |", "|---|---|---|---|"]
+    for name, gib in presets.VRAM_TIERS.items():
+        cfg = presets.load_preset(name)
+        cells = []
+        for shape in SHAPES:
+            plan = P.fit_on_card(real_shape(shape), cfg, gib, cache={}, cond_tokens=cond_tokens)
+            cells.append(f"{plan.label}: {P.size(plan.needed)}" if plan else "does not fit")
+        rows.append(f"| {gib} GB | `{name}` | {' | '.join(cells)} |")
+    return "\n".join(rows)

@@ -36,9 +36,12 @@ from .quant import BYTES_PER_WEIGHT, FP8, NF4_BLOCK, ROW_SCALE_BYTES, QuantLinea
 GIB = 2**30
 MIB = 2**20
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# optimizer state per trainable parameter; adamw8bit: bitsandbytes keeps 32-bit state for tensors under 4096
+# values, which no LoRA factor of rank >= 2 at the real shapes is
 OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "adafactor": 1, "prodigy": 16}
 CONDITION_TOKENS = 512  # condition length assumed when no dataset tells (caption + lyrics + timbre)
 IN_FLIGHT_LAYERS = 2  # offload: the running layer and the prefetched one
+CUDA_RESERVED = 512 * MIB  # a card's memory the allocator cannot have: CUDA context, cuBLAS/cuDNN, display
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -331,6 +334,13 @@ def estimate_cached(config, cfg, bp, off, device, cache: dict, cond_tokens: int 
                                weights=weight_bytes(config, bp, DTYPES[cfg.precision], off))
     plan.slack = slack_bytes(plan.peak, device)
     return plan
+
+
+def fit_on_card(config: AceStepConfig, cfg: TrainConfig, gib: float, cache: Optional[dict] = None,
+                **kw) -> Optional[MemoryPlan]:
+    """The least change of ``cfg`` (base precision, then offload) whose plan fits a ``gib`` GB card: its memory
+    less ``CUDA_RESERVED`` (the CUDA context and kernels, which the allocator never sees)."""
+    return smallest_fit(config, cfg, int(gib * GIB) - CUDA_RESERVED, "cuda", cache=cache, **kw)
 
 
 def slack_bytes(peak: int, device: str) -> int:
