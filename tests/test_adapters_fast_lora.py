@@ -102,10 +102,10 @@ def test_bf16_autocast_matches_peft():
 def _replayed_masks(seed, p):
     """The masks the lean forward draws, in its order: per layer one for q‖k‖v (layer input), o, cross q (its input),
     cross k‖v (the condition), cross o, then gate, up, down of the MLP. The mask takes its input's memory layout:
-    the residual stream is [B, T, H] over a [B, H, T] buffer (the patch convolution's output, transposed)."""
+    every input is contiguous (the residual stream is made contiguous after the patch convolution)."""
     t, h, inner = FRAMES // 2, TINY["hidden_size"], TINY["intermediate_size"]
-    residual = lambda: torch.ones(B, h, t).transpose(1, 2)  # noqa: E731
     plain = lambda *s: lambda: torch.ones(B, *s)  # noqa: E731
+    residual = plain(t, h)
     draws = [residual, plain(t, h), residual, plain(COND, h), plain(t, h), residual, residual, plain(t, inner)]
     torch.manual_seed(seed)
     return [[torch.nn.functional.dropout(make(), p) for make in draws] for _ in range(TINY["num_hidden_layers"])]

@@ -35,7 +35,9 @@ class PatchIn(nn.Sequential):
         super().__init__(nn.Identity(), nn.Conv1d(cin, cout, kernel_size=patch, stride=patch))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self[1](x.transpose(1, 2)).transpose(1, 2)
+        # Contiguous: the residual stream would otherwise keep the conv's channels-first layout through every
+        # layer (elementwise ops preserve strides), and each linear would copy it and run as a batched matmul.
+        return self[1](x.transpose(1, 2)).transpose(1, 2).contiguous()
 
 
 class PatchOut(nn.Sequential):
