@@ -93,6 +93,12 @@ class AceStepDiT(nn.Module):
         self.checkpoint_ratio = 0.0
         self.checkpoint_selective = False
 
+    def compile_layers(self) -> None:
+        """``torch.compile`` the decoder in place (state-dict keys unchanged). The whole forward is one compiled
+        region, so activation checkpointing is traced inside it (compiling layers one by one under eager
+        checkpointing makes the recomputation run other code than the forward)."""
+        self.compile()
+
     def forward(
         self,
         hidden_states: torch.Tensor,

@@ -225,6 +225,8 @@ class _Trainer:
         self.adapter: Adapter = inject_adapter(decoder, cfg)
         decoder.checkpoint_ratio = cfg.checkpointing_ratio if cfg.gradient_checkpointing else 0.0
         decoder.checkpoint_selective = cfg.selective_checkpointing
+        if cfg.torch_compile:
+            decoder.compile_layers()
         self.holding.attach(self.adapter, self.device, self.say)  # trainable tensors to the device, start streaming
         self.adapter.module.train()
         self.model = self.dist.wrap(self.adapter.module)
