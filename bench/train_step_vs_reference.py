@@ -106,13 +106,15 @@ class Stack:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 
-    def timed(self, batch) -> float:
+    def timed(self, batch) -> tuple[float, float]:
+        """(wall seconds, CPU seconds of this process) of one step. On a shared CPU the process time is the steadier
+        measure: wall time there mostly measures how much of a core the scheduler gave the step."""
         sync = torch.cuda.synchronize if self.device.startswith("cuda") else (lambda: None)
         sync()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         self.step(batch)
         sync()
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
 
     def peak_bytes(self, batch) -> int:
         if self.device.startswith("cuda"):
@@ -165,7 +167,9 @@ def main() -> int:
     lengths = sorted({float(s) for s in args.seconds.split(",")} | {float(s) for s in args.growth.split(",")})
     cases = [(s, c) for s in lengths for c in (True, False)]
     batches = {s: make_batch(cfg, s, args.device) for s in lengths}
-    times: dict = {}
+    times: dict = {}  # the timing the ratios use: process CPU time on CPU, wall time on CUDA
+    walls: dict = {}
+    use_cpu_time = not args.device.startswith("cuda")
     t0 = time.perf_counter()
     for stack in stacks:  # warm-up (and compilation) once per case
         for s, c in cases:
@@ -178,19 +182,28 @@ def main() -> int:
             order = stacks if r % 2 == 0 else stacks[::-1]
             for stack in order:
                 stack.set_ckpt(c)
-                times.setdefault((stack.name, s, c), []).append(stack.timed(batches[s]))
+                wall, cpu = stack.timed(batches[s])
+                times.setdefault((stack.name, s, c), []).append(cpu if use_cpu_time else wall)
+                walls.setdefault((stack.name, s, c), []).append(wall)
         load.append(os.getloadavg()[0])
         print(json.dumps({"round": r + 1, "load_average_1min": round(load[-1], 1),
                           "s": {f"{n} {s:g}s {'ckpt' if c else 'no-ckpt'}": round(v[-1], 3)
-                                for (n, s, c), v in times.items()}}), flush=True)
+                                for (n, s, c), v in times.items()},
+                          "wall_s": {f"{n} {s:g}s {'ckpt' if c else 'no-ckpt'}": round(v[-1], 3)
+                                     for (n, s, c), v in walls.items()}}), flush=True)
     report = {"device": args.device if not args.device.startswith("cuda") else torch.cuda.get_device_name(),
               "threads": torch.get_num_threads(), "rounds": args.rounds, "compile": args.compile,
               "load_average_1min": f"{min(load):.1f}–{max(load):.1f}", "cases": []}
     for s, c in cases:
-        row = {"seconds": s, "checkpointing": c, "ours_s": summary(times[("ours", s, c)])}
+        row = {"seconds": s, "checkpointing": c, "timing": "process CPU" if use_cpu_time else "wall",
+               "ours_s": summary(times[("ours", s, c)])}
         if len(stacks) > 1:
             ratios = [a / b for a, b in zip(times[("ours", s, c)], times[("reference", s, c)])]
             row.update(reference_s=summary(times[("reference", s, c)]), ratio=summary(ratios))
+            if use_cpu_time:
+                wall_ratios = [a / b for a, b in zip(walls[("ours", s, c)], walls[("reference", s, c)])]
+                row.update(ours_wall_s=summary(walls[("ours", s, c)]),
+                           reference_wall_s=summary(walls[("reference", s, c)]), wall_ratio=summary(wall_ratios))
             if str(s) in [str(float(x)) for x in args.seconds.split(",")]:
                 peaks = {}
                 for stack in stacks:
