@@ -12,6 +12,7 @@ from torch import nn
 
 from sidestep_core.config import TrainConfig
 from sidestep_core.model import AceStepConfig, AceStepModel
+from sidestep_core.training import fast_lora
 from sidestep_core.training.adapters import inject_adapter
 from train_helpers import single_thread  # noqa: F401
 
@@ -108,7 +109,7 @@ def _replayed_masks(seed, p):
     residual = plain(t, h)
     draws = [residual, plain(t, h), residual, plain(COND, h), plain(t, h), residual, residual, plain(t, inner)]
     torch.manual_seed(seed)
-    return [[torch.nn.functional.dropout(make(), p) for make in draws] for _ in range(TINY["num_hidden_layers"])]
+    return [[fast_lora.dropout(make(), p) for make in draws] for _ in range(TINY["num_hidden_layers"])]
 
 
 @pytest.mark.parametrize("ratio", [0.0, 1.0])
@@ -139,3 +140,10 @@ def test_selective_checkpointing_gives_the_same_gradients():
     plain = _run(dec, inputs)
     dec.checkpoint_ratio, dec.checkpoint_selective = 1.0, True
     _compare(_run(dec, inputs), plain, 1e-6)
+
+
+def test_cpu_dropout_rate_and_scale():
+    x = torch.ones(200, 1000, dtype=torch.bfloat16)
+    y = fast_lora.dropout(x, 0.1)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - 0.1) < 0.005 and torch.equal(y[y != 0], (x * (1 / 0.9))[y != 0])
