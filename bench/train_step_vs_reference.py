@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -45,10 +46,11 @@ def build_ours(cfg: AceStepConfig, device: str, compile_: bool):
     state = {k: v.clone() for k, v in dec.state_dict().items()}
     tc = TrainConfig(rank=RANK, alpha=ALPHA, dropout=DROPOUT, attention="both").validate()
     adapter = inject_adapter(dec, tc)
-    model = torch.compile(dec) if compile_ else dec
+    if compile_:
+        dec.compile_layers()
 
     def call(x, t, cond, ctx):
-        return model(hidden_states=x, timestep=t, timestep_r=t, encoder_hidden_states=cond, context_latents=ctx)
+        return dec(hidden_states=x, timestep=t, timestep_r=t, encoder_hidden_states=cond, context_latents=ctx)
 
     def set_ckpt(on: bool):
         dec.checkpoint_ratio = 1.0 if on else 0.0
@@ -104,13 +106,15 @@ class Stack:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 
-    def timed(self, batch) -> float:
+    def timed(self, batch) -> tuple[float, float]:
+        """(wall seconds, CPU seconds of this process) of one step. On a shared CPU the process time is the steadier
+        measure: wall time there mostly measures how much of a core the scheduler gave the step."""
         sync = torch.cuda.synchronize if self.device.startswith("cuda") else (lambda: None)
         sync()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         self.step(batch)
         sync()
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
 
     def peak_bytes(self, batch) -> int:
         if self.device.startswith("cuda"):
@@ -143,8 +147,9 @@ def main() -> int:
     ap.add_argument("--growth", default="30,240", help="two lengths for our growth exponent (checkpointing on)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--compile", action="store_true", help="torch.compile our decoder")
-    ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of our 60 s step")
+    ap.add_argument("--compile", action="store_true", help="torch.compile our decoder's layers (TrainConfig.torch_compile)")
+    ap.add_argument("--profile", action="store_true",
+                    help="print torch.profiler tables of our 60 s step, checkpointing on and off")
     args = ap.parse_args()
     if not args.device.startswith("cuda"):
         torch.set_num_threads(args.threads)
@@ -162,24 +167,43 @@ def main() -> int:
     lengths = sorted({float(s) for s in args.seconds.split(",")} | {float(s) for s in args.growth.split(",")})
     cases = [(s, c) for s in lengths for c in (True, False)]
     batches = {s: make_batch(cfg, s, args.device) for s in lengths}
-    times: dict = {}
+    times: dict = {}  # the timing the ratios use: process CPU time on CPU, wall time on CUDA
+    walls: dict = {}
+    use_cpu_time = not args.device.startswith("cuda")
+    t0 = time.perf_counter()
     for stack in stacks:  # warm-up (and compilation) once per case
         for s, c in cases:
             stack.set_ckpt(c)
             stack.step(batches[s])
+    print(f"warm-up {time.perf_counter() - t0:.0f} s, load average {os.getloadavg()[0]:.1f}", flush=True)
+    load = [os.getloadavg()[0]]
     for r in range(args.rounds):
         for s, c in cases:
             order = stacks if r % 2 == 0 else stacks[::-1]
             for stack in order:
                 stack.set_ckpt(c)
-                times.setdefault((stack.name, s, c), []).append(stack.timed(batches[s]))
+                wall, cpu = stack.timed(batches[s])
+                times.setdefault((stack.name, s, c), []).append(cpu if use_cpu_time else wall)
+                walls.setdefault((stack.name, s, c), []).append(wall)
+        load.append(os.getloadavg()[0])
+        print(json.dumps({"round": r + 1, "load_average_1min": round(load[-1], 1),
+                          "s": {f"{n} {s:g}s {'ckpt' if c else 'no-ckpt'}": round(v[-1], 3)
+                                for (n, s, c), v in times.items()},
+                          "wall_s": {f"{n} {s:g}s {'ckpt' if c else 'no-ckpt'}": round(v[-1], 3)
+                                     for (n, s, c), v in walls.items()}}), flush=True)
     report = {"device": args.device if not args.device.startswith("cuda") else torch.cuda.get_device_name(),
-              "threads": torch.get_num_threads(), "rounds": args.rounds, "compile": args.compile, "cases": []}
+              "threads": torch.get_num_threads(), "rounds": args.rounds, "compile": args.compile,
+              "load_average_1min": f"{min(load):.1f}–{max(load):.1f}", "cases": []}
     for s, c in cases:
-        row = {"seconds": s, "checkpointing": c, "ours_s": summary(times[("ours", s, c)])}
+        row = {"seconds": s, "checkpointing": c, "timing": "process CPU" if use_cpu_time else "wall",
+               "ours_s": summary(times[("ours", s, c)])}
         if len(stacks) > 1:
             ratios = [a / b for a, b in zip(times[("ours", s, c)], times[("reference", s, c)])]
             row.update(reference_s=summary(times[("reference", s, c)]), ratio=summary(ratios))
+            if use_cpu_time:
+                wall_ratios = [a / b for a, b in zip(walls[("ours", s, c)], walls[("reference", s, c)])]
+                row.update(ours_wall_s=summary(walls[("ours", s, c)]),
+                           reference_wall_s=summary(walls[("reference", s, c)]), wall_ratio=summary(wall_ratios))
             if str(s) in [str(float(x)) for x in args.seconds.split(",")]:
                 peaks = {}
                 for stack in stacks:
@@ -190,20 +214,21 @@ def main() -> int:
         report["cases"].append(row)
         print(json.dumps(row), flush=True)
     lo, hi = (float(x) for x in args.growth.split(","))
-    exps = [math.log(b / a) / math.log(hi / lo) for a, b in zip(times[("ours", lo, True)], times[("ours", hi, True)])]
-    report["growth_exponent_ours"] = summary(exps)
-    if len(stacks) > 1:
-        exps = [math.log(b / a) / math.log(hi / lo)
-                for a, b in zip(times[("reference", lo, True)], times[("reference", hi, True)])]
-        report["growth_exponent_reference"] = summary(exps)
+    for stack in stacks:  # per round: log(t_hi / t_lo) / log(hi / lo), the two lengths timed in the same round
+        for c in (True, False):
+            exps = [math.log(b / a) / math.log(hi / lo)
+                    for a, b in zip(times[(stack.name, lo, c)], times[(stack.name, hi, c)])]
+            report[f"growth_exponent_{stack.name}_{'ckpt' if c else 'no_ckpt'}"] = summary(exps)
     print(json.dumps(report, indent=1))
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
-        stacks[0].set_ckpt(True)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            stacks[0].step(batches[60.0] if 60.0 in batches else batches[lengths[0]])
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+        for c in (True, False):
+            stacks[0].set_ckpt(c)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                stacks[0].step(batches[60.0] if 60.0 in batches else batches[lengths[0]])
+            print(f"our step, checkpointing {'on' if c else 'off'}:")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
     return 0
 
 

@@ -288,6 +288,7 @@ TRAIN = NodeSpec(
         cfg("ema_start_step", advanced=True, max=1_000_000),
         cfg("checkpointing_ratio", advanced=True, max=1.0, step=0.05),
         cfg("selective_checkpointing", advanced=True),
+        cfg("torch_compile", advanced=True),
         cfg("precision", advanced=True),
         cfg("base_precision", advanced=True),
         cfg("offload_layers", advanced=True),

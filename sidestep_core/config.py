@@ -140,6 +140,9 @@ class TrainConfig:
     selective_checkpointing: bool = _f(
         False, "checkpointed layers keep their attention outputs instead of recomputing them: faster steps for more "
         "activation memory (see bench/RESULTS.md for the measured cost)", group="memory")
+    torch_compile: bool = _f(
+        False, "torch.compile the decoder layers (inductor; needs a C compiler): the first steps take minutes to "
+        "compile; meant for CUDA (CPU measurement in bench/RESULTS.md)", group="memory")
     precision: str = _f("bf16", "dtype of the frozen base weights and of autocast (adapters stay fp32)",
                         choices=PRECISIONS, group="memory")
     base_precision: str = _f("bf16", "storage of the frozen decoder projections: bf16 as --precision, fp8 (e4m3, "

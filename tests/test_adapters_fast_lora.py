@@ -12,6 +12,7 @@ from torch import nn
 
 from sidestep_core.config import TrainConfig
 from sidestep_core.model import AceStepConfig, AceStepModel
+from sidestep_core.training import fast_lora
 from sidestep_core.training.adapters import inject_adapter
 from train_helpers import single_thread  # noqa: F401
 
@@ -102,13 +103,13 @@ def test_bf16_autocast_matches_peft():
 def _replayed_masks(seed, p):
     """The masks the lean forward draws, in its order: per layer one for q‖k‖v (layer input), o, cross q (its input),
     cross k‖v (the condition), cross o, then gate, up, down of the MLP. The mask takes its input's memory layout:
-    the residual stream is [B, T, H] over a [B, H, T] buffer (the patch convolution's output, transposed)."""
+    every input is contiguous (the residual stream is made contiguous after the patch convolution)."""
     t, h, inner = FRAMES // 2, TINY["hidden_size"], TINY["intermediate_size"]
-    residual = lambda: torch.ones(B, h, t).transpose(1, 2)  # noqa: E731
     plain = lambda *s: lambda: torch.ones(B, *s)  # noqa: E731
+    residual = plain(t, h)
     draws = [residual, plain(t, h), residual, plain(COND, h), plain(t, h), residual, residual, plain(t, inner)]
     torch.manual_seed(seed)
-    return [[torch.nn.functional.dropout(make(), p) for make in draws] for _ in range(TINY["num_hidden_layers"])]
+    return [[fast_lora.dropout(make(), p) for make in draws] for _ in range(TINY["num_hidden_layers"])]
 
 
 @pytest.mark.parametrize("ratio", [0.0, 1.0])
@@ -139,3 +140,10 @@ def test_selective_checkpointing_gives_the_same_gradients():
     plain = _run(dec, inputs)
     dec.checkpoint_ratio, dec.checkpoint_selective = 1.0, True
     _compare(_run(dec, inputs), plain, 1e-6)
+
+
+def test_cpu_dropout_rate_and_scale():
+    x = torch.ones(200, 1000, dtype=torch.bfloat16)
+    y = fast_lora.dropout(x, 0.1)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - 0.1) < 0.005 and torch.equal(y[y != 0], (x * (1 / 0.9))[y != 0])

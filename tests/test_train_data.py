@@ -71,3 +71,37 @@ def test_open_dataset_reads_the_cache(tmp_path):
     sample = ds.load(Item(1, 10, 20))
     assert sample["target_latents"].shape == (20, 64) and sample["context_latents"].shape == (20, 128)
     assert sample["encoder_hidden_states"].shape == (9, 64) and sample["encoder_attention_mask"].dtype == torch.bool
+
+
+def _same(a, b):
+    fields = ("target_latents", "context_latents", "encoder_hidden_states", "encoder_attention_mask", "frame_mask")
+    assert a.items == b.items and a.padded == b.padded
+    assert all(torch.equal(getattr(a, f), getattr(b, f)) for f in fields)
+
+
+def test_prefetched_batches_equal_direct_loads(tmp_path, monkeypatch):
+    import threading
+
+    from sidestep_core.training.data import Item, load_batch
+    from sidestep_core.training.prefetch import Prefetcher
+
+    ds = open_dataset(make_cache(tmp_path / "ds", frames=(40, 56), cond_len=(6, 9)))
+    first, second = [Item(0, 0, 40), Item(1, 0, 40)], [Item(1, 16, 24)]
+    readers, read = [], Prefetcher._read
+
+    def spy(self, items):
+        readers.append(threading.current_thread().name)
+        return read(self, items)
+
+    monkeypatch.setattr(Prefetcher, "_read", spy)
+    pf = Prefetcher(ds, torch.device("cpu"))
+    try:
+        pf.prefetch(first)
+        _same(pf.get(first), load_batch(ds, first))  # read ahead, in the background thread
+        assert readers[-1].startswith("sidestep-prefetch")
+        pf.prefetch(first)  # a wrong guess: the batch asked for is read on the spot
+        _same(pf.get(second), load_batch(ds, second))
+        assert readers[-1] == threading.current_thread().name
+    finally:
+        pf.close()
+    assert not load_batch(ds, first).padded and load_batch(ds, [Item(0, 0, 40), Item(1, 0, 56)]).padded

@@ -36,9 +36,16 @@ def _band_cached(length: int, window: int, device: torch.device, inference: bool
     return (idx[:, None] - idx[None, :]).abs() <= window
 
 
+def _cached(fn, *key):
+    # Keyed by inference mode: a mask made under inference_mode cannot be saved for a later backward. Under
+    # torch.compile the mask is built inside the graph instead (dynamo cannot read the inference-mode flag).
+    if torch.compiler.is_compiling():
+        return fn.__wrapped__(*key, False)
+    return fn(*key, torch.is_inference_mode_enabled())
+
+
 def _band(length: int, window: int, device: torch.device) -> torch.Tensor:
-    # Keyed by inference mode: a mask made under inference_mode cannot be saved for a later backward.
-    return _band_cached(length, window, device, torch.is_inference_mode_enabled())
+    return _cached(_band_cached, length, window, device)
 
 
 @functools.lru_cache(maxsize=64)
@@ -73,7 +80,7 @@ def _banded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> t
         x = F.pad(x, (0, 0, window, window + extra)).unfold(2, block + 2 * window, block)  # [B, Hkv, n, D, W]
         return x.permute(0, 2, 1, 4, 3).reshape(b * n, hkv, block + 2 * window, d)
 
-    mask = _block_mask_cached(t, window, block, q.device, torch.is_inference_mode_enabled())
+    mask = _cached(_block_mask_cached, t, window, block, q.device)
     mask = mask.expand(n, 1, block, block + 2 * window).repeat(b, 1, 1, 1) if b > 1 else mask
     out = F.scaled_dot_product_attention(qb, windows(k), windows(v), attn_mask=mask, enable_gqa=h != hkv)
     return out.view(b, n, h, block, d).transpose(1, 2).reshape(b, h, n * block, d)[:, :, :t]

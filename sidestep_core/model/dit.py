@@ -35,7 +35,9 @@ class PatchIn(nn.Sequential):
         super().__init__(nn.Identity(), nn.Conv1d(cin, cout, kernel_size=patch, stride=patch))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self[1](x.transpose(1, 2)).transpose(1, 2)
+        # Contiguous: the residual stream would otherwise keep the conv's channels-first layout through every
+        # layer (elementwise ops preserve strides), and each linear would copy it and run as a batched matmul.
+        return self[1](x.transpose(1, 2)).transpose(1, 2).contiguous()
 
 
 class PatchOut(nn.Sequential):
@@ -90,6 +92,12 @@ class AceStepDiT(nn.Module):
         # attention kernels' outputs of checkpointed layers instead of recomputing them.
         self.checkpoint_ratio = 0.0
         self.checkpoint_selective = False
+
+    def compile_layers(self) -> None:
+        """``torch.compile`` the decoder in place (state-dict keys unchanged). The whole forward is one compiled
+        region, so activation checkpointing is traced inside it (compiling layers one by one under eager
+        checkpointing makes the recomputation run other code than the forward)."""
+        self.compile()
 
     def forward(
         self,

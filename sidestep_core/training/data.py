@@ -47,12 +47,19 @@ class Batch:
     encoder_attention_mask: torch.Tensor  # [B, L] bool
     frame_mask: torch.Tensor  # [B, T] bool, True on real frames
     items: list[Item]
+    # Known on the host when the batch is built, so the loss never reads the mask back from the device to learn it.
+    padded: bool = True
+
+    def _tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.target_latents, self.context_latents, self.encoder_hidden_states, self.encoder_attention_mask,
+                self.frame_mask)
 
     def to(self, device: torch.device) -> "Batch":
-        nb = device.type == "cuda"
-        return Batch(*(t.to(device, non_blocking=nb) for t in (
-            self.target_latents, self.context_latents, self.encoder_hidden_states, self.encoder_attention_mask,
-            self.frame_mask)), self.items)
+        nb = device.type == "cuda"  # asynchronous only from pinned memory (pin_memory); otherwise a plain copy
+        return Batch(*(t.to(device, non_blocking=nb) for t in self._tensors()), self.items, self.padded)
+
+    def pin_memory(self) -> "Batch":
+        return Batch(*(t.pin_memory() for t in self._tensors()), self.items, self.padded)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -243,7 +250,7 @@ def collate(samples: list[dict[str, torch.Tensor]], items: list[Item]) -> Batch:
         cond[i, :m] = s["encoder_hidden_states"]
         cond_mask[i, :m] = s["encoder_attention_mask"][:m]
         frame_mask[i, :n] = True
-    return Batch(x0, ctx, cond, cond_mask, frame_mask, list(items))
+    return Batch(x0, ctx, cond, cond_mask, frame_mask, list(items), padded=not bool(frame_mask.all()))
 
 
 def load_batch(dataset: LatentDataset, items: list[Item]) -> Batch:

@@ -41,6 +41,7 @@ from .data import FRAMES_PER_SECOND, LatentDataset, load_batch, open_dataset, pl
 from .ema import EMA
 from .logs import CsvLog, LossSmoother, Speed, TensorBoard
 from .objective import Objective
+from .prefetch import Prefetcher
 from .optim import build_optimizer, build_scheduler, continue_at, extend_schedule, new_schedule
 
 log = logging.getLogger("sidestep.train")
@@ -264,6 +265,8 @@ class _Trainer:
         self.adapter = inject_adapter(decoder, cfg)
         decoder.checkpoint_ratio = cfg.checkpointing_ratio if cfg.gradient_checkpointing else 0.0
         decoder.checkpoint_selective = cfg.selective_checkpointing
+        if cfg.torch_compile:
+            decoder.compile_layers()
         self.holding.attach(self.adapter, self.device, self.say)  # trainable tensors to the device, start streaming
         self.adapter.module.train()
         self.model = self.dist.wrap(self.adapter.module)
@@ -507,6 +510,14 @@ class _Trainer:
         return out
 
     # ----- one optimizer step -----
+    def _next_items(self, taken: int):
+        """The first micro-batch of the step after the current one (the one the loop will take next)."""
+        epoch, pos = self.epoch, self.batch_pos + taken
+        batches = self._epoch_plan(epoch)
+        if pos >= len(batches):
+            batches, pos = self._epoch_plan(epoch + 1), 0
+        return batches[pos] if pos < len(batches) and self.step + 1 < self.total else None
+
     def _train_step(self, group) -> tuple[float, float, list[float], Optional[tuple[float, float]]]:
         """One optimizer step of every adapter trained: ``(loss, grad norm, timesteps, (LM loss, LM grad norm))``;
         with the LM alone its loss and norm are also the first two. All gradients are computed and checked before
@@ -536,7 +547,8 @@ class _Trainer:
         losses, ts = [], []
         n = len(group)
         for j, items in enumerate(group):
-            batch = load_batch(self.train_ds, items).to(self.device)
+            batch = self.prefetcher.get(items)
+            self.prefetcher.prefetch(group[j + 1] if j + 1 < n else self._next_items(n))
             gen = torch.Generator().manual_seed(_seed_for(self.cfg.seed, self.dist.rank, self.step, j))
             ctx = self.dist.no_sync(self.model) if j < n - 1 else contextlib.nullcontext()
             with ctx:
@@ -544,12 +556,14 @@ class _Trainer:
                 self.scaler.scale(loss / n).backward()
             losses.append(loss.detach())
             ts.extend(t.tolist())
-        mean_loss = float(self.dist.mean(torch.stack(losses).mean()).item())
-        if not math.isfinite(mean_loss):
-            raise NonFiniteLossError(self._nan_message("loss", mean_loss))
         self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        # One host synchronisation per step, for the log line; nothing is applied before both values are checked.
+        mean_loss, grad_norm = torch.stack([self.dist.mean(torch.stack(losses).mean()).float(),
+                                            norm.float().to(losses[0].device)]).tolist()
+        if not math.isfinite(mean_loss):
+            raise NonFiniteLossError(self._nan_message("loss", mean_loss))
         if not math.isfinite(grad_norm) and not self.scaler.is_enabled():
             raise NonFiniteLossError(self._nan_message("gradient norm", grad_norm))
         return mean_loss, grad_norm, ts
@@ -741,6 +755,7 @@ class _Trainer:
         result = TrainResult("complete", self.step, self.total, self.out, None, self.last_checkpoint,
                              is_main=self.dist.main)
         speed = Speed()
+        self.prefetcher = Prefetcher(self.train_ds, self.device)
         t_start = time.perf_counter()
         t_hist: list[float] = []
         saved_at = self.step if self.last_checkpoint else -1
@@ -817,6 +832,7 @@ class _Trainer:
             if self.step != saved_at:
                 self._save_checkpoint(self.elapsed_before + time.perf_counter() - t_start)
         finally:
+            self.prefetcher.close()
             if tb is not None:
                 tb.close()
             if csv is not None:

@@ -106,4 +106,4 @@ class Objective:
                             enabled=self.compute_dtype is not None):
             pred = model(hidden_states=x_t, timestep=t_dev, timestep_r=t_dev, encoder_hidden_states=cond,
                          context_latents=batch.context_latents)
-        return masked_mse(pred, target, batch.frame_mask), t_used
+        return masked_mse(pred, target, batch.frame_mask if batch.padded else None), t_used
