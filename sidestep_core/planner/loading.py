@@ -21,6 +21,7 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
+from ..text.encoder import qwen3_config_from_shapes
 from . import vocab as V
 
 LAYOUT_ORIGINAL = "original"
@@ -246,26 +247,9 @@ def _lm_prefix(shapes: dict[str, tuple[int, ...]], path: Path) -> str:
 
 
 def _config_from_shapes(shapes: dict[str, tuple[int, ...]]):
-    """Counts shapes cannot show are Qwen3's (θ 1e6, eps 1e-6), as ComfyUI hard-codes them too."""
-    from transformers import Qwen3Config
-
-    rows, hidden = shapes[_EMBED]
-    head_dim = shapes["model.layers.0.self_attn.q_norm.weight"][0]
-    layers = 1 + max(int(k.split(".")[2]) for k in shapes if k.startswith("model.layers."))
-    return Qwen3Config(
-        vocab_size=rows,
-        hidden_size=hidden,
-        intermediate_size=shapes["model.layers.0.mlp.gate_proj.weight"][0],
-        num_hidden_layers=layers,
-        num_attention_heads=shapes["model.layers.0.self_attn.q_proj.weight"][0] // head_dim,
-        num_key_value_heads=shapes["model.layers.0.self_attn.k_proj.weight"][0] // head_dim,
-        head_dim=head_dim,
-        max_position_embeddings=40960,
-        rms_norm_eps=1e-6,
-        rope_theta=1_000_000.0,
-        tie_word_embeddings="lm_head.weight" not in shapes,
-        attention_bias="model.layers.0.self_attn.q_proj.bias" in shapes,
-    )
+    """The LM's config read off its shapes, as for the text encoder, with the LM's context length."""
+    return qwen3_config_from_shapes(shapes, prefix="model.", max_position_embeddings=40960,
+                                    tie_word_embeddings="lm_head.weight" not in shapes)
 
 
 def _comfy_tokenizer_dirs() -> list[Path]:

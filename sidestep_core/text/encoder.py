@@ -83,28 +83,31 @@ def qwen_state_dict_from_comfy(sd: Mapping[str, torch.Tensor]) -> dict[str, torc
 # ----------------------------------------------------------------------------------------------------------
 
 
-def qwen3_config_from_shapes(shapes: Mapping[str, tuple[int, ...]]):
-    """A ``Qwen3Config`` read off tensor shapes (transformers names). Counts shapes cannot reveal use the
-    Qwen3-Embedding-0.6B values (θ 1e6, RMS eps 1e-6), which ComfyUI hard-codes too."""
+def qwen3_config_from_shapes(shapes: Mapping[str, tuple[int, ...]], prefix: str = "", **fixed):
+    """A ``Qwen3Config`` read off tensor shapes (transformers names below ``prefix``). Counts shapes cannot reveal use
+    the Qwen3 values (θ 1e6, RMS eps 1e-6), which ComfyUI hard-codes too; ``fixed`` overrides or adds fields."""
     from transformers import Qwen3Config
 
-    vocab, hidden = shapes["embed_tokens.weight"]
-    head_dim = shapes["layers.0.self_attn.q_norm.weight"][0]
-    layers = 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("layers."))
-    return Qwen3Config(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=shapes["layers.0.mlp.gate_proj.weight"][0],
-        num_hidden_layers=layers,
-        num_attention_heads=shapes["layers.0.self_attn.q_proj.weight"][0] // head_dim,
-        num_key_value_heads=shapes["layers.0.self_attn.k_proj.weight"][0] // head_dim,
-        head_dim=head_dim,
-        max_position_embeddings=32768,
-        rms_norm_eps=1e-6,
-        rope_theta=1_000_000.0,
-        tie_word_embeddings=True,
-        attention_bias="layers.0.self_attn.q_proj.bias" in shapes,
-    )
+    vocab, hidden = shapes[f"{prefix}embed_tokens.weight"]
+    layer0 = f"{prefix}layers.0."
+    head_dim = shapes[f"{layer0}self_attn.q_norm.weight"][0]
+    depth = prefix.count(".") + 1  # the layer index's place in a key
+    layers = 1 + max(int(k.split(".")[depth]) for k in shapes if k.startswith(f"{prefix}layers."))
+    return Qwen3Config(**{
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": shapes[f"{layer0}mlp.gate_proj.weight"][0],
+        "num_hidden_layers": layers,
+        "num_attention_heads": shapes[f"{layer0}self_attn.q_proj.weight"][0] // head_dim,
+        "num_key_value_heads": shapes[f"{layer0}self_attn.k_proj.weight"][0] // head_dim,
+        "head_dim": head_dim,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1_000_000.0,
+        "tie_word_embeddings": True,
+        "attention_bias": f"{layer0}self_attn.q_proj.bias" in shapes,
+        **fixed,
+    })
 
 
 def _read_tensors(path: Path, keys: Iterable[str]) -> dict[str, torch.Tensor]:
