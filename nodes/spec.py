@@ -336,14 +336,15 @@ TRAIN = NodeSpec(
                   optional=True, advanced=True, tooltip="ComfyUI sampler, as in KSampler"),
         InputSpec("preview_scheduler", "COMBO", "simple", options=("simple",), dynamic=DYNAMIC_SCHEDULERS,
                   optional=True, advanced=True, tooltip="ComfyUI scheduler, as in KSampler"),
-        # the planner LM (optional and last, so workflows saved before these inputs keep their widget order)
+        # the planner LM (optional and last, so workflows saved before these inputs keep their widget order; its
+        # settings behind Advanced, so the node still fits a laptop screen)
         cfg("train_models", optional=True),
-        InputSpec(LM_NAME, "COMBO", AUTO, options=(AUTO,), dynamic=DYNAMIC_PLANNER_LMS, optional=True,
+        InputSpec(LM_NAME, "COMBO", AUTO, options=(AUTO,), dynamic=DYNAMIC_PLANNER_LMS, optional=True, advanced=True,
                   tooltip="the 5 Hz planner LM to train when train_models is lm or both "
                           "(text_encoders/qwen_1.7b_ace15.safetensors or qwen_4b_ace15). auto: the LM inside an "
                           "all-in-one checkpoint, beside an original folder, or in text_encoders"),
-        cfg("lm_rank", optional=True, min=1, max=1024),
-        cfg("lm_learning_rate", optional=True, min=1e-7, max=10.0, step=1e-5),
+        cfg("lm_rank", optional=True, advanced=True, min=1, max=1024),
+        cfg("lm_learning_rate", optional=True, advanced=True, min=1e-7, max=10.0, step=1e-5),
         cfg("lm_loss", optional=True, advanced=True),
         cfg("lm_alpha", optional=True, advanced=True, min=0.001, max=4096.0, step=0.5),
         cfg("lm_dropout", optional=True, advanced=True, max=0.99, step=0.01),
