@@ -1,7 +1,7 @@
 """``sidestep demo``: the whole pipeline on the embedded tiny model, on the CPU, in well under a minute.
 
-synthetic audio → preprocess → estimate → train → export (ComfyUI format) → apply and generate. Nothing is downloaded; every
-output is written under ``--workdir`` and its location printed.
+synthetic audio → preprocess → estimate → train the DiT adapter and the planner LM's LoRA together → export →
+apply and generate. Nothing is downloaded; every output is written under ``--workdir`` and its location printed.
 """
 
 from __future__ import annotations
@@ -30,9 +30,10 @@ def register(sub, name):
     p = sub.add_parser(
         name,
         help="run the whole pipeline on the embedded tiny model (about half a minute on a CPU)",
-        description="Write (once) a deterministic tiny ACE-Step 1.5 model, synthesise a few audio clips, then "
-        "preprocess them, estimate gradients, train a small adapter, export it in ComfyUI's format and apply it "
-        "to the model — printing where each output went. Nothing is downloaded.",
+        description="Write (once) a deterministic tiny ACE-Step 1.5 model with its 5 Hz planner LM, synthesise a "
+        "few audio clips, then preprocess them, estimate gradients, train a small DiT adapter and a LoRA on the "
+        "planner LM in one run, export the DiT adapter in ComfyUI's format and apply it to the model — printing "
+        "where each output went. Nothing is downloaded.",
         epilog=EXIT_CODES_HELP,
     )
     p.add_argument("--workdir", type=Path, default=None,
@@ -41,7 +42,8 @@ def register(sub, name):
                    help="where the tiny model is kept (default: ~/.cache/sidestep)")
     p.add_argument("--adapter", choices=("lora", "dora", "lokr", "loha", "oft"), default="lora",
                    help="adapter type to train (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=8, help="training steps (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=8,
+                   help="training steps, of both adapters at once (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the audio, training and estimation (default: %(default)s)")
     add_plain(p)
     return p
@@ -106,6 +108,7 @@ def run_demo(workdir: Path, *, cache_dir: Optional[Path] = None, adapter: str = 
 
     from ..adapters import read_adapter_weights
     from ..adapters.comfy_export import export_comfyui
+    from ..planner.lm_adapter import LM_FOLDER, export_lm_comfyui
     from ..config import TrainConfig
     from ..data.preprocess import PreprocessConfig, preprocess
     from ..estimate import EstimateSettings, estimate
@@ -121,8 +124,8 @@ def run_demo(workdir: Path, *, cache_dir: Optional[Path] = None, adapter: str = 
 
     st = _Stage(1, n, "tiny model (written once, then reused)")
     ckpt = default_demo_checkpoint(cache_dir)
-    out["model"] = ckpt.dit
-    st.done(f"model: {ckpt.dit}")
+    out["model"], out["lm"] = ckpt.dit, ckpt.planner
+    st.done(f"model: {ckpt.dit}; planner LM: {ckpt.planner}")
 
     st = _Stage(2, n, "synthetic audio")
     audio_dir = workdir / "audio"
@@ -150,12 +153,15 @@ def run_demo(workdir: Path, *, cache_dir: Optional[Path] = None, adapter: str = 
     top = ", ".join(m for m, _ in result.scores[:3])
     st.done(f"top modules: {top}; {len(result.targets)} suggested: {est_path}")
 
-    st = _Stage(5, n, f"train a {adapter} adapter on the suggested modules ({steps} steps)")
+    st = _Stage(5, n, f"train a {adapter} adapter on the suggested modules and a LoRA on the planner LM "
+                      f"together ({steps} steps)")
     settings = result.train_settings
     cfg = TrainConfig(adapter=adapter, rank=8, alpha=8.0, dropout=0.0, precision="fp32", optimizer="adamw",
                       learning_rate=5e-3, warmup_steps=0, scheduler="constant", max_steps=steps, save_every=0,
                       crop_seconds=0, tensorboard=False, estimate_steps=0, device="cpu", seed=seed,
                       gradient_checkpointing=False, oft_block_size=8, histogram_every=0,
+                      train_models="both", lm=str(ckpt.planner), lm_rank=4, lm_alpha=8.0, lm_dropout=0.0,
+                      lm_learning_rate=5e-3,
                       target_modules=settings["target_modules"],
                       **({} if adapter == "oft" else {"rank_pattern": settings["rank_pattern"],
                                                       "alpha_pattern": settings["alpha_pattern"]}))
@@ -163,10 +169,12 @@ def run_demo(workdir: Path, *, cache_dir: Optional[Path] = None, adapter: str = 
     if run_dir.exists():
         shutil.rmtree(run_dir)
     res = train(cfg, ckpt.dit, dataset, run_dir, progress=Renderer(plain, "train", "step"))
-    out["adapter"] = res.final_dir
-    st.done(f"loss {res.losses[0]:.4f} → {res.losses[-1]:.4f}; adapter: {res.final_dir}")
+    out["adapter"], out["lm_adapter"] = res.final_dir, res.final_dir / LM_FOLDER
+    lm_losses = _lm_losses(run_dir / "loss.csv")
+    st.done(f"DiT loss {res.losses[0]:.4f} → {res.losses[-1]:.4f}; adapter: {res.final_dir}\n"
+            f"      LM loss {lm_losses[0]:.4f} → {lm_losses[-1]:.4f}; LM adapter (PEFT folder): {out['lm_adapter']}")
 
-    st = _Stage(6, n, "export for ComfyUI (LoraLoaderModelOnly)")
+    st = _Stage(6, n, "export for ComfyUI (the DiT adapter for LoraLoaderModelOnly; the LM adapter if it fits)")
     aw = read_adapter_weights(res.final_dir)
     loaded = load_acestep(ckpt.dit, dtype=torch.float32, parts={"decoder", "null_condition_emb"})
     exported, notes = export_comfyui(aw, workdir / f"sidestep_demo_{adapter}_comfyui.safetensors",
@@ -174,6 +182,12 @@ def run_demo(workdir: Path, *, cache_dir: Optional[Path] = None, adapter: str = 
                                      base_variant=loaded.info.variant)
     out["comfyui_file"] = exported
     st.done(f"{exported.stat().st_size / 1024:.0f} KiB: {exported}" + (f" ({'; '.join(notes)})" if notes else ""))
+    try:  # ComfyUI runs only the 1.7B and 4B planner LMs: the tiny LM's adapter is refused, and the demo says so
+        out["lm_comfyui_file"] = export_lm_comfyui(out["lm_adapter"],
+                                                   workdir / "sidestep_demo_lm_lora_comfyui.safetensors")
+        say(f"      LM adapter for ComfyUI: {out['lm_comfyui_file']}")
+    except ValueError as exc:
+        say(f"      LM adapter not exported for ComfyUI ({exc}); it stays a PEFT folder: {out['lm_adapter']}")
 
     st = _Stage(7, n, "apply the exported file and generate audio with it (strength 0 = base, 1 = adapter)")
     from ..inference.generate import Generator, Prompt, compare, write_flac
@@ -191,6 +205,14 @@ def run_demo(workdir: Path, *, cache_dir: Optional[Path] = None, adapter: str = 
     st.done(f"2 s of 48 kHz stereo at strengths 0 and 1; the adapter changes the audio by {100 * change:.1f} %")
     say(f"demo finished in {time.perf_counter() - t0:.1f} s; outputs in {workdir}")
     return out
+
+
+def _lm_losses(csv_path: Path) -> list[float]:
+    """The planner LM's loss per step, from the run's loss log (the run's result holds the DiT's)."""
+    import csv
+
+    with open(csv_path, newline="", encoding="utf-8") as fh:
+        return [float(r["lm_loss"]) for r in csv.DictReader(fh) if r.get("lm_loss")]
 
 
 def run(args) -> int:

@@ -31,6 +31,7 @@ from .components import (
     write_tokenizer_folder,
     write_vae_folder,
 )
+from ..planner.tiny import ORIGINAL_FOLDER as PLANNER_FOLDER
 from ..planner.tiny import TOKENIZER_FOLDER as PLANNER_TOKENIZER_FOLDER
 from ..planner.tiny import make_tiny_planner, planner_state, planner_state_to_comfy, write_planner_tokenizer
 from . import LAYOUTS
@@ -168,9 +169,14 @@ def describe(ckpt: TinyCheckpoint) -> str:
 
 
 def default_demo_checkpoint(cache_dir: Optional[Path] = None) -> TinyCheckpoint:
-    """The embedded default model of ``sidestep demo``: written once, reused afterwards."""
+    """The embedded default model of ``sidestep demo``, the planner LM included: written once, reused afterwards.
+    A cache written before the demo trained the LM has none; the LM is added to it (same seed, same tensors)."""
     root = (cache_dir or Path.home() / ".cache" / "sidestep") / "tiny-original-seed0"
     dit_dir = root / DIT_FOLDER
     if (dit_dir / "model.safetensors").is_file() and (root / "vae" / "config.json").is_file():
-        return TinyCheckpoint(root, "original", dit_dir, root / "vae", root / TEXT_FOLDER, root / TEXT_FOLDER)
-    return make_tiny_checkpoint(root, "original", "tiny", 0)
+        planner = root / PLANNER_FOLDER
+        if not (planner / "model.safetensors").is_file():
+            planner = make_tiny_planner(root, "original", 0, _lm_shape("tiny"))
+        return TinyCheckpoint(root, "original", dit_dir, root / "vae", root / TEXT_FOLDER, root / TEXT_FOLDER,
+                              planner)
+    return make_tiny_checkpoint(root, "original", "tiny", 0, lm=True)
