@@ -109,5 +109,5 @@ def test_previews_run_with_audio_codes_while_both_adapters_train(comfy, setup, t
                                    preview_model=patcher, preview_positive=positive, preview_negative=negative,
                                    preview_latent=latent, preview_vae=vae)
     run = out.result[0].run_dir
-    assert sorted(p.name for p in (run / "previews").iterdir()) == ["step_2.flac"]
+    assert sorted(p.name for p in (run / "previews").iterdir()) == ["step_2.flac", "timing.json"]
     assert (out.result[0].path / "lm" / "adapter_model.safetensors").is_file()
