@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -96,7 +97,7 @@ def test_size_names():
     assert [size_name(h) for h in (1024, 2048, 2560, 32)] == ["0.6B", "1.7B", "4B", "hidden-32"]
 
 
-def test_clear_errors(tmp_path, lm_layouts, tiny_original):
+def test_clear_errors(tmp_path, monkeypatch, lm_layouts, tiny_original):
     with pytest.raises(PlannerError, match="acestep-5Hz-lm-1.7B.*qwen_1.7b_ace15.safetensors"):
         find_planner(tiny_original)
     with pytest.raises(PlannerError, match="no such file"):
@@ -107,12 +108,13 @@ def test_clear_errors(tmp_path, lm_layouts, tiny_original):
     lonely = tmp_path / "models" / "text_encoders" / "qwen_1.7b_ace15.safetensors"
     lonely.parent.mkdir(parents=True)
     shutil.copy(lm_layouts["comfyui-split"].planner, lonely)
-    env = {k: os.environ.pop(k) for k in ("COMFYUI_DIR", "COMFYUI_PATH") if k in os.environ}
-    try:
-        with pytest.raises(PlannerError, match="no tokenizer for the planner LM"):
-            load_planner(lonely)
-    finally:
-        os.environ.update(env)
+    # no ComfyUI to borrow a tokenizer from: none configured, and not the one the ComfyUI tests imported
+    for var in ("COMFYUI_DIR", "COMFYUI_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.delitem(sys.modules, "comfy", raising=False)
+    with pytest.raises(PlannerError, match="no tokenizer for the planner LM"):
+        load_planner(lonely)
+    monkeypatch.undo()
     # a tokenizer whose codes do not fit the LM: an LM cut to fewer rows than the codes need
     state = load_file(str(lonely))
     state["model.embed_tokens.weight"] = state["model.embed_tokens.weight"][:151700].clone()

@@ -11,6 +11,7 @@ them), import stand-ins are generated into a temporary folder; calling anything 
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import tempfile
@@ -42,6 +43,21 @@ def pytest_runtest_makereport(item, call):
     H.fail_skips_in_ci(item, outcome.get_result(), Path(__file__).parent)
 
 
+_FOLDERS_AT_IMPORT: dict = {}  # ComfyUI's model folders as it set them up, before any test added its own
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _own_model_folders():
+    """A test module's ``folder_paths.add_model_folder_path`` calls end with it: ComfyUI keeps them process-wide, and
+    a model folder one module registers (an LM in text_encoders, say) must not change what the next one finds."""
+    yield
+    folder_paths = sys.modules.get("folder_paths")
+    if folder_paths is not None and _FOLDERS_AT_IMPORT:
+        folder_paths.folder_names_and_paths.clear()
+        folder_paths.folder_names_and_paths.update(copy.deepcopy(_FOLDERS_AT_IMPORT))
+        folder_paths.filename_list_cache.clear()
+
+
 @pytest.fixture(scope="session")
 def comfy():
     """ComfyUI's modules, imported in-process on the CPU: ``comfy.sd``, ``comfy.lora``, ``comfy.utils``, … plus
@@ -66,7 +82,9 @@ def comfy():
     import comfy.sd
     import comfy.utils
     import comfy.weight_adapter
+    import folder_paths
 
+    _FOLDERS_AT_IMPORT.update(copy.deepcopy(folder_paths.folder_names_and_paths))
     return types.SimpleNamespace(
         dir=root, standins=standins, standin_dir=standin_dir if standins else None,  # for ComfyUI subprocesses
         sd=comfy.sd, lora=comfy.lora, utils=comfy.utils,
