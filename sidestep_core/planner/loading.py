@@ -14,14 +14,13 @@ audio codes.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import torch
 
-from ..text.encoder import qwen3_config_from_shapes
+from ..text.encoder import folder_weight_files, qwen3_config_from_shapes
 from . import vocab as V
 
 LAYOUT_ORIGINAL = "original"
@@ -213,22 +212,6 @@ def _header_shapes(files: Sequence[Path]) -> tuple[dict[str, tuple[int, ...]], d
     return shapes, where
 
 
-def _weight_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError) as exc:
-            raise PlannerError(f"{index}: unreadable shard index ({exc})") from exc
-        files = [folder / n for n in names]
-    else:
-        files = [folder / "model.safetensors"]
-    for f in files:
-        if not f.is_file():
-            raise PlannerError(f"{folder}: not a planner LM folder ({f.name} missing); {WHERE_TO_PUT}")
-    return files
-
-
 def _lm_prefix(shapes: dict[str, tuple[int, ...]], path: Path) -> str:
     """The prefix before ``model.layers.0…`` of the one LM among ``shapes`` (text encoders have no code rows)."""
     found = []
@@ -304,7 +287,8 @@ def load_planner(
     if path.is_dir() and not ((path / "config.json").is_file() and _is_tokenizer_dir(path)):
         path = find_planner(path)  # a checkpoint or DiT folder: the LM beside it
     if path.is_dir():
-        files, layout = _weight_files(path), LAYOUT_ORIGINAL
+        files = folder_weight_files(path, PlannerError, "planner LM folder", WHERE_TO_PUT)
+        layout = LAYOUT_ORIGINAL
     else:
         files, layout = [path], LAYOUT_COMFY
     shapes_all, where = _header_shapes(files)

@@ -120,21 +120,28 @@ def _read_tensors(path: Path, keys: Iterable[str]) -> dict[str, torch.Tensor]:
         raise TextEncoderError(f"{path}: cannot read tensors ({exc})") from exc
 
 
+def folder_weight_files(folder: Path, error: type[Exception], what: str, hint: str = "") -> list[Path]:
+    """A transformers model folder's safetensors files: the shards its ``model.safetensors.index.json`` names, else
+    ``model.safetensors``. A bad index or a missing file raises ``error`` naming it (``what``: the kind of folder)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError) as exc:
+            raise error(f"{index}: unreadable shard index ({exc})") from exc
+        files = [folder / n for n in names]
+    else:
+        files = [folder / "model.safetensors"]
+    for f in files:
+        if not f.is_file():
+            raise error(f"{folder}: not a {what} ({f.name} missing)" + (f"; {hint}" if hint else ""))
+    return files
+
+
 def _te_files(path: Path) -> tuple[list[Path], Optional[Path]]:
     """The safetensors files and config.json of a text encoder folder or file."""
     if path.is_dir():
-        index = path / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (OSError, ValueError, KeyError) as exc:
-                raise TextEncoderError(f"{index}: unreadable shard index ({exc})") from exc
-            files = [path / n for n in names]
-        else:
-            files = [path / "model.safetensors"]
-        for f in files:
-            if not f.is_file():
-                raise TextEncoderError(f"{path}: not a text encoder folder ({f.name} missing)")
+        files = folder_weight_files(path, TextEncoderError, "text encoder folder")
         cfg = path / "config.json"
         return files, cfg if cfg.is_file() else None
     if path.is_file():
