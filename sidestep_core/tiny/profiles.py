@@ -48,50 +48,43 @@ class Profile:
     vocab_size: int  # BPE vocabulary of the tiny tokenizer (special tokens included)
 
 
+# The tiny decoder; tiny-xl changes only what gives it XL's proportions.
+_TINY_DIT = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    sliding_window=8,
+    text_hidden_dim=32,
+    num_lyric_encoder_hidden_layers=2,
+    num_timbre_encoder_hidden_layers=2,
+    num_attention_pooler_hidden_layers=1,
+    fsq_dim=64,
+    is_turbo=True,
+    model_version="turbo",
+)
+_TINY_TE = TextEncoderShape(32, 2, 4, 2, 8, 64)
+_TINY_VAE = VaeShape(128, 8, (1, 1, 1, 1, 1))
+
+
 def get_profile(name: str) -> Profile:
     if name == "tiny":
-        dit = AceStepConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            sliding_window=8,
-            text_hidden_dim=32,
-            num_lyric_encoder_hidden_layers=2,
-            num_timbre_encoder_hidden_layers=2,
-            num_attention_pooler_hidden_layers=1,
-            fsq_dim=64,
-            is_turbo=True,
-            model_version="turbo",
-        )
-        te = TextEncoderShape(32, 2, 4, 2, 8, 64)
-        return Profile(dit, te, VaeShape(128, 8, (1, 1, 1, 1, 1)), vocab_size=512)
+        return Profile(AceStepConfig(**_TINY_DIT), _TINY_TE, _TINY_VAE, vocab_size=512)
     if name == "tiny-xl":
         # XL proportions at tiny size: decoder 96 wide with 8 × 16 attention, encoder/tokenizer 64 wide.
-        dit = AceStepConfig(
-            hidden_size=96,
-            intermediate_size=192,
-            num_hidden_layers=4,
-            num_attention_heads=8,
-            num_key_value_heads=2,
-            head_dim=16,
-            sliding_window=8,
-            text_hidden_dim=32,
-            num_lyric_encoder_hidden_layers=2,
-            num_timbre_encoder_hidden_layers=2,
-            num_attention_pooler_hidden_layers=1,
-            fsq_dim=64,
-            encoder_hidden_size=64,
-            encoder_intermediate_size=128,
-            encoder_num_attention_heads=4,
-            encoder_num_key_value_heads=2,
-            is_turbo=True,
-            model_version="turbo",
-        )
-        te = TextEncoderShape(32, 2, 4, 2, 8, 64)
-        return Profile(dit, te, VaeShape(128, 8, (1, 1, 1, 1, 1)), vocab_size=512)
+        dit = AceStepConfig(**{
+            **_TINY_DIT,
+            "hidden_size": 96,
+            "intermediate_size": 192,
+            "num_attention_heads": 8,
+            "encoder_hidden_size": 64,
+            "encoder_intermediate_size": 128,
+            "encoder_num_attention_heads": 4,
+            "encoder_num_key_value_heads": 2,
+        })
+        return Profile(dit, _TINY_TE, _TINY_VAE, vocab_size=512)
     if name == "comfyui-min":
         dit = AceStepConfig(
             hidden_size=256,
