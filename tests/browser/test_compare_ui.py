@@ -24,14 +24,7 @@ SHORTEN = {
 
 
 def test_train_compare_export_from_the_run_button(page, comfy_server, canvas):
-    ui.open_app(page, comfy_server, vue=canvas == "vue")
-    ui.open_template(page, "train_compare_export")
-    ids = {n["type"]: n["id"] for n in ui.read_nodes(page)}
-    for node_type, values in SHORTEN.items():
-        for name, value in values.items():
-            ui.set_widget(page, ids[node_type], name, value)
-    # its own run per canvas: the other canvas's finished run would be reused instead of trained
-    ui.set_widget(page, ids["SideStepTrainAdapter"], "output_name", f"cmp_{canvas}")
+    ids = ui.open_for_a_run(page, comfy_server, canvas, "train_compare_export", SHORTEN, f"cmp_{canvas}")
 
     entry = ui.queue_from_ui(page, comfy_server)
     status = entry["status"]

@@ -18,14 +18,7 @@ SHORTEN = {
 
 
 def test_train_then_generate_from_the_run_button(page, comfy_server, canvas):
-    ui.open_app(page, comfy_server, vue=canvas == "vue")
-    ui.open_template(page, "train_then_generate")
-    ids = {n["type"]: n["id"] for n in ui.read_nodes(page)}
-    for node_type, values in SHORTEN.items():
-        for name, value in values.items():
-            ui.set_widget(page, ids[node_type], name, value)
-    # its own run per canvas: the other canvas's finished run would be reused instead of trained
-    ui.set_widget(page, ids["SideStepTrainAdapter"], "output_name", f"ui_{canvas}")
+    ids = ui.open_for_a_run(page, comfy_server, canvas, "train_then_generate", SHORTEN, f"ui_{canvas}")
 
     entry = ui.queue_from_ui(page, comfy_server)
     status = entry["status"]
@@ -53,11 +46,8 @@ def test_train_dit_and_lm_queues_and_names_the_missing_lm(page, comfy_server, ca
     """``train_dit_and_lm`` queued with the Run button: the front end's prompt is accepted (every value and link
     valid), the data is preprocessed, and Train Adapter stops with the message saying where the LM goes — the
     test model set holds no 5 Hz LM ComfyUI can run (ComfyUI builds the 1.7B LM at full size)."""
-    ui.open_app(page, comfy_server, vue=canvas == "vue")
-    ui.open_template(page, "train_dit_and_lm")
-    ids = {n["type"]: n["id"] for n in ui.read_nodes(page)}
-    ui.set_widget(page, ids["SideStepTrainAdapter"], "max_steps", 2)
-    ui.set_widget(page, ids["SideStepTrainAdapter"], "output_name", f"lm_{canvas}")
+    ids = ui.open_for_a_run(page, comfy_server, canvas, "train_dit_and_lm", {"SideStepTrainAdapter": {"max_steps": 2}},
+                            f"lm_{canvas}")
     entry = ui.queue_from_ui(page, comfy_server)
     status = entry["status"]
     assert status["status_str"] == "error", ui.dumps(status["messages"])

@@ -121,6 +121,21 @@ def set_widget(page, node_id: int, name: str, value: Any) -> None:
     assert ok, f"node {node_id} has no widget {name!r}"
 
 
+def open_for_a_run(page, server, canvas: str, template: str, values: dict[str, dict[str, Any]],
+                   run_name: str) -> dict[str, int]:
+    """Open ``template`` on ``canvas``, set ``values`` ({node type: {widget: value}}) and Train Adapter's
+    ``output_name`` to ``run_name`` (a run per canvas: the other canvas's finished run would be reused instead of
+    trained); the template's node ids by type."""
+    open_app(page, server, vue=canvas == "vue")
+    open_template(page, template)
+    ids = {n["type"]: n["id"] for n in read_nodes(page)}
+    for node_type, widgets in values.items():
+        for name, value in widgets.items():
+            set_widget(page, ids[node_type], name, value)
+    set_widget(page, ids["SideStepTrainAdapter"], "output_name", run_name)
+    return ids
+
+
 def queue_from_ui(page, server, timeout: float = 1200.0) -> dict:
     """Press Run and wait for the prompt it queued to finish; returns its /history entry."""
     before = set(server.get("/history") or {})
