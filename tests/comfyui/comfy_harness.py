@@ -142,6 +142,23 @@ def write_model_set() -> Path:
     return models
 
 
+def generation_values(comfy, models: Path, seconds: float) -> dict:
+    """What a text-to-music graph hands a node, at the test model set's shapes: the DiT as ComfyUI loads it (fp32),
+    fixed random conditioning and an empty latent of ``seconds`` (inference tensors, as in a prompt), and the VAE."""
+    import torch
+
+    patcher = comfy.sd.load_diffusion_model(str(models / "diffusion_models" / DIT_NAME),
+                                            model_options={"dtype": torch.float32})
+    vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(models / "vae" / VAE_NAME)))
+    g = torch.Generator().manual_seed(3)
+    with torch.inference_mode():
+        cond = torch.randn(1, 6, 1024, generator=g) * 0.1
+        positive = [[cond, {"conditioning_lyrics": torch.randn(1, 5, 1024, generator=g) * 0.1}]]
+        negative = [[torch.zeros_like(cond), {"conditioning_lyrics": torch.zeros(1, 5, 1024)}]]
+        latent = {"samples": torch.zeros(1, 64, round(seconds * 48000 / 1920)), "type": "audio"}
+    return dict(model=patcher, positive=positive, negative=negative, latent=latent, vae=vae)
+
+
 def write_test_lora() -> Path:
     """``<cache>/my_style.safetensors``: a rank-4 LoRA on the model set's DiT in ComfyUI's format, the name
     ``apply_saved_adapter`` loads, so that template opens (and runs) without a training run first. Written once."""

@@ -40,16 +40,7 @@ def setup(comfy, tmp_path_factory):
     bundle = calls.bundle_from_info(dit, "diffusion_models/" + H.DIT_NAME, info, None)
     cache = make_cache(tmp_path_factory.mktemp("ds") / "cache", frames=(24, 32), cond_len=(5, 7), hidden=2048)
     dataset = values.DatasetRef(cache, 2, 2, 0, (), "ds-test")
-    patcher = comfy.sd.load_diffusion_model(str(dit), model_options={"dtype": torch.float32})
-    vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(models / "vae" / H.VAE_NAME)))
-    g = torch.Generator().manual_seed(3)
-    with torch.inference_mode():  # as ComfyUI runs a prompt: graph values are inference tensors
-        cond = torch.randn(1, 6, 1024, generator=g) * 0.1
-        positive = [[cond, {"conditioning_lyrics": torch.randn(1, 5, 1024, generator=g) * 0.1}]]
-        negative = [[torch.zeros_like(cond), {"conditioning_lyrics": torch.zeros(1, 5, 1024)}]]
-        latent = {"samples": torch.zeros(1, 64, round(SECONDS * 48000 / 1920)), "type": "audio"}
-    graph = dict(preview_model=patcher, preview_positive=positive, preview_negative=negative,
-                 preview_latent=latent, preview_vae=vae)
+    graph = {f"preview_{k}": v for k, v in H.generation_values(comfy, models, SECONDS).items()}
     yield ext, bundle, dataset, graph, out
     comfy.model_management.unload_all_models()
 
