@@ -197,6 +197,19 @@ def side_step_front(b: Builder, col: Column, trigger: str = TRIGGER) -> tuple[di
     return load, pre
 
 
+def train_front(b: Builder, train_values: dict) -> tuple[dict, dict, dict, Column, dict]:
+    """Load and Preprocess in the first column, Train Adapter in the second, its loss chart atop the third:
+    ``(load, preprocess, train, third column, loss chart)``."""
+    load, pre = side_step_front(b, Column(b, 0))
+    train = Column(b, COLUMN).add("SideStepTrainAdapter", train_values)
+    b.link(load, "model", train, "model")
+    b.link(pre, "dataset", train, "dataset")
+    results = Column(b, 2 * COLUMN)
+    loss = results.add("PreviewImage")
+    b.link(train, "loss_curve", loss, "images")
+    return load, pre, train, results, loss
+
+
 def generation(b: Builder, model_source: dict, model_output: str, *, x: int, tags: str, prefix: str,
                lm_apply: Optional[dict] = None) -> dict:
     """ComfyUI's native ACE-Step 1.5 text-to-music graph (the audio_ace_step_1_5_split template), turbo values, in
@@ -259,13 +272,7 @@ def train_then_generate(b: Builder) -> dict:
         "inputs, so every `preview_every` steps it renders this very generation with the adapter as it is then "
         "(`output/sidestep/<run>/previews/step_N.flac`; the node plays the last one). Disconnect them to train "
         "without previews.")))
-    load, pre = side_step_front(b, Column(b, 0))
-    train = Column(b, COLUMN).add("SideStepTrainAdapter", {"output_name": "my_style"})
-    b.link(load, "model", train, "model")
-    b.link(pre, "dataset", train, "dataset")
-    results = Column(b, 2 * COLUMN)
-    loss = results.add("PreviewImage")
-    b.link(train, "loss_curve", loss, "images")
+    load, pre, train, results, loss = train_front(b, {"output_name": "my_style"})
     export = results.add("SideStepExportAdapter", {"name": "my_style"})
     b.link(train, "adapter", export, "adapter")
     model = Column(b, 3 * COLUMN + 80)  # the loss preview is 420 wide
@@ -294,13 +301,7 @@ def train_dit_and_lm(b: Builder) -> dict:
         "The LM adds memory (the 1.7B LM in bf16, about 4 GB more) and time per step; train the DiT alone "
         "(`train_models` dit) when the sound is all you want to change. `planner_lm` auto picks the LM in "
         "`models/text_encoders/`.")))
-    load, pre = side_step_front(b, Column(b, 0))
-    train = Column(b, COLUMN).add("SideStepTrainAdapter", {"output_name": "my_style_with_lm", "train_models": "both"})
-    b.link(load, "model", train, "model")
-    b.link(pre, "dataset", train, "dataset")
-    results = Column(b, 2 * COLUMN)
-    loss = results.add("PreviewImage")
-    b.link(train, "loss_curve", loss, "images")
+    load, pre, train, results, loss = train_front(b, {"output_name": "my_style_with_lm", "train_models": "both"})
     export = results.add("SideStepExportAdapter", {"name": "my_style_with_lm"})
     b.link(train, "adapter", export, "adapter")
     model = Column(b, 3 * COLUMN + 80)
@@ -320,13 +321,7 @@ def preprocess_and_train(b: Builder) -> dict:
         "Encodes the folder once (cached by content: queueing again is instant, edited files alone are "
         "re-encoded), trains an adapter and exports it to `models/loras/` for ComfyUI's LoRA loaders or "
         "*Apply Adapter*.")))
-    load, pre = side_step_front(b, Column(b, 0))
-    train = Column(b, COLUMN).add("SideStepTrainAdapter", {"output_name": "my_style"})
-    b.link(load, "model", train, "model")
-    b.link(pre, "dataset", train, "dataset")
-    results = Column(b, 2 * COLUMN)
-    loss = results.add("PreviewImage")
-    b.link(train, "loss_curve", loss, "images")
+    load, pre, train, results, loss = train_front(b, {"output_name": "my_style"})
     export = results.add("SideStepExportAdapter", {"name": "my_style"})
     b.link(train, "adapter", export, "adapter")
     return b.workflow([group(b, "Preprocess, train, export", [load, pre, train, loss, export])])
@@ -378,13 +373,7 @@ def train_compare_export(b: Builder) -> dict:
         "**Pick one**: type the row you liked (e.g. `step_700`, `final` or `ema`) into `checkpoint` of *Export "
         "Adapter* (writes `models/loras/my_style.safetensors`) and of *Apply Adapter* (generates with it), then "
         "queue again: the trained run and the grid are reused, only the export and the generation run.")))
-    load, pre = side_step_front(b, Column(b, 0))
-    train = Column(b, COLUMN).add("SideStepTrainAdapter", {"output_name": "my_style"})
-    b.link(load, "model", train, "model")
-    b.link(pre, "dataset", train, "dataset")
-    results = Column(b, 2 * COLUMN)
-    loss = results.add("PreviewImage")
-    b.link(train, "loss_curve", loss, "images")
+    load, pre, train, results, loss = train_front(b, {"output_name": "my_style"})
     unet = results.add("UNETLoader", {"unet_name": DIT, "weight_dtype": "default"})
     grid = Column(b, 3 * COLUMN + 80)  # the loss preview is 420 wide
     compare = grid.add("SideStepCompareAdapters", {"checkpoints": "last 3", "strengths": "0.5, 0.8, 1.0",
