@@ -196,6 +196,20 @@ def chosen_adapter(adapter: AdapterRef, checkpoint: str) -> Path:
     return resolve_checkpoint(adapter.run_dir, checkpoint)
 
 
+def files_state(*paths: Optional[Path]) -> str:
+    """Size and mtime of each file, ``-`` for a missing one. A node whose ``fingerprint_inputs`` returns this runs
+    again when one of the files changed or was deleted, instead of ComfyUI answering from its cache (which only
+    sees the widget values)."""
+    out = []
+    for path in paths:
+        try:
+            st = Path(path).stat() if path else None
+        except OSError:
+            st = None
+        out.append(f"{path}:{st.st_size}:{st.st_mtime_ns}" if st else f"{path}:-")
+    return "|".join(out)
+
+
 def export_path(directory: Path, name: str, overwrite: bool) -> Path:
     stem = runs.safe_name(name.removesuffix(".safetensors"))
     path = Path(directory) / f"{stem}.safetensors"

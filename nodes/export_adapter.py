@@ -19,6 +19,14 @@ class ExportAdapter(io.ComfyNode):
         return build_schema(S.EXPORT)
 
     @classmethod
+    def fingerprint_inputs(cls, name="sidestep_adapter", directory="", **_):
+        """Export again when a file it wrote was deleted or replaced (the trained adapter is not visible here:
+        ComfyUI passes only widget values; a new training already invalidates the cache through the link)."""
+        root = Path(directory).expanduser() if directory.strip() else Path((paths("loras") or ["."])[0])
+        path = calls.export_path(root, name, True)
+        return calls.files_state(path, path.with_name(path.stem + "_lm.safetensors"))
+
+    @classmethod
     def execute(cls, adapter: AdapterRef, name="sidestep_adapter", format="comfyui", overwrite=True,
                 directory="", checkpoint="final") -> io.NodeOutput:
         from sidestep_core.adapters import export_comfyui, read_adapter_weights

@@ -21,6 +21,15 @@ class MergeAdapters(io.ComfyNode):
         return build_schema(S.MERGE)
 
     @classmethod
+    def fingerprint_inputs(cls, mode="sum", name="sidestep_merged", **slots):
+        """Merge again when a source LoRA or the written file changed or was deleted."""
+        sources = [folder_paths.get_full_path("loras", slots.get(f"lora_{n}", S.NONE))
+                   for n in range(1, S.MERGE_SLOTS + 1) if slots.get(f"lora_{n}", S.NONE) not in ("", S.NONE)]
+        folder = "diffusion_models" if mode == "bake" else "loras"
+        out = calls.export_path(Path((paths(folder) or ["."])[0]), name, True)
+        return calls.files_state(*sources, out)
+
+    @classmethod
     def execute(cls, mode="sum", name="sidestep_merged", overwrite=True, rank=0, adapter: Optional[AdapterRef] = None,
                 adapter_weight=1.0, checkpoint="final", model: Optional[ModelBundle] = None,
                 **slots) -> io.NodeOutput:

@@ -16,6 +16,7 @@ On the ``comfyui-min`` tiny model in fp32 (so the comparisons are not drowned in
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -167,6 +168,20 @@ def test_node_sum_writes_the_weighted_sum_to_loras(comfy, files, node):
     assert max(rel_err(got[k], want[k]) for k in want) < TOL
     cut = cls.execute(mode="sum", lora_1="lora.safetensors", lora_2="loha.safetensors", rank=2, name="mix2")
     assert "truncated SVD: relative error max" in cut.ui.as_dict()["text"][0]
+
+
+def test_node_runs_again_when_a_source_or_its_output_changes(comfy, files, node):
+    cls, _, loras, _ = node
+    values = dict(mode="sum", lora_1="lora.safetensors", weight_1=1.0, lora_2="none", name="again")
+    before = cls.fingerprint_inputs(**values)
+    cls.execute(**values)
+    written = cls.fingerprint_inputs(**values)
+    assert written != before  # the output now exists
+    (loras / "again.safetensors").unlink()
+    assert cls.fingerprint_inputs(**values) == before
+    src = loras / "lora.safetensors"
+    os.utime(src, ns=(src.stat().st_atime_ns, src.stat().st_mtime_ns + 1_000_000))
+    assert cls.fingerprint_inputs(**values) != before
 
 
 def test_node_bake_uses_the_trained_adapters_base_and_refuses_dora_sums(comfy, files, node, tmp_path):

@@ -181,6 +181,11 @@ def test_run_preprocess_and_train(server, object_info):
     entry2 = server.run(again)
     assert "reusing the finished adapter" in history_text(entry2, "SideStepTrainAdapter")
     assert len(list((server.base / "output" / "sidestep").glob("my_style-*"))) == 1
+    # The exported file deleted, the same prompt queued again: Export Adapter runs again instead of ComfyUI's cache
+    # answering for it.
+    lora.unlink()
+    entry3 = server.run(again)
+    assert lora.is_file() and "wrote" in history_text(entry3, "SideStepExportAdapter")
 
 
 def test_run_train_then_generate(server, object_info):
