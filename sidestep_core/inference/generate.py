@@ -524,9 +524,3 @@ def compare(
     finally:
         gen.remove_adapter()
     return results
-
-
-def stack_audio(results: Sequence[GeneratedAudio]) -> torch.Tensor:
-    """[N, 2, S] batch of the renders (ComfyUI's AUDIO ``waveform``); shorter ones are zero-padded."""
-    n = max(r.waveform.shape[-1] for r in results)
-    return torch.stack([torch.nn.functional.pad(r.waveform, (0, n - r.waveform.shape[-1])) for r in results])

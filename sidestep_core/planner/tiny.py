@@ -200,20 +200,20 @@ def planner_state_to_comfy(state: dict[str, torch.Tensor], *, aio: bool = False)
 def make_tiny_planner(root: str | Path, layout: str = "original", seed: int = 0, shape: str = "tiny") -> Path:
     """Writes the tiny LM under ``root`` in ``layout`` (``original`` or ``comfyui-split``) and returns its path
     (the folder, or the safetensors file). The all-in-one layout is written by the checkpoint writer."""
-    from safetensors.torch import save_file
+    from ..fsutil import atomic_save_file, atomic_write_json
 
     root = Path(root).expanduser()
     state = planner_state(seed, shape)
     if layout == "original":
         folder = root / ORIGINAL_FOLDER
         write_planner_tokenizer(folder)
-        (folder / "config.json").write_text(json.dumps(planner_config(shape), indent=2))
-        save_file(_bf16(state), str(folder / "model.safetensors"), metadata={"format": "pt"})
+        atomic_write_json(folder / "config.json", planner_config(shape))
+        atomic_save_file(_bf16(state), folder / "model.safetensors", metadata={"format": "pt"})
         return folder
     if layout == "comfyui-split":
         path = root / "models" / "text_encoders" / COMFY_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(_bf16(planner_state_to_comfy(state)), str(path))
+        atomic_save_file(_bf16(planner_state_to_comfy(state)), path)
         write_planner_tokenizer(root / TOKENIZER_FOLDER)
         return path
     raise ValueError(f"unknown planner layout {layout!r}; choose original or comfyui-split")
