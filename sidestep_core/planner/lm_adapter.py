@@ -17,6 +17,7 @@ is the embedding model's, which takes that file instead).
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -130,7 +131,10 @@ def inject_lm_lora(model: nn.Module, *, rank: int, alpha: float, dropout: float,
     model.requires_grad_(False)
     conf = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
                       task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, conf)
+    with warnings.catch_warnings():
+        # PEFT reads transformers' `is_gradient_checkpointing`, deprecated in transformers 5: not the user's to fix.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = get_peft_model(model, conf)
     device = next(model.parameters()).device
     for p in peft_model.parameters():
         if p.requires_grad:
