@@ -162,3 +162,48 @@ def test_names_round_trip_and_cli_export(dit, tmp_path, capsys):
     assert code == 0 and path.is_file() and "verified" in out
     back = read_diffusers(path)
     assert set(back.modules) == set(ref)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_a_lora_saved_by_diffusers_reads_and_applies_as_diffusers_loads_it(dit, tmp_path, dora):
+    """Another tool's diffusers LoRA (PEFT on AceStepTransformer1DModel, saved by the pipeline's own
+    save_lora_weights with its LoRA config: alpha 8 at rank 4, an alpha_pattern for to_q): read_adapter_weights finds
+    it and the core applies it to our decoder exactly as diffusers' load_lora_weights + fuse_lora applies it."""
+    from diffusers import AceStepPipeline
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    from sidestep_core.adapters import detect_format, merge_adapter
+
+    model = transformer(dit)
+    conf = LoraConfig(r=4, lora_alpha=8, alpha_pattern={"to_q": 2}, init_lora_weights=False, use_dora=dora,
+                      target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    torch.manual_seed(0)
+    model.add_adapter(conf)
+    AceStepPipeline.save_lora_weights(tmp_path, transformer_lora_layers=get_peft_model_state_dict(model),
+                                      transformer_lora_adapter_metadata=conf.to_dict(),
+                                      weight_name="other.safetensors")
+    path = tmp_path / "other.safetensors"
+    assert detect_format(path)[0] == "diffusers"
+    aw = read_adapter_weights(path)
+    scales = {round(m.scale, 6) for n, m in aw.modules.items()}
+    assert scales == {0.5, 2.0}  # to_q at 2 / 4, the rest at 8 / 4
+    pipe, warnings = load_and_fuse(dit, path)
+    pipe.fuse_lora(lora_scale=1.0)
+    dec = decoder(dit)
+    merge_adapter(dec, aw)
+    fused = pipe.transformer
+    worst = max(rel_err(dec.get_submodule(n).weight, fused.get_submodule(diffusers_name(n)).base_layer.weight)
+                for n in aw.modules)
+    assert worst < TOL, worst
+
+
+def test_a_diffusers_lora_for_another_model_is_refused_by_name(tmp_path):
+    from safetensors.torch import save_file
+
+    from sidestep_core.adapters import AdapterShapeError
+
+    path = tmp_path / "flux_style.safetensors"
+    save_file({"transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 8),
+               "transformer.single_transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(8, 4)}, str(path))
+    with pytest.raises(AdapterShapeError, match="flux_style.safetensors: a diffusers LoRA for another model"):
+        read_adapter_weights(path)

@@ -19,6 +19,7 @@ and non-PEFT DoRA computed on the base model given, so exact only there.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -29,7 +30,8 @@ from ..fsutil import atomic_save_file
 from .comfy_export import BaseWeights, ExportError, _base_getter
 from .delta import delta_weight
 from .merge import low_rank_factors
-from .weights import AdapterWeights, ModuleWeights
+from .names import is_target
+from .weights import AdapterShapeError, AdapterWeights, ModuleWeights
 
 PREFIX = "transformer."
 _SEGMENTS = {"q_proj": "to_q", "k_proj": "to_k", "v_proj": "to_v", "o_proj": "to_out.0", "q_norm": "norm_q",
@@ -116,19 +118,51 @@ def to_diffusers(aw: AdapterWeights, base: Optional[BaseWeights] = None) -> tupl
 
 
 def read_diffusers(path: str | Path) -> AdapterWeights:
-    """A file written by :func:`export_diffusers`, back in the common form (to verify an export)."""
-    from safetensors.torch import load_file
+    """A diffusers ACE-Step LoRA file (ours, or another tool's) in the common form, scaled as diffusers' loader
+    scales it: by the ``lora_adapter_metadata`` it carries (``lora_alpha``, ``alpha_pattern``, ``use_rslora``),
+    and by 1 without it."""
+    from safetensors import safe_open
 
-    sd = load_file(str(path))
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        conf = _lora_config(f.metadata() or {})
+        sd = {k: f.get_tensor(k) for k in f.keys()}
     modules = {}
     for key in sd:
         if key.endswith(".lora_A.weight"):
             module = key[len(PREFIX): -len(".lora_A.weight")]
+            down, up = sd[key], sd[f"{PREFIX}{module}.lora_B.weight"]
             mag = sd.get(f"{PREFIX}{module}.lora_magnitude_vector")
+            rank = down.shape[0]
+            alpha = float(_pattern_value(conf.get("alpha_pattern"), module, conf.get("lora_alpha", rank)))
+            scale = alpha / (rank ** 0.5 if conf.get("use_rslora") else rank)
             modules[target_name(module)] = ModuleWeights(
-                "lora", {"up": sd[f"{PREFIX}{module}.lora_B.weight"], "down": sd[key]},
+                "lora", {"up": up, "down": down}, scale=scale, alpha=alpha,
                 dora=mag, dora_mode=None if mag is None else "row_merged")
+    foreign = [n for n in modules if not is_target(f"decoder.{n}")]
+    if foreign or not modules:
+        raise AdapterShapeError(f"{path}: a diffusers LoRA for another model ({len(foreign)} of {len(modules)} modules "
+                                f"are not in ACE-Step 1.5's transformer, first: {', '.join(foreign[:3])})" if modules
+                                else f"{path}: a diffusers file with no LoRA tensors (lora_A / lora_B)")
     return AdapterWeights(modules, source=str(path), format="diffusers")
+
+
+def _lora_config(meta: Mapping[str, str]) -> dict:
+    """The transformer's LoRA config from diffusers' ``lora_adapter_metadata`` (keys ``transformer.<field>`` as
+    ``save_lora_weights`` packs them, or unprefixed); {} when the file has none."""
+    raw = meta.get("lora_adapter_metadata")
+    if not raw:
+        return {}
+    conf = json.loads(raw)
+    ours = {k[len(PREFIX):]: v for k, v in conf.items() if k.startswith(PREFIX)}
+    return ours or conf
+
+
+def _pattern_value(patterns: Optional[Mapping[str, float]], module: str, default):
+    """PEFT's per-module override: the first pattern that matches the end of the module's dotted name."""
+    for pattern, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return default
 
 
 def export_diffusers(aw: AdapterWeights, out_path: str | Path, *, base: Optional[BaseWeights] = None,

@@ -72,7 +72,8 @@ _UNSUPPORTED = {
 
 
 def detect_format(path: str | Path) -> tuple[str, Path]:
-    """``(format, weights file)`` with format ``peft`` | ``lycoris`` | ``comfyui`` for a folder or a file."""
+    """``(format, weights file)`` with format ``peft`` | ``lycoris`` | ``comfyui`` | ``diffusers`` for a folder or a
+    file."""
     path = Path(path).expanduser()
     if not path.exists():
         raise AdapterFormatError(f"{path}: no such file or folder")
@@ -108,6 +109,9 @@ def detect_format(path: str | Path) -> tuple[str, Path]:
     meta, keys = _peek(path)
     if meta.get("sidestep_export") == "comfyui":
         return "comfyui", path
+    if meta.get("sidestep_export") == "diffusers" or (
+            keys and all(k.startswith("transformer.") for k in keys) and any(".lora_A." in k for k in keys)):
+        return "diffusers", path
     if meta.get("format") == "lycoris" or path.name in LYCORIS_FILES:
         return "lycoris", path
     if keys and all(k.startswith("lycoris_") for k in keys):
@@ -140,6 +144,10 @@ def read_adapter_weights(path: str | Path) -> AdapterWeights:
     """Read any supported adapter (folder or file) into the common form. Raises ``AdapterFormatError`` for files that
     are not adapters we understand and ``AdapterShapeError`` for adapters whose targets ACE-Step 1.5 does not have."""
     fmt, weights_path = detect_format(path)
+    if fmt == "diffusers":
+        from .diffusers_format import read_diffusers
+
+        return read_diffusers(weights_path)
     meta, tensors = _load(weights_path)
     config = None
     if fmt == "peft":
