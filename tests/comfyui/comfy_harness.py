@@ -285,11 +285,12 @@ class ComfyServer:
             return ""
 
     # ----- HTTP -----
-    def get(self, path: str, timeout: float = 30) -> Any:
+    # A generous timeout: the server answers while a prompt runs, but slowly on a shared CI machine.
+    def get(self, path: str, timeout: float = 120) -> Any:
         with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
             return json.loads(r.read() or b"null")
 
-    def post(self, path: str, body: Any, timeout: float = 30) -> tuple[int, Any]:
+    def post(self, path: str, body: Any, timeout: float = 120) -> tuple[int, Any]:
         req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"}, method="POST")
         try:
