@@ -877,9 +877,10 @@ def _plan_text(plan: dict[str, Any]) -> str:
         lines.append(f"{'      ' if lines else 'plan: '}planner LM: LoRA rank {plan['lm_rank']} on {plan['lm_targets']} "
                      f"modules ({plan['lm_params']:,} trainable parameters), loss on {plan['lm_loss']}, "
                      f"{plan['lm_tokens']:,} tokens to learn in the dataset, {plan['precision']} on {plan['device']}")
+    crop = f"crop {plan['crop_frames']} frames" if plan["crop_frames"] else "whole clips (no crop)"
     lines.append(
         f"      {plan['clips']} clips ({plan['val_clips']} held out), batch {plan['batch_size']} x accumulation "
-        f"{plan['gradient_accumulation']}, crop {plan['crop_frames']} frames; {plan['steps_per_epoch']} steps per "
+        f"{plan['gradient_accumulation']}, {crop}; {plan['steps_per_epoch']} steps per "
         f"epoch, steps {plan['start_step']} -> {plan['total_steps']} (warmup {plan['warmup_steps']})")
     if "adapter" in plan:
         lines.append(f"      timesteps {plan['timestep_mode']} (mu {plan['timestep_mu']:.3g}, sigma "
