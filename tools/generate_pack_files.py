@@ -190,17 +190,17 @@ def note(b: Builder, text: str, x: int = -480) -> dict:
     return Column(b, x).add("MarkdownNote", {"text": text}, title="Read me")
 
 
-def side_step_front(b: Builder, col: Column, trigger: str = TRIGGER) -> tuple[dict, dict]:
+def side_step_front(b: Builder, col: Column, trigger: str = TRIGGER, auto_label: bool = False) -> tuple[dict, dict]:
     load = col.add("SideStepLoadCheckpoint", {"model": MODEL_CHOICE})
-    pre = col.add("SideStepPreprocessAudio", {"trigger_tag": trigger})
+    pre = col.add("SideStepPreprocessAudio", {"trigger_tag": trigger, "auto_label": auto_label})
     b.link(load, "model", pre, "model")
     return load, pre
 
 
-def train_front(b: Builder, train_values: dict) -> tuple[dict, dict, dict, Column, dict]:
+def train_front(b: Builder, train_values: dict, auto_label: bool = False) -> tuple[dict, dict, dict, Column, dict]:
     """Load and Preprocess in the first column, Train Adapter in the second, its loss chart atop the third:
     ``(load, preprocess, train, third column, loss chart)``."""
-    load, pre = side_step_front(b, Column(b, 0))
+    load, pre = side_step_front(b, Column(b, 0), auto_label=auto_label)
     train = Column(b, COLUMN).add("SideStepTrainAdapter", train_values)
     b.link(load, "model", train, "model")
     b.link(pre, "dataset", train, "dataset")
@@ -297,11 +297,14 @@ def train_dit_and_lm(b: Builder) -> dict:
         "sound, and a LoRA on the 5 Hz planner LM (`qwen_1.7b_ace15`), which shapes what the LM decides before "
         "the DiT renders: song structure, phrasing, vocal placement, tempo and key, even the vocal gender. "
         "*Apply Adapter* then patches the model and the CLIP's LM, and *TextEncodeAceStepAudio1.5* runs with "
-        "`generate_audio_codes` on, so the LM writes the audio codes with its adapter.\n\n"
+        "`generate_audio_codes` on, so the LM writes the audio codes with its adapter. *Preprocess* has "
+        "`auto_label` on: a song without a caption, bpm, key, time signature or language gets them from the same "
+        "LM, in an editable `song.labels.txt` beside it (what you wrote always wins).\n\n"
         "The LM adds memory (the 1.7B LM in bf16, about 4 GB more) and time per step; train the DiT alone "
         "(`train_models` dit) when the sound is all you want to change. `planner_lm` auto picks the LM in "
         "`models/text_encoders/`.")))
-    load, pre, train, results, loss = train_front(b, {"output_name": "my_style_with_lm", "train_models": "both"})
+    load, pre, train, results, loss = train_front(b, {"output_name": "my_style_with_lm", "train_models": "both"},
+                                                  auto_label=True)
     export = results.add("SideStepExportAdapter", {"name": "my_style_with_lm"})
     b.link(train, "adapter", export, "adapter")
     model = Column(b, 3 * COLUMN + 80)

@@ -48,8 +48,9 @@ def in_ci() -> bool:
 
 def fail_skips_in_ci(item, report, suite: Path) -> None:
     """In CI (``CI=true``) the real-ComfyUI and browser suites must run: a skip of one of their tests (no
-    ``COMFYUI_DIR``, no browser) is turned into a failure that names the reason."""
-    if not in_ci() or not report.skipped or hasattr(report, "wasxfail"):
+    ``COMFYUI_DIR``, no browser) is turned into a failure that names the reason. Tests marked ``opt_in`` run only
+    when asked for (an environment variable), so they may skip there too."""
+    if not in_ci() or not report.skipped or hasattr(report, "wasxfail") or item.get_closest_marker("opt_in"):
         return
     if suite not in Path(str(item.fspath)).parents:
         return
@@ -139,6 +140,42 @@ def write_model_set() -> Path:
     assert ckpt.dit == models / "diffusion_models" / DIT_NAME and ckpt.vae == models / "vae" / VAE_NAME
     (models / "text_encoders" / LM_NAME).symlink_to(TE_NAME)
     done.write_text(MODEL_SET_VERSION)
+    return models
+
+
+REAL_LM_ENV = "SIDESTEP_REAL_LM"
+
+
+def real_lm_file() -> Optional[Path]:
+    """The planner LM at the 1.7B's real sizes the opt-in tests run (``$SIDESTEP_REAL_LM``): a path to such a
+    ``qwen_1.7b_ace15.safetensors``, or ``generate`` to write one once into the cache (the generator's ``comfyui-min``
+    LM: 3.7 GB, about 20 s and 6 GB of memory to write). None when the variable is not set."""
+    value = os.environ.get(REAL_LM_ENV, "").strip()
+    if not value:
+        return None
+    if value != "generate":
+        return Path(value).expanduser().resolve()
+    from sidestep_core.planner.tiny import make_tiny_planner
+
+    root = cache_root() / "real-size-lm"
+    lm = root / "models" / "text_encoders" / LM_NAME
+    if not (root / "complete").is_file():
+        shutil.rmtree(root, ignore_errors=True)
+        assert make_tiny_planner(root, "comfyui-split", 0, "comfyui-min") == lm
+        shutil.rmtree(root / "lm_tokenizer")  # tokenized by ComfyUI's own Qwen tokenizer, as a released file is
+        (root / "complete").write_text(MODEL_SET_VERSION)
+    return lm
+
+
+def model_set_with_lm(folder: Path, lm: Path) -> Path:
+    """``folder/models``: the tiny model set (links) with ``lm`` as its ``qwen_1.7b_ace15.safetensors``."""
+    tiny = write_model_set()
+    models = folder / "models"
+    for sub, name, target in (("diffusion_models", DIT_NAME, tiny / "diffusion_models" / DIT_NAME),
+                              ("text_encoders", TE_NAME, tiny / "text_encoders" / TE_NAME),
+                              ("text_encoders", LM_NAME, lm), ("vae", VAE_NAME, tiny / "vae" / VAE_NAME)):
+        (models / sub).mkdir(parents=True, exist_ok=True)
+        (models / sub / name).symlink_to(target)
     return models
 
 
