@@ -352,6 +352,12 @@ def test_run_plan_fresh_resume_reuse_restart(tmp_path):
     outs = {runs.plan_run(tmp_path, "my style!", both.replace(lm=str(tmp_path / f"lm_{x}.safetensors")), "model",
                           "data", resume=True).out for x in "ab"}
     assert len(outs) == 2 and plan.out not in outs
+    # the LM's identity is its content, as the model's: the same file name and size with other weights differ
+    from sidestep_core.planner.tiny import make_tiny_planner
+
+    same_name = {runs.plan_run(tmp_path, "my style!", both.replace(lm=str(make_tiny_planner(tmp_path / f"s{seed}",
+                 "comfyui-split", seed=seed))), "model", "data", resume=True).out for seed in (0, 1)}
+    assert len(same_name) == 2
     (plan.out / "final").mkdir()
     runs.write_marker(plan.out, cfg, "complete", 10, 10)
     assert runs.plan_run(tmp_path, "my style!", cfg, "model", "data", resume=True).action == "reuse"

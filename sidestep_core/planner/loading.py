@@ -173,6 +173,7 @@ class Planner:
     path: Path
     layout: str  # LAYOUT_ORIGINAL | LAYOUT_COMFY | LAYOUT_AIO
     size: str  # "0.6B" | "1.7B" | "4B" | "hidden-<H>" for other widths (the tiny model)
+    identity: str = ""  # content identity of the weight files (:func:`planner_identity`)
 
     @property
     def hidden_size(self) -> int:
@@ -196,6 +197,26 @@ class Planner:
 
 def size_name(hidden: int) -> str:
     return SIZES.get(hidden, f"hidden-{hidden}")
+
+
+def planner_weight_files(path: str | Path) -> list[Path]:
+    """The safetensors files an LM is read from (``path`` as :func:`load_planner` takes it)."""
+    path = Path(path).expanduser()
+    if path.is_dir() and not ((path / "config.json").is_file() and _is_tokenizer_dir(path)):
+        path = find_planner(path)
+    if path.is_dir():
+        return folder_weight_files(path, PlannerError, "planner LM folder", WHERE_TO_PUT)
+    if not path.is_file():
+        raise PlannerError(f"{path}: no such file or folder; {WHERE_TO_PUT}")
+    return [path]
+
+
+def planner_identity(path: str | Path) -> str:
+    """The LM's content identity, made as the DiT's (headers, sizes and sampled bytes of its weight files; see
+    :func:`~sidestep_core.model.loading.weights_identity`): another LM file of the same name and size differs."""
+    from ..model.loading import weights_identity
+
+    return weights_identity(planner_weight_files(path))
 
 
 def _header_shapes(files: Sequence[Path]) -> tuple[dict[str, tuple[int, ...]], dict[str, Path]]:
@@ -340,7 +361,10 @@ def load_planner(
             f"{tok.source}: the tokenizer's audio codes (ids {tok.code_offset} … "
             f"{tok.code_offset + tok.codebook_size - 1}) do not fit the LM's {rows}-token vocabulary; this tokenizer "
             "does not belong to this LM")
-    return Planner(model.eval().requires_grad_(False), tok, path, layout, size_name(config.hidden_size))
+    from ..model.loading import weights_identity
+
+    return Planner(model.eval().requires_grad_(False), tok, path, layout, size_name(config.hidden_size),
+                   weights_identity(files))
 
 
 def find_planner(where: str | Path) -> Path:

@@ -65,12 +65,13 @@ class PlannerTraining:
     """The LM's LoRA, optimizer and schedule inside a training run (see the module docstring)."""
 
     def __init__(self, cfg: TrainConfig, causal_lm: torch.nn.Module, sequences: list[LMSequence], pad_id: int,
-                 schedule: dict[str, Any], device: torch.device, dtype: Optional[torch.dtype]):
+                 schedule: dict[str, Any], device: torch.device, dtype: Optional[torch.dtype], identity: str = ""):
         if not sequences or not all(any(l != IGNORE for l in s.labels) for s in sequences):
             raise ValueError("lm: every clip needs audio codes to train the planner LM on")
         self.cfg = cfg.replace(learning_rate=cfg.lm_learning_rate)  # the optimizer and schedule read it from here
         self.sequences, self.pad_id = sequences, pad_id
         self.device, self.dtype = device, dtype
+        self.identity = identity  # the frozen LM's content identity: a resume must continue on the same LM
         self.lm = causal_lm
         self.adapter: LMAdapter = inject_lm_lora(causal_lm, rank=cfg.lm_rank, alpha=cfg.lm_alpha,
                                                  dropout=cfg.lm_dropout, mlp=cfg.lm_target_mlp)
@@ -124,7 +125,8 @@ class PlannerTraining:
 
     # ----- checkpoints -----
     def describe(self) -> dict[str, Any]:
-        return {"targets": len(self.adapter.targets), "options": self.adapter.options, "shape": self.adapter.shape}
+        return {"targets": len(self.adapter.targets), "options": self.adapter.options, "shape": self.adapter.shape,
+                "identity": self.identity}
 
     def state(self) -> dict[str, Any]:
         return {**self.describe(), "optimizer": st.optimizer_state(self.optimizer)}
@@ -143,6 +145,12 @@ class PlannerTraining:
             raise LMAdapterMismatchError(
                 f"{folder}: the checkpoint's LM adapter was trained on a planner LM of {describe_shape(shape)}; the "
                 f"LM given has {describe_shape(self.adapter.shape)}")
+        saved_identity = state.get("identity")
+        if saved_identity and self.identity and saved_identity != self.identity:
+            raise LMAdapterMismatchError(
+                f"{folder}: the checkpoint's LM adapter was trained on another planner LM of the same size (identity "
+                f"{saved_identity}; {self.cfg.lm} is {self.identity}); resume with the LM file the run started with, "
+                "or train into another --out")
         saved = state.get("options") or {}
         differ = [k for k in saved if saved[k] != self.adapter.options.get(k)]
         if differ or state.get("targets") != len(self.adapter.targets):
@@ -183,7 +191,7 @@ def build_planner_training(cfg: TrainConfig, dataset, device: torch.device, dtyp
             for clip in dataset.clips]
     torch.manual_seed(seed)
     return PlannerTraining(cfg, planner.model, seqs, planner.tokenizer.token_id(V.ENDOFTEXT), schedule, device,
-                           dtype)
+                           dtype, planner.identity)
 
 
 def clip_sequence(tokenizer, sample, codes: torch.Tensor, style: str, flags: tuple[str, ...]) -> LMSequence:
