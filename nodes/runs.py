@@ -50,13 +50,11 @@ def run_fingerprint(cfg: TrainConfig, model_identity: str, dataset_identity: str
 def _lm_identity(path: Path) -> str:
     """The planner LM's content identity, made as the model's: another LM file, even of the same name and size, is
     another run (the core refuses to resume a run on a different LM)."""
-    import struct
-
     from sidestep_core.planner.loading import planner_identity
 
     try:
         return planner_identity(path)
-    except (OSError, ValueError, struct.error):
+    except (OSError, ValueError):
         return path.name  # training reports the missing or broken LM
 
 

@@ -51,14 +51,21 @@ def collate(seqs: list[LMSequence], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask, labels
 
 
-def lm_loss(causal_lm: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def labelled_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, columns) of the tokens a loss is taken on, as positions of the inputs predicting them."""
+    return (labels[:, 1:] != IGNORE).nonzero(as_tuple=True)
+
+
+def lm_loss(causal_lm: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
+            positions: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """Mean next-token cross-entropy over the labelled tokens. Logits are computed only where a label is (the
-    vocabulary has 217k entries; logits for a whole song would be the largest tensor of the step)."""
+    vocabulary has 217k entries; logits for a whole song would be the largest tensor of the step). ``positions``:
+    :func:`labelled_positions` of ``labels``, given when they cannot be read off them (the memory plan's fake
+    tensors)."""
+    rows, cols = positions if positions is not None else labelled_positions(labels)
     hidden = causal_lm.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-    target = labels[:, 1:]
-    keep = target != IGNORE
-    logits = causal_lm.lm_head(hidden[:, :-1][keep]).float()
-    return torch.nn.functional.cross_entropy(logits, target[keep])
+    logits = causal_lm.lm_head(hidden[rows, cols]).float()
+    return torch.nn.functional.cross_entropy(logits, labels[rows, cols + 1])
 
 
 class PlannerTraining:
