@@ -29,7 +29,7 @@ MARKER = "sidestep_node_run.json"
 # Settings that do not change what a step trains: excluded from the run folder's fingerprint.
 LENGTH_FIELDS = ("max_steps", "epochs")
 BOOKKEEPING_FIELDS = ("save_every", "keep_checkpoints", "tensorboard", "estimate_steps", "log_every",
-                      "histogram_every", "val_every")
+                      "histogram_every", "val_every", "preview_codes")
 
 
 def safe_name(name: str, fallback: str = "sidestep_adapter") -> str:

@@ -81,7 +81,12 @@ def joint_run(tiny_with_lm, songs, tmp_path_factory):  # noqa: F811
     from sidestep_core.training import train
 
     out = tmp_path_factory.mktemp("joint") / "run"
-    train(lm_config(tiny_with_lm, max_steps=2, save_every=1), tiny_with_lm.dit, songs, out)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # module fixtures are set up before the autouse single_thread
+    try:
+        train(lm_config(tiny_with_lm, max_steps=2, save_every=1), tiny_with_lm.dit, songs, out)
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
@@ -118,3 +123,41 @@ def test_compare_command_with_the_lm(tiny_with_lm, joint_run, tmp_path, capsys):
     doc = json.loads((out / "compare.json").read_text())
     assert doc["lm"] == str(tiny_with_lm.planner) and len(doc["renders"]) == 2
     assert "audio codes written by the" in (out / "compare.md").read_text()
+
+
+def test_previews_hear_the_lm_as_it_trains(tiny_with_lm, songs, tmp_path):  # noqa: F811
+    """preview_codes in a joint run: each preview's codes are what the LM with that step's LoRA writes (the same
+    codes `sidestep generate --lm` writes with that checkpoint), and training is exactly the run without previews."""
+    from safetensors.torch import load_file
+
+    from sidestep_core.inference.generate import Generator, Prompt
+    from sidestep_core.training import train
+
+    spec = {"caption": "tst, bright synth pop", "seconds": 1.0, "seed": 3}
+    cfg = lm_config(tiny_with_lm, max_steps=2, save_every=1, preview_every=1, preview_prompts=json.dumps([spec]),
+                    preview_codes=True)
+    out, plain = tmp_path / "run", tmp_path / "plain"
+    train(cfg, tiny_with_lm.dit, songs, out)
+    train(cfg.replace(preview_every=0, preview_codes=False), tiny_with_lm.dit, songs, plain)
+    for name in ("adapter_model.safetensors", "lm/adapter_model.safetensors"):
+        a, b = load_file(str(out / "final" / name)), load_file(str(plain / "final" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    gen = Generator.load(tiny_with_lm.dit, device="cpu", prompt_style="comfyui", lm=tiny_with_lm.planner)
+    prompt = Prompt(**spec).validate()
+    heard = []
+    for step in (1, 2):
+        entry = json.loads((out / "previews" / f"step_{step}" / "previews.json").read_text())["previews"][0]
+        gen.set_adapter(out / "checkpoints" / f"step_{step}", 1.0)
+        assert entry["codes"] == gen.codes(prompt).tolist()
+        heard.append(entry["codes"])
+        gen.remove_adapter()
+    assert len(heard[0]) == 5
+
+
+def test_preview_codes_need_an_lm(tiny_with_lm, songs, tmp_path):  # noqa: F811
+    from sidestep_core.training import train
+
+    cfg = lm_config(tiny_with_lm, train_models="dit", lm="", max_steps=1, preview_every=1,
+                    preview_prompts='["tst"]', preview_codes=True)
+    with pytest.raises(ValueError, match="preview_codes has the planner LM write the previews' audio codes"):
+        train(cfg, tiny_with_lm.dit, songs, tmp_path / "x")

@@ -79,6 +79,7 @@ class PlannerTraining:
         self.sequences, self.pad_id = sequences, pad_id
         self.device, self.dtype = device, dtype
         self.identity = identity  # the frozen LM's content identity: a resume must continue on the same LM
+        self.planner = None  # the loaded Planner (model + tokenizer), when built by build_planner_training
         self.lm = causal_lm
         self.adapter: LMAdapter = inject_lm_lora(causal_lm, rank=cfg.lm_rank, alpha=cfg.lm_alpha,
                                                  dropout=cfg.lm_dropout, mlp=cfg.lm_target_mlp)
@@ -197,8 +198,10 @@ def build_planner_training(cfg: TrainConfig, dataset, device: torch.device, dtyp
     seqs = [clip_sequence(planner.tokenizer, clip.sample, codes[clip.sample.id], style, flags)
             for clip in dataset.clips]
     torch.manual_seed(seed)
-    return PlannerTraining(cfg, planner.model, seqs, planner.tokenizer.token_id(V.ENDOFTEXT), schedule, device,
-                           dtype, planner.identity)
+    training = PlannerTraining(cfg, planner.model, seqs, planner.tokenizer.token_id(V.ENDOFTEXT), schedule, device,
+                               dtype, planner.identity)
+    training.planner = planner  # its model is the LM being trained (the LoRA is injected in place): previews use it
+    return training
 
 
 def clip_sequence(tokenizer, sample, codes: torch.Tensor, style: str, flags: tuple[str, ...]) -> LMSequence:

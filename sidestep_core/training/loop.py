@@ -719,6 +719,7 @@ class _Trainer:
             cfg.checkpoint, self.out, load_preview_prompts(cfg.preview_prompts), cfg.preview_every,
             device=self.device, variant=cfg.base_variant or None, null_condition_emb=self.null, settings=settings,
             prompt_style=manifest.get("prompt_style", "acestep"), progress=self._progress,
+            lm=cfg.lm if cfg.preview_codes else None, live_lm=cfg.trains_lm and cfg.preview_codes,
         )
 
     def run(self) -> TrainResult:
@@ -816,7 +817,8 @@ class _Trainer:
                     self._save_checkpoint(elapsed)
                     saved_at = self.step
                 if self.previews is not None:  # after saving: a slow render never risks the checkpoint
-                    self.previews.maybe_render(self.step, self.adapter.module, force=self.step == self.total or stop)
+                    self.previews.maybe_render(self.step, self.adapter.module, force=self.step == self.total or stop,
+                                               lm=self.planner.planner if self.planner is not None else None)
                 if self.step_hook is not None and self.dist.main and self.adapter is not None:  # as the previews
                     from ..inference.previews import Isolated
 
