@@ -40,7 +40,7 @@ NOT_ON_NODE = {
     # Audio previews while training need the text encoder and VAE loaded by the trainer; in ComfyUI the graph
     # generates with ComfyUI's own nodes instead, so the node turns them off.
     "preview_every": "off in ComfyUI", "preview_prompts": "off in ComfyUI", "preview_steps": "off in ComfyUI",
-    "preview_shift": "off in ComfyUI", "preview_guidance": "off in ComfyUI",
+    "preview_shift": "off in ComfyUI", "preview_guidance": "off in ComfyUI", "preview_codes": "off in ComfyUI",
 }
 
 
