@@ -496,6 +496,10 @@ COMPARE = NodeSpec(
                           "or instead of a connected adapter"),
         InputSpec("lora_names", "STRING", "", multiline=True, optional=True, advanced=True,
                   tooltip="adapter files from models/loras to compare too, one per line (each is one row)"),
+        InputSpec("clip", "CLIP", optional=True,
+                  tooltip="the CLIP your TextEncodeAceStepAudio1.5 uses (with the planner LM): when it writes audio "
+                          "codes, each checkpoint's planner-LM adapter patches the LM and that encoder runs again, so "
+                          "the grid hears the codes each checkpoint's LM writes"),
     ),
     (
         OutputSpec("audio", "AUDIO", "every cell's audio as one batch, row by row (Save Audio / Preview Audio)"),
