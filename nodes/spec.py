@@ -322,6 +322,10 @@ TRAIN = NodeSpec(
         InputSpec("preview_latent", "LATENT", optional=True,
                   tooltip="previews: the latent to sample (EmptyAceStep1.5LatentAudio sets the length)"),
         InputSpec("preview_vae", "VAE", optional=True, tooltip="previews: the ACE-Step 1.5 VAE (VAELoader)"),
+        InputSpec("preview_clip", "CLIP", optional=True,
+                  tooltip="previews: the CLIP your TextEncodeAceStepAudio1.5 uses; when it writes audio codes and "
+                          "the run trains the planner LM, each preview patches the LM with its adapter as it is at "
+                          "that step and runs that encoder again, so the preview hears both adapters"),
         InputSpec("preview_every", "INT", 100, min=0, max=1_000_000, optional=True,
                   tooltip="render a preview every N optimizer steps (and always at the last step; 0: only at the "
                           "last step). Needs all five preview sockets connected"),

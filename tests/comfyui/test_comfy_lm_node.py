@@ -111,6 +111,36 @@ def test_previews_run_with_audio_codes_while_both_adapters_train(comfy, setup, t
     run = out.result[0].run_dir
     assert sorted(p.name for p in (run / "previews").iterdir()) == ["step_2.flac", "timing.json"]
     assert (out.result[0].path / "lm" / "adapter_model.safetensors").is_file()
+    assert "connect preview_clip to hear the planner LM's adapter as it trains" in out.ui["text"][0]
+    # With the CLIP and a graph it can follow, each preview patches the CLIP's LM with the LoRA as it is then and
+    # runs the encoder again; ComfyUI's LM is the 1.7B, so the tiny LM's LoRA is refused there (training goes on).
+    from comfy_api.latest import _io
+
+    clip = comfy.sd.load_clip([str(models / "text_encoders" / n) for n in (H.TE_NAME, H.LM_NAME)],
+                              clip_type=comfy.sd.CLIPType.ACE)
+    prompt = {"1": {"class_type": "DualCLIPLoader", "inputs": {}}, "2": ENCODER,
+              "3": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["2", 0]}},
+              "9": {"class_type": "SideStepTrainAdapter", "inputs": {
+                  "preview_positive": ["2", 0], "preview_negative": ["3", 0], "preview_clip": ["1", 0]}}}
+    ext.TrainAdapter.hidden = _io.HiddenHolder.from_dict({_io.Hidden.unique_id: "9", _io.Hidden.prompt: prompt})
+    try:
+        out = ext.TrainAdapter.execute(bundle, dataset, **settings("codes_previews_clip", preview_every=2,
+                                                                   preview_seed=1),
+                                       preview_model=patcher, preview_positive=positive, preview_negative=negative,
+                                       preview_latent=latent, preview_vae=vae, preview_clip=clip)
+    finally:
+        ext.TrainAdapter.hidden = _io.HiddenHolder.from_dict({})
+    lines = out.ui["text"][0]
+    assert "the planner LM's adapter as it trains writes the audio codes at each preview" in lines, lines
+    assert "previews stopped at step 2" in lines and "ComfyUI runs only the 1.7B (width 2048) and 4B" in lines
+    assert (out.result[0].path / "lm" / "adapter_model.safetensors").is_file()
+    del clip
+
+
+ENCODER = {"class_type": "TextEncodeAceStepAudio1.5", "inputs": {
+    "clip": ["1", 0], "tags": "tst, synth", "lyrics": "", "seed": 3, "bpm": 120, "duration": 0.4,
+    "timesignature": "4", "language": "en", "keyscale": "C major", "generate_audio_codes": True, "cfg_scale": 2.0,
+    "temperature": 0.85, "top_p": 0.9, "top_k": 0, "min_p": 0.0}}
 
 
 def test_compare_with_the_clip_follows_the_graph_or_says_why(comfy, setup):
@@ -134,11 +164,7 @@ def test_compare_with_the_clip_follows_the_graph_or_says_why(comfy, setup):
         graph["positive"] = [[pos, {**extra, "audio_codes": [[1, 2]]}]]
     clip = comfy.sd.load_clip([str(models / "text_encoders" / n) for n in (H.TE_NAME, H.LM_NAME)],
                               clip_type=comfy.sd.CLIPType.ACE)
-    encoder = {"class_type": "TextEncodeAceStepAudio1.5", "inputs": {
-        "clip": ["1", 0], "tags": "tst, synth", "lyrics": "", "seed": 3, "bpm": 120, "duration": 0.4,
-        "timesignature": "4", "language": "en", "keyscale": "C major", "generate_audio_codes": True,
-        "cfg_scale": 2.0, "temperature": 0.85, "top_p": 0.9, "top_k": 0, "min_p": 0.0}}
-    prompt = {"1": {"class_type": "DualCLIPLoader", "inputs": {}}, "2": encoder,
+    prompt = {"1": {"class_type": "DualCLIPLoader", "inputs": {}}, "2": ENCODER,
               "3": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["2", 0]}},
               "4": {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["2", 0],
                                                                      "conditioning_2": ["2", 0]}},
