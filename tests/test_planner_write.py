@@ -118,8 +118,8 @@ def test_compare_command_with_the_lm(tiny_with_lm, joint_run, tmp_path, capsys):
 
     out = tmp_path / "grid"
     assert main(["compare", "--checkpoint", str(tiny_with_lm.dit), "--adapter", str(joint_run), "--checkpoints",
-                 "final", "--strengths", "0", "1", "--seconds", "1", "--caption", "tst, synth", "--out", str(out), "--device", "cpu",
-                 "--prompt-style", "comfyui", "--lm", str(tiny_with_lm.planner), "--plain"]) == 0
+                 "final", "--strengths", "0", "1", "--seconds", "1", "--caption", "tst, synth", "--out", str(out),
+                 "--device", "cpu", "--prompt-style", "comfyui", "--lm", str(tiny_with_lm.planner), "--plain"]) == 0
     doc = json.loads((out / "compare.json").read_text())
     assert doc["lm"] == str(tiny_with_lm.planner) and len(doc["renders"]) == 2
     assert "audio codes written by the" in (out / "compare.md").read_text()
@@ -152,6 +152,19 @@ def test_previews_hear_the_lm_as_it_trains(tiny_with_lm, songs, tmp_path):  # no
         heard.append(entry["codes"])
         gen.remove_adapter()
     assert len(heard[0]) == 5
+
+
+def test_previews_of_a_dit_run_hear_the_plain_lms_codes(tiny_with_lm, songs, tmp_path):  # noqa: F811
+    from sidestep_core.inference.generate import Generator, Prompt
+    from sidestep_core.training import train
+
+    spec = {"caption": "tst, slow piano", "seconds": 1.0, "seed": 4}
+    cfg = lm_config(tiny_with_lm, train_models="dit", max_steps=1, preview_every=1,
+                    preview_prompts=json.dumps([spec]), preview_codes=True)
+    train(cfg, tiny_with_lm.dit, songs, tmp_path / "run")
+    entry = json.loads((tmp_path / "run" / "previews" / "step_1" / "previews.json").read_text())["previews"][0]
+    gen = Generator.load(tiny_with_lm.dit, device="cpu", prompt_style="comfyui", lm=tiny_with_lm.planner)
+    assert entry["codes"] == gen.codes(Prompt(**spec).validate()).tolist()
 
 
 def test_preview_codes_need_an_lm(tiny_with_lm, songs, tmp_path):  # noqa: F811

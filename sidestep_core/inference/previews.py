@@ -22,8 +22,8 @@ and keeps the VAE on the CPU between renders. A render:
 The same prompt and seed give the same noise at every step, so successive previews differ only by training.
 
 With a planner LM (``build(lm=…)``, the ``preview_codes`` setting) the LM writes each prompt's audio codes and the
-DiT renders on them, as ComfyUI's ``generate_audio_codes`` does. The base LM's codes are written once at build; in a
-run that also trains the LM (``live_lm``), each render has the LM as it is at that step write them again (its own
+DiT renders on them, as ComfyUI's ``generate_audio_codes`` does. The plain LM's codes are written once at build; in a
+run that also trains the LM (``live_lm``), each render has the LM as it is at that step write them instead (its own
 generator, in eval mode inside the same isolation), so the previews hear both adapters. The codes are recorded in
 ``previews.json``.
 """
@@ -317,7 +317,8 @@ class PreviewRenderer:
         codes = encoding = None
         if lm and prompts:
             encoding = CodesEncoding(loaded.model, states, silence, prompt_style, code_sampling)
-            codes = encoding.base_codes(lm, prompts, dev)
+            if not live_lm:  # a live LM writes every render's codes itself
+                codes = encoding.base_codes(lm, prompts, dev)
         for p, (caption, lyric), c in zip(prompts, states, codes or [None] * len(prompts)):
             conditions.append(encode_conditions(loaded.model, caption, lyric, silence, p.frames, prompt_style,
                                                 None if c is None else torch.tensor(c)))
