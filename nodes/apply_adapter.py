@@ -122,8 +122,9 @@ class ApplyAdapter(io.ComfyNode):
 
 
 def apply_lm(clip, source, strength: float):
-    """``(patched CLIP, notes)``: the planner-LM adapter at ``source`` (a PEFT folder written by training, or a
-    ComfyUI file) on the CLIP's LM through ComfyUI's own key map and patcher."""
+    """``(patched CLIP, notes)``: the planner-LM adapter at ``source`` (a PEFT folder written by training, a
+    ComfyUI file, or a state dict in ComfyUI's keys: the one training now) on the CLIP's LM through ComfyUI's own
+    key map and patcher."""
     from sidestep_core.planner.lm_adapter import check_fits, read_lm_adapter, to_comfyui_lm_state_dict
 
     te = clip.cond_stage_model
@@ -133,7 +134,9 @@ def apply_lm(clip, source, strength: float):
         raise ValueError("Apply Adapter: the connected CLIP has no 5 Hz planner LM (load it with DualCLIPLoader "
                          "type ace: qwen_0.6b_ace15 and qwen_1.7b_ace15 / qwen_4b_ace15)")
     conf = lm.transformer.model.config
-    if os.path.isdir(source):
+    if isinstance(source, dict):
+        sd, source = source, "the planner-LM adapter being trained"
+    elif os.path.isdir(source):
         saved = read_lm_adapter(source)
         # the width tells the released LMs apart (ComfyUI's config keeps 28/36 layers whatever a file holds)
         check_fits(saved, {"hidden_size": conf.hidden_size, "num_hidden_layers": conf.num_hidden_layers},

@@ -254,3 +254,79 @@ def group_strengths(patches: dict, strength: float, groups: dict[str, float]) ->
                 break
         out.setdefault(float(strength) * factor, {})[key] = patch
     return out
+
+
+# ----- Compare Adapters / Train Adapter: the user's text encoding again, with each LM adapter -----
+
+ACE_ENCODER = "TextEncodeAceStepAudio1.5"
+ZERO_OUT = "ConditioningZeroOut"
+
+
+@dataclass(frozen=True)
+class EncoderSource:
+    """How one CONDITIONING input of a node was made: ``TextEncodeAceStepAudio1.5`` (node ``node_id``) with
+    ``values`` (every input but the CLIP), perhaps through ``ConditioningZeroOut``."""
+
+    node_id: str
+    values: dict
+    zero_out: bool
+    clip: Any = None  # the encoder's CLIP link in the prompt
+
+    @property
+    def writes_codes(self) -> bool:
+        return bool(self.values.get("generate_audio_codes", True))
+
+
+class NotEncodedAgain(ValueError):
+    """A conditioning that cannot be made again from the prompt graph (the message says why)."""
+
+
+def encoder_source(prompt: dict, node_id: str, socket: str) -> EncoderSource:
+    """Trace ``socket`` of node ``node_id`` in the API prompt ComfyUI hands a node (``PROMPT``) back to the
+    ``TextEncodeAceStepAudio1.5`` that made it — directly or through ``ConditioningZeroOut`` (the templates' negative).
+    Reroutes are front-end only and never in the prompt; anything else between (combine, concat, set area …) or an
+    encoder input fed by another node cannot be made again without running that part of the graph: refused, with
+    the reason."""
+    def link(nid: str, name: str):
+        value = ((prompt.get(nid) or {}).get("inputs") or {}).get(name)
+        if not (isinstance(value, list) and len(value) == 2):
+            raise NotEncodedAgain(f"{socket}: not connected in the prompt graph")
+        return str(value[0])
+
+    src = link(str(node_id), socket)
+    zero_out = False
+    kind = (prompt.get(src) or {}).get("class_type")
+    if kind == ZERO_OUT:
+        zero_out, src = True, link(src, "conditioning")
+        kind = (prompt.get(src) or {}).get("class_type")
+    if kind != ACE_ENCODER:
+        raise NotEncodedAgain(f"{socket} comes from {kind or 'an unknown node'} (node {src}), not straight from "
+                              f"{ACE_ENCODER} (or through {ZERO_OUT})")
+    inputs = dict(prompt[src].get("inputs") or {})
+    clip = inputs.pop("clip", None)
+    linked = sorted(k for k, v in inputs.items() if isinstance(v, list))
+    if linked:
+        raise NotEncodedAgain(f"{socket}: {ACE_ENCODER} (node {src}) takes {', '.join(linked)} from another node, "
+                              "whose value the prompt does not hold")
+    return EncoderSource(src, inputs, zero_out, clip)
+
+
+def encoding_plan(prompt: Optional[dict], node_id: Optional[str], positive: str, negative: str,
+                  clip_socket: str) -> tuple[Optional[tuple[EncoderSource, EncoderSource]], str]:
+    """((positive source, negative source), a note or "") when both can be made again and the positive writes
+    audio codes; otherwise (None, why not)."""
+    if not prompt or node_id is None:
+        return None, "ComfyUI gave no prompt graph"
+    try:
+        pos = encoder_source(prompt, node_id, positive)
+        neg = encoder_source(prompt, node_id, negative)
+    except NotEncodedAgain as exc:
+        return None, str(exc)
+    if not pos.writes_codes:
+        return None, f"generate_audio_codes is off in {ACE_ENCODER} (node {pos.node_id}): no codes to write again"
+    own = ((prompt.get(str(node_id)) or {}).get("inputs") or {}).get(clip_socket)
+    note = ""
+    if own is not None and pos.clip is not None and own != pos.clip:
+        note = (f"note: the CLIP connected here is not the one {ACE_ENCODER} (node {pos.node_id}) uses; the codes "
+                "are written again with the one connected here")
+    return (pos, neg), note

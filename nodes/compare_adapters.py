@@ -4,6 +4,12 @@ node (web/sidestep.js), the audio as one batch, the loss chart with the compared
 
 Which adapters, the cost and the table are the core's (``sidestep_core.inference.compare``), shared with
 ``sidestep compare``.
+
+With the CLIP connected and the positive made by TextEncodeAceStepAudio1.5 with ``generate_audio_codes`` on, each
+checkpoint that has a planner-LM adapter patches the CLIP's LM with it (at the cell's strength) and that encoder is
+run again on the values the prompt graph holds (hidden PROMPT), so the grid hears the codes each checkpoint's LM
+writes. When the graph cannot be followed (a combine node between, an encoder input fed by another node) the grid
+renders the graph's own conditioning and says why.
 """
 
 from __future__ import annotations
@@ -24,9 +30,9 @@ from comfy_api.latest import io
 from sidestep_core.inference import compare as C
 
 from . import calls, spec as S
-from .apply_adapter import check_fits
+from .apply_adapter import apply_lm, check_fits
 from .comfy_glue import COMPARE_EVENT, dora_base, log, progress_text, release_memory, runs_root, send, text
-from .graph_render import Sampling, render_audio
+from .graph_render import Sampling, encode_again, render_audio
 from .schema import build_schema
 from .values import AdapterRef
 
@@ -46,10 +52,16 @@ def _rows(adapter: Optional[AdapterRef], run: str, lora_names: str, checkpoints:
     return calls.compare_rows(adapter, _run_path(run), checkpoints, files)
 
 
-def _patches(row: C.Row, model, adapter: Optional[AdapterRef]) -> dict:
-    """The row's adapter as a ComfyUI-format state dict, checked against the connected model first."""
+def _patches(row: C.Row, model, adapter: Optional[AdapterRef]) -> Optional[dict]:
+    """The row's adapter as a ComfyUI-format state dict, checked against the connected model first; None for a
+    run's checkpoint that holds a planner-LM adapter only."""
     from sidestep_core.adapters import AdapterFormatError, read_adapter_weights, to_comfyui_state_dict
     from sidestep_core.adapters.comfy_export import needs_base
+    from sidestep_core.planner.lm_adapter import has_dit_adapter
+    from sidestep_core.planner.write import lm_adapter_folder
+
+    if row.path.is_dir() and lm_adapter_folder(row.path) is not None and not has_dit_adapter(row.path):
+        return None
 
     try:
         aw = read_adapter_weights(row.path)
@@ -74,7 +86,7 @@ def _patches(row: C.Row, model, adapter: Optional[AdapterRef]) -> dict:
 class CompareAdapters(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return build_schema(S.COMPARE, hidden=(io.Hidden.unique_id,))
+        return build_schema(S.COMPARE, hidden=(io.Hidden.unique_id, io.Hidden.prompt))
 
     @classmethod
     def fingerprint_inputs(cls, adapter: Optional[AdapterRef] = None, run="", lora_names="", checkpoints="last 3",
@@ -89,9 +101,10 @@ class CompareAdapters(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, latent: dict, vae, checkpoints="last 3", strengths="0.5, 0.8, 1.0",
                 seed=0, steps=8, cfg=1.0, sampler="euler", scheduler="simple", adapter: Optional[AdapterRef] = None,
-                run="", lora_names="") -> io.NodeOutput:
+                run="", lora_names="", clip=None) -> io.NodeOutput:
         node = cls.hidden.unique_id
         plan = C.make_plan(_rows(adapter, run, lora_names, checkpoints), C.parse_strengths(strengths))
+        conditioning = _LMConditioning(plan, clip, cls.hidden.prompt, node, positive, negative)
         renders = plan.renders()
         runs = [r for r in dict.fromkeys(C.run_of(row.path) for row in plan.rows) if r is not None]
         chart_run = runs[0] if runs else None
@@ -117,8 +130,8 @@ class CompareAdapters(io.ComfyNode):
             if r is not None and cached[0] != r:
                 cached = (r, _patches(row, model, adapter))
             t0 = time.perf_counter()
-            audio = render_audio(model, cached[1] if r is not None else None, strength, s, positive, negative,
-                                 latent, vae)
+            pos, neg = conditioning.of(r, strength)
+            audio = render_audio(model, cached[1] if r is not None else None, strength, s, pos, neg, latent, vae)
             took = time.perf_counter() - t0
             if each is None:  # no recorded preview: the first render tells
                 each = took
@@ -146,6 +159,7 @@ class CompareAdapters(io.ComfyNode):
         title = f"{chart_run.name if chart_run else 'no training run'}: loss and the compared checkpoints"
         img = C.chart(chart_run, plan.rows, title=title)
         image = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]
+        summary = "\n".join([summary, *conditioning.notes])
         ui_out = {**text(summary, table).as_dict(), GRID_KEY: [grid]}
         return io.NodeOutput(batch, image, summary + "\n\n" + table, ui=ui_out)
 
@@ -160,3 +174,44 @@ def write_cell(folder: Path, index: int, stem: str, audio: dict, output_root: Pa
         write_flac(path, w, audio["sample_rate"])
         refs.append(calls.view_ref(path, output_root))
     return refs
+
+
+class _LMConditioning:
+    """Each cell's positive and negative: the graph's own, or — for a row with a planner-LM adapter, when the CLIP
+    is connected and the graph can be followed — its encoder run again with that LM adapter patched in."""
+
+    def __init__(self, plan: C.Plan, clip, prompt: Optional[dict], node: Optional[str], positive, negative):
+        from sidestep_core.planner.write import lm_adapter_folder
+
+        self.clip, self.given = clip, (positive, negative)
+        self.lm = {r: lm_adapter_folder(row.path) if row.path.is_dir() else None for r, row in enumerate(plan.rows)}
+        self.notes: list[str] = []
+        self.sources = None
+        self._cache: dict = {}
+        if not any(self.lm.values()):
+            if clip is not None:
+                self.notes.append("no compared checkpoint has a planner-LM adapter: the CLIP is not used")
+            return
+        codes = any("audio_codes" in c[1] for c in positive)
+        if clip is None:
+            if codes:
+                self.notes.append("the grid hears the audio codes your graph wrote with the plain LM; connect the "
+                                  "CLIP to hear each checkpoint's planner-LM adapter write them")
+            return
+        self.sources, why = calls.encoding_plan(prompt, node, "positive", "negative", "clip")
+        if self.sources is None:
+            self.notes.append(f"the grid hears the codes your graph wrote, not each checkpoint's planner-LM adapter: "
+                              f"{why}")
+        else:
+            self.notes.append("each checkpoint's planner-LM adapter writes the audio codes (TextEncodeAceStepAudio1.5 "
+                              f"node {self.sources[0].node_id} run again with it)" + (f"; {why}" if why else ""))
+
+    def of(self, row: Optional[int], strength: float):
+        folder = self.lm.get(row) if row is not None else None
+        if self.sources is None or folder is None or strength == 0:
+            return self.given
+        key = (row, strength)
+        if key not in self._cache:  # one cell at a time: the renders go row by row
+            patched, _ = apply_lm(self.clip, folder, strength)
+            self._cache = {key: encode_again(patched, self.sources)}
+        return self._cache[key]

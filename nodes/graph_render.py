@@ -1,6 +1,7 @@
 """Rendering through the user's own generation graph: their MODEL cloned and patched (ComfyUI's model patcher) with
 an adapter's tensors at a strength, sampled as KSampler samples and decoded as VAEDecodeAudio decodes. Train
-Adapter's previews and Compare Adapters both render this way."""
+Adapter's previews and Compare Adapters both render this way; with a CLIP whose LM an LM adapter patches, the
+graph's own ``TextEncodeAceStepAudio1.5`` is run again first (``encode_again``) so the LM writes the codes anew."""
 
 from __future__ import annotations
 
@@ -39,3 +40,20 @@ def render_audio(model, patches: Optional[dict], strength: float, s: Sampling, p
     std[std < 1.0] = 1.0
     rate = getattr(vae, "audio_sample_rate_output", getattr(vae, "audio_sample_rate", 44100))
     return {"waveform": (wave / std).float().cpu(), "sample_rate": int(rate)}
+
+
+def encode_again(clip, sources) -> tuple:
+    """(positive, negative) CONDITIONING from ComfyUI's own TextEncodeAceStepAudio1.5 run with ``clip`` (its LM
+    patched) on the values the graph gave it (``calls.EncoderSource`` each; one encoder feeding both runs once), then
+    ConditioningZeroOut where the graph had it."""
+    import nodes
+    from comfy_extras.nodes_ace import TextEncodeAceStepAudio15
+
+    made: dict = {}
+    out = []
+    for src in sources:
+        if src.node_id not in made:
+            made[src.node_id] = TextEncodeAceStepAudio15.execute(clip=clip, **src.values).result[0]
+        cond = made[src.node_id]
+        out.append(nodes.ConditioningZeroOut().zero_out(cond)[0] if src.zero_out else cond)
+    return tuple(out)

@@ -29,7 +29,7 @@ MARKER = "sidestep_node_run.json"
 # Settings that do not change what a step trains: excluded from the run folder's fingerprint.
 LENGTH_FIELDS = ("max_steps", "epochs")
 BOOKKEEPING_FIELDS = ("save_every", "keep_checkpoints", "tensorboard", "estimate_steps", "log_every",
-                      "histogram_every", "val_every")
+                      "histogram_every", "val_every", "preview_codes")
 
 
 def safe_name(name: str, fallback: str = "sidestep_adapter") -> str:
@@ -48,12 +48,14 @@ def run_fingerprint(cfg: TrainConfig, model_identity: str, dataset_identity: str
 
 
 def _lm_identity(path: Path) -> str:
-    """The planner LM's name and weight size: cheap, and different for every released LM and layout."""
-    weights = path / "model.safetensors" if path.is_dir() else path
+    """The planner LM's content identity, made as the model's: another LM file, even of the same name and size, is
+    another run (the core refuses to resume a run on a different LM)."""
+    from sidestep_core.planner.loading import planner_identity
+
     try:
-        return f"{path.name}:{weights.stat().st_size}"
-    except OSError:
-        return path.name
+        return planner_identity(path)
+    except (OSError, ValueError):
+        return path.name  # training reports the missing or broken LM
 
 
 @dataclass(frozen=True)

@@ -322,6 +322,10 @@ TRAIN = NodeSpec(
         InputSpec("preview_latent", "LATENT", optional=True,
                   tooltip="previews: the latent to sample (EmptyAceStep1.5LatentAudio sets the length)"),
         InputSpec("preview_vae", "VAE", optional=True, tooltip="previews: the ACE-Step 1.5 VAE (VAELoader)"),
+        InputSpec("preview_clip", "CLIP", optional=True,
+                  tooltip="previews: the CLIP your TextEncodeAceStepAudio1.5 uses; when it writes audio codes and "
+                          "the run trains the planner LM, each preview patches the LM with its adapter as it is at "
+                          "that step and runs that encoder again, so the preview hears both adapters"),
         InputSpec("preview_every", "INT", 100, min=0, max=1_000_000, optional=True,
                   tooltip="render a preview every N optimizer steps (and always at the last step; 0: only at the "
                           "last step). Needs all five preview sockets connected"),
@@ -496,6 +500,10 @@ COMPARE = NodeSpec(
                           "or instead of a connected adapter"),
         InputSpec("lora_names", "STRING", "", multiline=True, optional=True, advanced=True,
                   tooltip="adapter files from models/loras to compare too, one per line (each is one row)"),
+        InputSpec("clip", "CLIP", optional=True,
+                  tooltip="the CLIP your TextEncodeAceStepAudio1.5 uses (with the planner LM): when it writes audio "
+                          "codes, each checkpoint's planner-LM adapter patches the LM and that encoder runs again, so "
+                          "the grid hears the codes each checkpoint's LM writes"),
     ),
     (
         OutputSpec("audio", "AUDIO", "every cell's audio as one batch, row by row (Save Audio / Preview Audio)"),

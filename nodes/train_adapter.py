@@ -22,7 +22,8 @@ from . import calls, runs, spec as S
 from .chart import read_loss_csv, render_loss_curve
 from .comfy_glue import (PREVIEW_EVENT, TRAIN_EVENT, device, free_comfy_models, log, planner_path, preset_config,
                          release_memory, runs_root, send, text, training_mode)
-from .graph_render import Sampling, render_audio
+from .apply_adapter import apply_lm
+from .graph_render import Sampling, encode_again, render_audio
 from .schema import build_schema
 from .values import AdapterRef, DatasetRef, EstimateRef, ModelBundle
 
@@ -98,6 +99,23 @@ class _GraphPreview:
         self.last: Optional[tuple[int, dict]] = None  # (step, AUDIO) of the newest preview
         self.rendered: list[Path] = []
         self.error: Optional[str] = None
+        self.clip, self.sources = None, None  # set by hear_lm: the encoder to run again with the live LM adapter
+
+    def hear_lm(self, clip, trains_lm: bool, prompt: Optional[dict], node: Optional[str]) -> list[str]:
+        """With the CLIP connected in a run that trains the planner LM: run the graph's encoder again at each
+        preview with the LM adapter as it is then. Returns notes (why not, when it cannot)."""
+        codes = any("audio_codes" in c[1] for c in self.positive)
+        if not trains_lm:
+            return ["previews: the CLIP is not used (this run does not train the planner LM)"] if clip else []
+        if clip is None:
+            return ["previews hear the audio codes your graph wrote with the plain LM; connect preview_clip to hear "
+                    "the planner LM's adapter as it trains"] if codes else []
+        self.sources, why = calls.encoding_plan(prompt, node, "preview_positive", "preview_negative", "preview_clip")
+        if self.sources is None:
+            return [f"previews hear the codes your graph wrote, not the planner LM's adapter: {why}"]
+        self.clip = clip
+        return [f"previews: the planner LM's adapter as it trains writes the audio codes at each preview "
+                f"(TextEncodeAceStepAudio1.5 node {self.sources[0].node_id} run again)" + (f"; {why}" if why else "")]
 
     def __call__(self, step: int, adapter) -> None:
         if self.error or self.reporter.cancelled or not self.plan.due(step, step == self.reporter.total):
@@ -128,8 +146,12 @@ class _GraphPreview:
     def render(self, adapter) -> dict:
         sd, _ = adapter.comfyui_state_dict()  # detached CPU copies in ComfyUI's key format
         p = self.plan
+        positive, negative = self.positive, self.negative
+        if self.sources is not None and adapter.lm is not None:
+            patched, _ = apply_lm(self.clip, adapter.lm.comfyui_state_dict(), 1.0)
+            positive, negative = encode_again(patched, self.sources)
         return render_audio(self.model, sd, 1.0, Sampling(p.seed, p.steps, p.cfg, p.sampler, p.scheduler),
-                            self.positive, self.negative, self.latent, self.vae)
+                            positive, negative, self.latent, self.vae)
 
     def _write(self, step: int, audio: dict) -> None:
         from sidestep_core.inference.generate import write_flac
@@ -159,7 +181,7 @@ def _stored_preview(plan: Optional[calls.PreviewPlan]) -> Optional[tuple[int, di
 class TrainAdapter(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return build_schema(S.TRAIN, hidden=(io.Hidden.unique_id,))
+        return build_schema(S.TRAIN, hidden=(io.Hidden.unique_id, io.Hidden.prompt))
 
     @classmethod
     def execute(cls, model: ModelBundle, dataset: DatasetRef, estimate: Optional[EstimateRef] = None,
@@ -167,6 +189,7 @@ class TrainAdapter(io.ComfyNode):
         from sidestep_core.training import train
 
         graph = {n: values.pop(n, None) for n in S.PREVIEW_SOCKETS}  # ComfyUI objects: never into the config
+        clip = values.pop("preview_clip", None)
         lm_choice = values.pop(S.LM_NAME, S.AUTO)
         cfg = calls.train_config(values, model, estimate, preset=preset_config(values.get("preset", S.NONE)),
                                  device=device(), find_lm=lambda: planner_path(lm_choice, model.checkpoint))
@@ -187,6 +210,7 @@ class TrainAdapter(io.ComfyNode):
             if preview_plan is not None:
                 previews = _GraphPreview(preview_plan, reporter, graph["preview_model"], graph["preview_positive"],
                                          graph["preview_negative"], graph["preview_latent"], graph["preview_vae"])
+                notes.extend(previews.hear_lm(clip, cfg.trains_lm, cls.hidden.prompt, cls.hidden.unique_id))
             free_comfy_models()
             try:
                 with training_mode():

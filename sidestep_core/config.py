@@ -172,6 +172,9 @@ class TrainConfig:
                                         group="previews")
     preview_guidance: Optional[float] = _f(None, "guidance of previews on base/SFT (default: the model's)",
                                            group="previews")
+    preview_codes: bool = _f(False, "previews: the planner LM (lm) writes each prompt's audio codes first, with its "
+                             "LoRA as it trains when the run trains it, and the DiT renders on them (ComfyUI's "
+                             "generate_audio_codes)", group="previews")
 
     # ------------------------------------------------------------------------------------------------------
     @property
@@ -184,6 +187,9 @@ class TrainConfig:
 
     def check_lm(self) -> None:
         """A run that trains the planner LM needs one (a run field, so presets cannot hold it: checked per run)."""
+        if self.preview_every and self.preview_codes and not str(self.lm).strip():
+            raise ValueError("lm: preview_codes has the planner LM write the previews' audio codes, but no LM is "
+                             "given: pass the LM's folder (checkpoints/acestep-5Hz-lm-1.7B) or ComfyUI's file")
         if self.trains_lm and not str(self.lm).strip():
             raise ValueError(
                 f"lm: train_models {self.train_models} trains the planner LM, but no LM is given: pass the LM's "

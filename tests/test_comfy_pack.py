@@ -40,7 +40,7 @@ NOT_ON_NODE = {
     # Audio previews while training need the text encoder and VAE loaded by the trainer; in ComfyUI the graph
     # generates with ComfyUI's own nodes instead, so the node turns them off.
     "preview_every": "off in ComfyUI", "preview_prompts": "off in ComfyUI", "preview_steps": "off in ComfyUI",
-    "preview_shift": "off in ComfyUI", "preview_guidance": "off in ComfyUI",
+    "preview_shift": "off in ComfyUI", "preview_guidance": "off in ComfyUI", "preview_codes": "off in ComfyUI",
 }
 
 
@@ -352,6 +352,12 @@ def test_run_plan_fresh_resume_reuse_restart(tmp_path):
     outs = {runs.plan_run(tmp_path, "my style!", both.replace(lm=str(tmp_path / f"lm_{x}.safetensors")), "model",
                           "data", resume=True).out for x in "ab"}
     assert len(outs) == 2 and plan.out not in outs
+    # the LM's identity is its content, as the model's: the same file name and size with other weights differ
+    from sidestep_core.planner.tiny import make_tiny_planner
+
+    same_name = {runs.plan_run(tmp_path, "my style!", both.replace(lm=str(make_tiny_planner(tmp_path / f"s{seed}",
+                 "comfyui-split", seed=seed))), "model", "data", resume=True).out for seed in (0, 1)}
+    assert len(same_name) == 2
     (plan.out / "final").mkdir()
     runs.write_marker(plan.out, cfg, "complete", 10, 10)
     assert runs.plan_run(tmp_path, "my style!", cfg, "model", "data", resume=True).action == "reuse"
@@ -518,3 +524,38 @@ def test_preview_plan_defaults_schedule_and_half_wiring(tmp_path):
     for n in ("step_2.flac", "step_10.flac", "step_x.flac"):
         (tmp_path / "run" / "previews" / n).write_bytes(b"")
     assert calls.latest_preview(tmp_path / "run" / "previews")[0] == 10
+
+
+def _encoder(**over):
+    values = {"clip": ["1", 0], "tags": "tst, synth", "lyrics": "", "seed": 3, "bpm": 120, "duration": 4.0,
+              "timesignature": "4", "language": "en", "keyscale": "C major", "generate_audio_codes": True,
+              "cfg_scale": 2.0, "temperature": 0.85, "top_p": 0.9, "top_k": 0, "min_p": 0.0}
+    return {"class_type": "TextEncodeAceStepAudio1.5", "inputs": {**values, **over}}
+
+
+def test_the_encoder_behind_a_conditioning_is_found_or_refused_with_the_reason():
+    """Compare Adapters follows its positive / negative back to TextEncodeAceStepAudio1.5 in the prompt graph
+    (directly or through ConditioningZeroOut) to run it again with each checkpoint's LM adapter; anything else
+    between, or an encoder input fed by another node, is refused with the reason."""
+    prompt = {"1": {"class_type": "DualCLIPLoader", "inputs": {}},
+              "2": _encoder(),
+              "3": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["2", 0]}},
+              "9": {"class_type": "SideStepCompareAdapters",
+                    "inputs": {"positive": ["2", 0], "negative": ["3", 0], "clip": ["1", 0]}}}
+    (pos, neg), note = calls.encoding_plan(prompt, "9", "positive", "negative", "clip")
+    assert (pos.node_id, pos.zero_out, neg.node_id, neg.zero_out) == ("2", False, "2", True) and note == ""
+    assert "clip" not in pos.values and pos.values["tags"] == "tst, synth"
+    prompt["9"]["inputs"]["clip"] = ["7", 1]
+    assert "is not the one TextEncodeAceStepAudio1.5 (node 2) uses" in calls.encoding_plan(
+        prompt, "9", "positive", "negative", "clip")[1]
+    prompt["4"] = {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["2", 0]}}
+    prompt["9"]["inputs"]["positive"] = ["4", 0]
+    assert calls.encoding_plan(prompt, "9", "positive", "negative", "clip") == (
+        None, "positive comes from ConditioningCombine (node 4), not straight from TextEncodeAceStepAudio1.5 (or "
+              "through ConditioningZeroOut)")
+    prompt["9"]["inputs"]["positive"] = ["2", 0]
+    prompt["2"] = _encoder(tags=["5", 0])
+    assert "takes tags from another node" in calls.encoding_plan(prompt, "9", "positive", "negative", "clip")[1]
+    prompt["2"] = _encoder(generate_audio_codes=False)
+    assert "generate_audio_codes is off" in calls.encoding_plan(prompt, "9", "positive", "negative", "clip")[1]
+    assert calls.encoding_plan(None, "9", "positive", "negative", "clip")[0] is None

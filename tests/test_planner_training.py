@@ -159,6 +159,28 @@ def test_resuming_with_other_models_or_another_lm_fails_loudly(tiny_with_lm, son
         train(lm_config(tiny_with_lm, max_steps=4, lm_rank=8, resume="auto"), tiny_with_lm.dit, songs, out)
 
 
+def test_resuming_on_another_lm_file_of_the_same_size_is_refused(tiny_with_lm, songs, tmp_path):
+    """The run state records the LM's content identity (as the DiT's: headers, sizes, sampled bytes); an LM of the
+    same name, size and shape but other weights cannot continue the run."""
+    from sidestep_core.planner.loading import planner_identity
+    from sidestep_core.planner.tiny import make_tiny_planner
+
+    other = make_tiny_planner(tmp_path / "other", "original", seed=1)
+    assert other.name == tiny_with_lm.planner.name
+    assert (other / "model.safetensors").stat().st_size == (tiny_with_lm.planner / "model.safetensors").stat().st_size
+    assert planner_identity(other) != planner_identity(tiny_with_lm.planner)
+    out = tmp_path / "run"
+    train(lm_config(tiny_with_lm, train_models="lm", max_steps=1), tiny_with_lm.dit, songs, out)
+    state = json.loads((out / "checkpoints" / "step_1" / "training_state.json").read_text())
+    assert state["state"]["lm"]["identity"] == planner_identity(tiny_with_lm.planner)
+    with pytest.raises(LMAdapterMismatchError, match=r"another planner LM of the same size.*resume with the LM file "
+                                                      r"the run started with"):
+        train(lm_config(tiny_with_lm, train_models="lm", max_steps=2, lm=str(other), resume="auto"),
+              tiny_with_lm.dit, songs, out)
+    again = train(lm_config(tiny_with_lm, train_models="lm", max_steps=2, resume="auto"), tiny_with_lm.dit, songs, out)
+    assert again.status == "complete" and again.step == 2
+
+
 def test_an_lm_adapter_refuses_an_lm_of_another_size(tiny_with_lm, songs, tmp_path):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 

@@ -81,6 +81,16 @@ def register(subparsers, name: str = "generate") -> argparse.ArgumentParser:
                    "last N (the N newest), or a list of final, last, step_N, ema, step_N/ema (default: all)")
     p.add_argument("--out", required=True, help="output folder for the clips and the table" if comparing else
                    "output .flac file (a folder with --compare)")
+    lm = p.add_argument_group("planner LM: audio codes first (ComfyUI's generate_audio_codes)")
+    lm.add_argument("--lm", help="the 5 Hz planner LM (acestep-5Hz-lm-* folder or qwen_*_ace15.safetensors): it "
+                    "writes the prompt's audio codes and the DiT renders on them; an adapter's planner-LM adapter "
+                    "(a run's <folder>/lm) is applied to it at the adapter's strength")
+    lm.add_argument("--lm-tokenizer", help="tokenizer folder for an LM file that carries none")
+    lm.add_argument("--lm-cfg-scale", type=float, default=2.0, help="LM guidance (default: %(default)s)")
+    lm.add_argument("--lm-temperature", type=float, default=0.85, help="LM temperature (default: %(default)s)")
+    lm.add_argument("--lm-top-p", type=float, default=0.9, help="LM top-p (default: %(default)s)")
+    lm.add_argument("--lm-top-k", type=int, default=0, help="LM top-k, 0 = off (default: %(default)s)")
+    lm.add_argument("--lm-min-p", type=float, default=0.0, help="LM min-p (default: %(default)s)")
     p.add_argument("--vae", help="VAE to use instead of the one found beside the checkpoint")
     p.add_argument("--text-encoder", help="Qwen3-Embedding-0.6B folder or qwen_0.6b_ace15.safetensors")
     p.add_argument("--tokenizer", help="tokenizer folder (needed for ComfyUI files outside a ComfyUI installation)")
@@ -112,6 +122,13 @@ def _settings(args):
     return SamplerSettings(steps=args.steps, shift=args.shift, guidance=args.guidance,
                            cfg_interval=tuple(args.cfg_interval), guidance_mode=args.guidance_mode,
                            noise=args.noise)
+
+
+def _code_sampling(args):
+    from ..planner.write import CodeSampling
+
+    return CodeSampling(cfg_scale=args.lm_cfg_scale, temperature=args.lm_temperature, top_p=args.lm_top_p,
+                        top_k=args.lm_top_k, min_p=args.lm_min_p)
 
 
 def _progress(plain: bool):
@@ -148,11 +165,21 @@ def _plan(args):
     return make_plan(rows, strengths)
 
 
-def _read_adapters(paths) -> list:
-    """(path, AdapterWeights) of every adapter the command will apply."""
+def _read_adapters(paths, lm: bool) -> list:
+    """(path, AdapterWeights) of every DiT adapter the command will apply; with ``lm``, a run's folder holding only
+    a planner-LM adapter is checked by the LM when it is applied."""
     from ..adapters import read_adapter_weights
+    from ..planner.lm_adapter import has_dit_adapter
+    from ..planner.write import lm_adapter_folder
 
-    return [(p, read_adapter_weights(p)) for p in paths]
+    out = []
+    for p in paths:
+        if Path(p).is_dir() and lm_adapter_folder(p) is not None and not has_dit_adapter(Path(p)):
+            if not lm:
+                raise ValueError(f"{p}: holds a planner-LM adapter only; pass --lm (the planner LM) to hear it")
+            continue
+        out.append((p, read_adapter_weights(p)))
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -169,14 +196,16 @@ def run(args: argparse.Namespace) -> int:
     plan = _plan(args) if args.compare else None
     paths = ([r.path for r in plan.rows] if plan is not None else
              [resolve_checkpoint(args.adapter, args.pick)] if args.adapter else [])
-    adapters = _read_adapters(paths)  # a file that is no adapter is refused before the model loads
+    adapters = _read_adapters(paths, bool(args.lm))  # a file that is no adapter is refused before the model loads
     t0 = time.perf_counter()
     gen = Generator.load(args.checkpoint, vae=args.vae, text_encoder=args.text_encoder, tokenizer=args.tokenizer,
                          variant=args.variant, device=args.device, dtype=args.dtype,
-                         prompt_style=args.prompt_style, progress=_progress(bool(getattr(args, "plain", False))))
+                         prompt_style=args.prompt_style, progress=_progress(bool(getattr(args, "plain", False))),
+                         lm=args.lm, lm_tokenizer=args.lm_tokenizer, code_sampling=_code_sampling(args))
     resolved = gen.settings(settings)
     print(f"model: {gen.info.variant} ({resolved.describe(gen.turbo)}) on {gen.device}, loaded in "
-          f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
+          f"{time.perf_counter() - t0:.1f} s" + (f"; audio codes from the {gen.planner.describe()}"
+                                                 if gen.planner else ""), file=sys.stderr)
     for path, aw in adapters:
         trained_on = aw.metadata.get("sidestep_base_identity")  # the raw string: a hex id may look like a number
         if trained_on and trained_on != gen.info.identity:
@@ -231,7 +260,9 @@ def _compare(args, gen, prompt, settings, plan, folder: Path) -> int:
     if (None, 0.0) in files:
         table += f"\n\nBase model (strength 0, no adapter): [{files[(None, 0.0)]}]({files[(None, 0.0)]})"
     header = (f"# Comparison\n\nPrompt: {prompt.caption!r}, seed {prompt.seed}, {prompt.seconds:g} s; "
-              f"{resolved.describe(gen.turbo)}; model {gen.info.variant} ({args.checkpoint})\n\n")
+              f"{resolved.describe(gen.turbo)}; model {gen.info.variant} ({args.checkpoint})"
+              + (f"; audio codes written by the {gen.planner.describe()} with each row's LM adapter"
+                 if gen.planner else "") + "\n\n")
     img = C.chart(runs[0] if runs else None, plan.rows,
                   title=f"{runs[0].name if runs else 'no training run'}: loss and the compared checkpoints")
     buf = io.BytesIO()
@@ -240,6 +271,7 @@ def _compare(args, gen, prompt, settings, plan, folder: Path) -> int:
     atomic_write_bytes(folder / "compare.md", (header + table + "\n\n![loss](compare.png)\n").encode("utf-8"))
     atomic_write_json(folder / "compare.json", {
         "prompt": prompt.to_dict(), "settings": resolved.to_dict(), "checkpoint": str(args.checkpoint),
+        "lm": str(gen.planner.path) if gen.planner else None,
         "strengths": list(plan.strengths),
         "rows": [{"label": r.label, "path": str(r.path), "step": r.step} for r in plan.rows],
         "grid": [[files[plan.key(r, c)] for c in range(len(plan.strengths))] for r in range(len(plan.rows))],

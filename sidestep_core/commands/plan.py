@@ -1,7 +1,8 @@
 """``sidestep plan``: peak device memory of training, before anything is loaded.
 
 The architecture comes from ``--checkpoint`` (its config.json or safetensors headers; no weights are read) or from
-``--shape 2b|xl``; every training option is the same as ``sidestep train``'s. Prints the plan beside the device's
+``--shape 2b|xl``; every training option is the same as ``sidestep train``'s. With ``--train-models lm|both`` the
+planner LM (``--lm``, headers only) is planned too (``device/plan_lm.py``). Prints the plan beside the device's
 free memory (or ``--free``), and the smallest change that fits when it does not (exit code 1). ``--table`` prints
 every base precision, with and without offloading every layer; ``--tiers`` the least change of each ``vram_*`` preset
 that fits its card, at the 2B and XL shapes (the README's table).
@@ -49,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
         print(tier_table(args.cond_tokens))
         return 0
     cfg = build_config(args).validate()
+    if cfg.train_models == "lm":
+        return run_lm_only(args, cfg)
     if args.shape:
         config = real_shape(args.shape)
     elif cfg.checkpoint:
@@ -86,10 +89,60 @@ def run(args: argparse.Namespace) -> int:
     plan = plan_of(cfg.base_precision, P._offload_number(cfg))
     plan.free = free
     print("plan: " + plan.describe())
+    if cfg.trains_lm:
+        return _with_lm(args, cfg, plan, free, target)
     if plan.fits is False:
         better = P.smallest_fit(config, cfg, free, target, cache=cache, cond_tokens=args.cond_tokens)
         print("does not fit; " + (f"smallest change that fits: {better.describe()}" if better else
                                    "nothing fits: lower crop_seconds, batch_size or rank"))
+        return 1
+    return 0
+
+
+def _lm_plan(args: argparse.Namespace, cfg: TrainConfig):
+    from ..device import plan_lm
+
+    cfg.check_lm()
+    frames = plan_lm.song_frames(cfg)
+    print(f"planner LM {cfg.lm}: LoRA r{cfg.lm_rank}{' + MLP' if cfg.lm_target_mlp else ''}, loss on "
+          f"{cfg.lm_loss}, songs of {frames / 25:g} s ({'the longest of the dataset' if cfg.dataset else 'assumed'}; "
+          f"the LM trains on whole songs), {args.cond_tokens} prompt tokens")
+    return plan_lm.estimate_lm(cfg.lm, cfg, frames=frames, prompt_tokens=args.cond_tokens)
+
+
+def _with_lm(args: argparse.Namespace, cfg: TrainConfig, dit, free, target: str) -> int:
+    """``train_models`` both: the LM's share and the joint run's peak against the free memory."""
+    from ..device import plan as P
+    from ..device.plan_lm import joint_peak
+
+    lm = _lm_plan(args, cfg)
+    print("      " + lm.describe())
+    peak = joint_peak(dit, lm)
+    needed = peak + P.slack_bytes(peak, target)
+    print(f"both: {P.size(needed)} (peak {P.size(peak)}: both models' weights and adapters, and the larger of the "
+          "LM's step and the DiT's step beside the LM's gradients)" + (f"; {P.size(free)} free" if free else ""))
+    if free is not None and needed > free:
+        print("does not fit; lower the DiT's settings (sidestep plan --train-models dit shows its options), "
+              "batch_size or the longest song, or train the LM in its own run")
+        return 1
+    return 0
+
+
+def run_lm_only(args: argparse.Namespace, cfg: TrainConfig) -> int:
+    """``train_models`` lm: the DiT is not loaded at all; only the planner LM is planned."""
+    import torch
+
+    from ..device import plan as P
+
+    target = "cpu" if cfg.device == "cpu" else "cuda"
+    free = int(args.free * P.GIB) if args.free else (
+        P.free_memory(torch.device(cfg.device if cfg.device != "auto" else "cuda"))
+        if torch.cuda.is_available() else None)
+    lm = _lm_plan(args, cfg)
+    needed = lm.peak + P.slack_bytes(lm.peak, target)
+    print(f"plan: {lm.describe()}; needed {P.size(needed)}" + (f", {P.size(free)} free" if free else ""))
+    if free is not None and needed > free:
+        print("does not fit; lower batch_size, lm_rank or the longest song")
         return 1
     return 0
 

@@ -291,11 +291,13 @@ def cell_name(row: Optional[Row], strength: float) -> str:
 
 def render(gen, prompt, plan: Plan, settings=None, *,
            before: Optional[Callable[[int, Optional[Row], float], None]] = None) -> dict:
-    """Every render of ``plan`` with the core :class:`~.generate.Generator`: the conditions encoded once and the
-    same noise for all, so the renders differ by the adapter and its strength alone. ``before(i, row, strength)``
-    is called before each render (progress, cost). Returns ``{plan key: GeneratedAudio}``; leaves no adapter on."""
+    """Every render of ``plan`` with the core :class:`~.generate.Generator`: the same noise for all, so the renders
+    differ by the adapter and its strength alone. Without a planner LM the conditions are encoded once; with one,
+    each render's LM (with the row's LM adapter at the cell's strength) writes its codes first, so the grid hears
+    the LM adapter too. ``before(i, row, strength)`` is called before each render (progress, cost). Returns
+    ``{plan key: GeneratedAudio}``; leaves no adapter on."""
     s = gen.settings(settings)
-    cond = gen.conditions(prompt)
+    cond = gen.conditions(prompt) if gen.planner is None else None
     out = {}
     try:
         for i, (r, strength) in enumerate(plan.renders()):

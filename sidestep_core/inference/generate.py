@@ -13,6 +13,10 @@ base weights stay untouched, the strength can change between renders).
 
 Lengths: ``frames = round(seconds · 48000 / 1920)`` (ComfyUI's empty ACE-Step 1.5 latent), audio =
 ``frames · 1920`` samples.
+
+With a planner LM (``Generator.load(lm=…)``) the LM first writes the prompt's audio codes (as ComfyUI's
+``generate_audio_codes``; :mod:`sidestep_core.planner.write`), with the LM adapter that came with the DiT adapter when
+there is one, and the DiT renders on them (``conditioning.codes_hints``).
 """
 
 from __future__ import annotations
@@ -125,6 +129,13 @@ class Prompt:
                             duration=self.seconds, bpm=self.bpm, keyscale=self.keyscale,
                             timesignature=self.timesignature)
 
+    def lm_inputs(self):
+        """What the planner LM is given to write this prompt's codes."""
+        from ..planner.prompts import LMInputs
+
+        return LMInputs(caption=self.caption, lyrics=self.lyrics, bpm=self.bpm, keyscale=self.keyscale,
+                        timesignature=self.timesignature, duration=self.seconds, language=self.language)
+
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
@@ -191,6 +202,7 @@ class GeneratedAudio:
     label: str = ""
     strength: Optional[float] = None
     adapter: Optional[str] = None
+    codes: Optional[list[int]] = None  # the audio codes the planner LM wrote for this render, if it did
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -224,9 +236,12 @@ def text_states(text, prompt: Prompt, style: str) -> tuple[torch.Tensor, torch.T
 
 
 def encode_conditions(model: AceStepModel, caption_states: torch.Tensor, lyric_states: torch.Tensor,
-                      silence: torch.Tensor, frames: int, style: str) -> Conditions:
-    """The condition-encoder pass exactly as preprocessing runs it; CPU tensors in the encoder's dtype."""
-    states, mask, context = conditioning.encode_conditions(model, caption_states, lyric_states, silence, frames, style)
+                      silence: torch.Tensor, frames: int, style: str, codes: Optional[torch.Tensor] = None
+                      ) -> Conditions:
+    """The condition-encoder pass exactly as preprocessing runs it (with the LM's ``codes`` as hints when given);
+    CPU tensors in the encoder's dtype."""
+    states, mask, context = conditioning.encode_conditions(model, caption_states, lyric_states, silence, frames, style,
+                                                           codes)
     return Conditions(states[None].cpu(), mask[None].cpu(), context[None].cpu())
 
 
@@ -355,12 +370,16 @@ class Generator:
     encoder + tokenizer, VAE and the silence latent. ``generate(prompt)`` renders one prompt."""
 
     def __init__(self, model: AceStepModel, info, silence: torch.Tensor, text, vae, *, device: torch.device,
-                 dtype: torch.dtype, prompt_style: str = "acestep", progress: Optional[Progress] = None):
+                 dtype: torch.dtype, prompt_style: str = "acestep", progress: Optional[Progress] = None,
+                 planner=None, code_sampling=None):
         self.model, self.info, self.silence, self.text, self.vae = model, info, silence, text, vae
         self.device, self.dtype, self.prompt_style = device, dtype, prompt_style
         self.progress = progress
         self.adapter = None  # the AppliedAdapter currently hooked in, if any
         self.adapter_path: Optional[str] = None
+        self.planner = planner  # the planner LM: it writes each prompt's audio codes first
+        self.code_sampling = code_sampling
+        self.lm_adapter = None  # the AppliedLMAdapter on the planner, if any
 
     # ----- loading -----
     @classmethod
@@ -376,9 +395,14 @@ class Generator:
         dtype: Optional[str] = None,
         prompt_style: str = "acestep",
         progress: Optional[Progress] = None,
+        lm: Optional[Union[str, Path]] = None,
+        lm_tokenizer: Optional[Union[str, Path]] = None,
+        code_sampling=None,
     ) -> "Generator":
         """Find and load every part of ``checkpoint`` (any layout). The condition encoder keeps the checkpoint's
-        stored dtype, as preprocessing runs it; the decoder runs in ``dtype`` (default bf16 on CUDA, fp32 on CPU)."""
+        stored dtype, as preprocessing runs it; the decoder runs in ``dtype`` (default bf16 on CUDA, fp32 on CPU).
+        ``lm``: the planner LM, which then writes every prompt's audio codes (``code_sampling``: a
+        :class:`~sidestep_core.planner.write.CodeSampling`, default ComfyUI's)."""
         from .. import vae as vae_mod
         from ..data.preprocess import PreprocessConfig, find_components
         from ..model import load_acestep
@@ -394,8 +418,8 @@ class Generator:
         comps = find_components(checkpoint, PreprocessConfig(
             vae=str(vae) if vae else None, text_encoder=str(text_encoder) if text_encoder else None,
             tokenizer=str(tokenizer) if tokenizer else None))
-        loaded = load_acestep(checkpoint, variant=variant, device=dev,
-                              parts={"decoder", "encoder", "null_condition_emb"})
+        parts = {"decoder", "encoder", "null_condition_emb"} | ({"tokenizer", "detokenizer"} if lm else set())
+        loaded = load_acestep(checkpoint, variant=variant, device=dev, parts=parts)
         model = loaded.model
         model.decoder.to(dt)
         model.null_condition_emb.data = model.null_condition_emb.data.to(dt)
@@ -411,8 +435,17 @@ class Generator:
         silence = loaded.silence_latent
         if silence is None:
             silence = vae_mod.silence_latent_from_vae(vae_model)
+        planner = None
+        if lm:
+            from ..planner.codes import check_codebook
+            from ..planner.loading import load_planner
+            from ..planner.write import CodeSampling
+
+            planner = load_planner(lm, tokenizer=lm_tokenizer, dtype=te_dtype, device=dev)
+            check_codebook(model, planner)
+            code_sampling = code_sampling or CodeSampling()
         return cls(model, loaded.info, silence.float().cpu(), text, vae_model, device=dev, dtype=dt,
-                   prompt_style=prompt_style, progress=progress)
+                   prompt_style=prompt_style, progress=progress, planner=planner, code_sampling=code_sampling)
 
     @property
     def turbo(self) -> bool:
@@ -420,30 +453,58 @@ class Generator:
 
     # ----- adapters -----
     def set_adapter(self, path: Optional[Union[str, Path]], strength: float = 1.0) -> None:
-        """Hook the adapter at ``path`` into the decoder (replacing any other); ``None`` removes it."""
+        """Hook the adapter at ``path`` into the decoder (replacing any other); ``None`` removes it. With a planner
+        LM, the LM adapter that came with it (a run's ``<folder>/lm``) goes onto the LM at the same strength; a run
+        that trained the LM alone leaves the decoder as it is."""
         from ..adapters import apply_unmerged, read_adapter_weights
+        from ..planner.lm_adapter import has_dit_adapter
+        from ..planner.write import AppliedLMAdapter, lm_adapter_folder
 
         self.remove_adapter()
         if path is None:
             return
-        aw = read_adapter_weights(path)
-        self.adapter = apply_unmerged(self.model, aw, strength)
+        lm_folder = lm_adapter_folder(path) if self.planner is not None and Path(path).is_dir() else None
+        if lm_folder is None or has_dit_adapter(Path(path)):
+            self.adapter = apply_unmerged(self.model, read_adapter_weights(path), strength)
+        if lm_folder is not None:
+            self.lm_adapter = AppliedLMAdapter(self.planner, lm_folder, strength)
         self.adapter_path = str(path)
 
     def set_strength(self, strength: float) -> None:
-        if self.adapter is None:
+        if self.adapter is None and self.lm_adapter is None:
             raise ValueError("no adapter is applied")
-        self.adapter.set_strength(strength)
+        for a in (self.adapter, self.lm_adapter):
+            if a is not None:
+                a.set_strength(strength)
 
     def remove_adapter(self) -> None:
-        if self.adapter is not None:
-            self.adapter.remove()
-        self.adapter, self.adapter_path = None, None
+        for a in (self.adapter, self.lm_adapter):
+            if a is not None:
+                a.remove()
+        self.adapter, self.lm_adapter, self.adapter_path = None, None, None
+
+    @property
+    def strength(self) -> Optional[float]:
+        applied = self.adapter or self.lm_adapter
+        return applied.strength if applied is not None else None
 
     # ----- the steps -----
-    def conditions(self, prompt: Prompt) -> Conditions:
+    def codes(self, prompt: Prompt) -> Optional[torch.Tensor]:
+        """The audio codes the planner LM (with the LM adapter applied now) writes for ``prompt``; None without
+        an LM."""
+        if self.planner is None:
+            return None
+        from ..planner.write import code_count, write_codes
+
+        return torch.tensor(write_codes(self.planner, prompt.lm_inputs(), self.prompt_style, seed=prompt.seed,
+                                        count=code_count(prompt.seconds), sampling=self.code_sampling))
+
+    def conditions(self, prompt: Prompt, codes: Optional[torch.Tensor] = None) -> Conditions:
+        """The prompt's conditions; with a planner LM, on ``codes`` or else the codes it writes now (adapters as
+        applied)."""
         caption, lyric = text_states(self.text, prompt, self.prompt_style)
-        return encode_conditions(self.model, caption, lyric, self.silence, prompt.frames, self.prompt_style)
+        return encode_conditions(self.model, caption, lyric, self.silence, prompt.frames, self.prompt_style,
+                                 codes if codes is not None else self.codes(prompt))
 
     def settings(self, settings: Optional[SamplerSettings] = None) -> SamplerSettings:
         return (settings or SamplerSettings()).resolved(self.info)
@@ -460,12 +521,16 @@ class Generator:
                  cond: Optional[Conditions] = None) -> GeneratedAudio:
         t0 = time.perf_counter()
         s = self.settings(settings)
-        cond = cond if cond is not None else self.conditions(prompt)
+        codes = None
+        if cond is None:
+            codes = self.codes(prompt)
+            cond = self.conditions(prompt, codes)
         lat = self.latents(cond, prompt.seed, s)
         wave = self.decode(lat)[0]
-        strength = self.adapter.strength if self.adapter is not None else None
+        strength = self.strength
         return GeneratedAudio(wave, SAMPLE_RATE, lat[0].float().cpu(), prompt, s, time.perf_counter() - t0,
-                              adapter=self.adapter_path, strength=strength)
+                              adapter=self.adapter_path, strength=strength,
+                              codes=codes.tolist() if codes is not None else None)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -484,8 +549,9 @@ def compare(
     settings: Optional[SamplerSettings] = None,
 ) -> list[GeneratedAudio]:
     """The same prompt and seed rendered at each strength of ``adapter`` (0 = the base model, no adapter) and with
-    each ``(label, adapter)`` in ``checkpoints`` at ``checkpoint_strength``. Conditions are encoded once; the noise
-    is the same for every render, so the differences are the adapter's alone. Leaves no adapter applied.
+    each ``(label, adapter)`` in ``checkpoints`` at ``checkpoint_strength``. Conditions are encoded once (with a
+    planner LM, for each render: its codes follow the LM adapter); the noise is the same for every render, so the
+    differences are the adapters' alone. Leaves no adapter applied.
 
     ``adapter`` may be a training run folder: its ``final`` adapter (else its latest checkpoint) is the one the
     strengths apply to, and its checkpoints (with their EMA twins) are added to ``checkpoints``.
@@ -498,7 +564,7 @@ def compare(
         checkpoints = [c for c in found if c[0] != "final"] + checkpoints
         adapter = resolve_checkpoint(adapter, "final" if (Path(adapter).expanduser() / "final").is_dir() else "last")
     s = gen.settings(settings)
-    cond = gen.conditions(prompt)
+    cond = gen.conditions(prompt) if gen.planner is None else None  # with an LM: its codes follow each adapter
     results: list[GeneratedAudio] = []
     try:
         for strength in strengths:

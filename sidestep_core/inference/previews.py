@@ -20,6 +20,12 @@ and keeps the VAE on the CPU between renders. A render:
   timings), and logs each clip to TensorBoard as ``preview/NN_<caption>`` (stereo WAV) when a writer is attached.
 
 The same prompt and seed give the same noise at every step, so successive previews differ only by training.
+
+With a planner LM (``build(lm=…)``, the ``preview_codes`` setting) the LM writes each prompt's audio codes and the
+DiT renders on them, as ComfyUI's ``generate_audio_codes`` does. The plain LM's codes are written once at build; in a
+run that also trains the LM (``live_lm``), each render has the LM as it is at that step write them instead (its own
+generator, in eval mode inside the same isolation), so the previews hear both adapters. The codes are recorded in
+``previews.json``.
 """
 
 from __future__ import annotations
@@ -145,16 +151,18 @@ def log_audio(writer, tag: str, waveform: torch.Tensor, step: int, sample_rate: 
 class Isolated:
     """eval() for the duration, every submodule's flag restored; global RNGs (torch CPU + CUDA device, python,
     numpy) restored on exit; no grad. Whatever runs inside cannot change what training does next (the training
-    loop runs its ``step_hook`` inside one). ``device`` defaults to that of the module's first parameter."""
+    loop runs its ``step_hook`` inside one). ``device`` defaults to that of the module's first parameter; ``also``:
+    more modules switched to eval the same way (the planner LM being trained)."""
 
-    def __init__(self, module: torch.nn.Module, device: Optional[torch.device] = None):
+    def __init__(self, module: torch.nn.Module, device: Optional[torch.device] = None,
+                 also: Sequence[torch.nn.Module] = ()):
         if device is None:
             param = next(module.parameters(), None)
             device = param.device if param is not None else torch.device("cpu")
-        self.module, self.device = module, torch.device(device)
+        self.module, self.device, self.also = module, torch.device(device), list(also)
 
     def __enter__(self):
-        self.flags = [(m, m.training) for m in self.module.modules()]
+        self.flags = [(m, m.training) for root in (self.module, *self.also) for m in root.modules()]
         devices = [self.device.index if self.device.index is not None else torch.cuda.current_device()] \
             if self.device.type == "cuda" else []
         self.fork = torch.random.fork_rng(devices=devices)
@@ -162,7 +170,8 @@ class Isolated:
         self.py_state, self.np_state = random.getstate(), np.random.get_state()
         self.no_grad = torch.no_grad()
         self.no_grad.__enter__()
-        self.module.eval()
+        for root in (self.module, *self.also):
+            root.eval()
         return self
 
     def __exit__(self, *exc):
@@ -206,6 +215,8 @@ class PreviewRenderer:
         vae_device: Optional[torch.device] = None,
         writer=None,
         progress: Optional[Progress] = None,
+        codes: Optional[Sequence[list[int]]] = None,
+        encoding: Optional["CodesEncoding"] = None,
     ):
         if len(prompts) != len(conditions):
             raise ValueError("one set of conditions per prompt")
@@ -218,6 +229,8 @@ class PreviewRenderer:
         self.vae_device = vae_device
         self.writer = writer
         self.progress = progress
+        self.codes = list(codes) if codes is not None else None  # the base LM's codes the conditions were made on
+        self.encoding = encoding  # to encode the codes a live LM writes at each render
         self.rendered: dict[int, PreviewRender] = {}
 
     # ----- building -----
@@ -239,12 +252,17 @@ class PreviewRenderer:
         tokenizer: Optional[Union[str, Path]] = None,
         writer=None,
         progress: Optional[Progress] = None,
+        lm: Optional[Union[str, Path]] = None,
+        live_lm: bool = False,
+        code_sampling=None,
     ) -> "PreviewRenderer":
         """Encode ``prompts`` for ``checkpoint`` (as preprocessing would) and load the VAE (kept on the CPU).
 
         The text encoder and condition encoder are loaded on ``device`` only for this and released before returning.
-        ``settings`` None → the model's recommended sampler settings. Leaves every global RNG as it found it, so it
-        can be called anywhere in a training loop's setup.
+        ``settings`` None → the model's recommended sampler settings. ``lm``: the planner LM writes the prompts'
+        audio codes (``code_sampling``, default ComfyUI's); ``live_lm``: renders get the LM being trained, so the
+        condition encoder, tokenizer and detokenizer stay (on the CPU) to encode its codes. Leaves every global RNG
+        as it found it, so it can be called anywhere in a training loop's setup.
         """
         dev = resolve_device(device)
         py_state, np_state = random.getstate(), np.random.get_state()
@@ -254,14 +272,15 @@ class PreviewRenderer:
                 return cls._build(checkpoint, out_dir, prompts, every, device=dev, variant=variant,
                                   null_condition_emb=null_condition_emb, settings=settings, prompt_style=prompt_style,
                                   vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, writer=writer,
-                                  progress=progress)
+                                  progress=progress, lm=lm, live_lm=live_lm, code_sampling=code_sampling)
             finally:
                 random.setstate(py_state)
                 np.random.set_state(np_state)
 
     @classmethod
     def _build(cls, checkpoint, out_dir, prompts, every, *, device, variant, null_condition_emb, settings,
-               prompt_style, vae, text_encoder, tokenizer, writer, progress) -> "PreviewRenderer":
+               prompt_style, vae, text_encoder, tokenizer, writer, progress, lm, live_lm,
+               code_sampling) -> "PreviewRenderer":
         import gc
 
         from .. import vae as vae_mod
@@ -277,6 +296,8 @@ class PreviewRenderer:
             vae=str(vae) if vae else None, text_encoder=str(text_encoder) if text_encoder else None,
             tokenizer=str(tokenizer) if tokenizer else None))
         parts = {"encoder"} if null_condition_emb is not None else {"encoder", "null_condition_emb"}
+        if lm:
+            parts |= {"tokenizer", "detokenizer"}
         loaded = load_acestep(checkpoint, variant=variant, device=dev, parts=parts)
         info = loaded.info
         if null_condition_emb is None:
@@ -287,40 +308,55 @@ class PreviewRenderer:
         if silence is None:
             silence = vae_mod.silence_latent_from_vae(vae_model.float()).float()
             vae_model.to(te_dtype)
-        conditions = []
+        conditions, states = [], []
         if prompts:
             text = te_mod.TextEncoder(te_mod.load_text_encoder(comps.text_encoder, dtype=te_dtype, device=dev),
                                       te_mod.load_tokenizer(comps.tokenizer))
-            for p in prompts:
-                caption, lyric = text_states(text, p, prompt_style)
-                conditions.append(encode_conditions(loaded.model, caption, lyric, silence, p.frames, prompt_style))
+            states = [text_states(text, p, prompt_style) for p in prompts]
             text = None  # noqa: F841
+        codes = encoding = None
+        if lm and prompts:
+            encoding = CodesEncoding(loaded.model, states, silence, prompt_style, code_sampling)
+            if not live_lm:  # a live LM writes every render's codes itself
+                codes = encoding.base_codes(lm, prompts, dev)
+        for p, (caption, lyric), c in zip(prompts, states, codes or [None] * len(prompts)):
+            conditions.append(encode_conditions(loaded.model, caption, lyric, silence, p.frames, prompt_style,
+                                                None if c is None else torch.tensor(c)))
+        if encoding is not None and live_lm:
+            encoding.move("cpu")  # kept for the live LM's codes, off the device between renders
+        else:
+            encoding = None
         loaded = None  # noqa: F841  (release the encoder before training goes on)
         gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
         return cls(out_dir, prompts, conditions, vae_model, every=every, turbo=info.is_turbo,
                    settings=(settings or SamplerSettings()).resolved(info), null_condition_emb=null_condition_emb,
-                   vae_device=dev, writer=writer, progress=progress)
+                   vae_device=dev, writer=writer, progress=progress, codes=codes, encoding=encoding)
 
     # ----- rendering -----
     def due(self, step: int) -> bool:
         return self.every > 0 and step > 0 and step % self.every == 0
 
-    def maybe_render(self, step: int, decoder: torch.nn.Module, *, force: bool = False) -> list[Path]:
-        """Render if ``step`` is a multiple of ``every`` (or ``force``) and was not rendered yet; the paths written."""
+    def maybe_render(self, step: int, decoder: torch.nn.Module, *, force: bool = False, lm=None) -> list[Path]:
+        """Render if ``step`` is a multiple of ``every`` (or ``force``) and was not rendered yet; the paths written.
+        ``lm``: the planner LM being trained (a ``Planner``), when the renderer was built to hear it."""
         if not self.prompts or step in self.rendered or not (force or self.due(step)):
             return []
-        return self.render(step, decoder).paths
+        return self.render(step, decoder, lm).paths
 
-    def render(self, step: int, decoder: torch.nn.Module) -> PreviewRender:
+    def render(self, step: int, decoder: torch.nn.Module, lm=None) -> PreviewRender:
         t0 = time.perf_counter()
         param = next(decoder.parameters())
         device = param.device
         dtype = base_param_dtype(decoder)
-        latents = []
-        with Isolated(decoder, device):
-            for p, cond in zip(self.prompts, self.conditions):
+        live = lm if self.encoding is not None else None
+        latents, codes, conditions = [], self.codes, self.conditions
+        with Isolated(decoder, device, also=[live.model] if live is not None else []):
+            if live is not None:
+                codes = self.encoding.live_codes(live, self.prompts)
+                conditions = self.encoding.conditions(self.prompts, codes, device)
+            for p, cond in zip(self.prompts, conditions):
                 latents.append(sample_latents(decoder, cond, p.seed, self.settings, turbo=self.turbo,
                                               null_condition_emb=self.null, device=device, dtype=dtype))
             waves = self._decode(latents, device)
@@ -329,7 +365,7 @@ class PreviewRenderer:
         for i, (p, w) in enumerate(zip(self.prompts, waves)):
             path = write_flac(folder / f"{p.slug(i)}.flac", w, SAMPLE_RATE)
             paths.append(path)
-            entries.append({"file": path.name, **p.to_dict()})
+            entries.append({"file": path.name, **p.to_dict(), **({"codes": codes[i]} if codes else {})})
             if self.writer is not None:
                 log_audio(self.writer, f"preview/{p.slug(i)}", w, step)
         seconds = time.perf_counter() - t0
@@ -358,3 +394,49 @@ class PreviewRenderer:
         finally:
             if moved:
                 self.vae.to("cpu")
+
+
+class CodesEncoding:
+    """What previews keep to have the planner LM write the prompts' audio codes and condition the DiT on them: the
+    prompts' text states and the condition encoder with the audio tokenizer and detokenizer (on the CPU between
+    renders)."""
+
+    def __init__(self, model, states: Sequence[tuple[torch.Tensor, torch.Tensor]], silence: torch.Tensor,
+                 style: str, sampling=None):
+        from ..planner.write import CodeSampling
+
+        self.model, self.states, self.silence, self.style = model, list(states), silence, style
+        self.sampling = sampling or CodeSampling()
+
+    def live_codes(self, planner, prompts: Sequence[Prompt]) -> list[list[int]]:
+        """Codes ``planner`` writes now (under autocast in its weights' dtype, as it trains)."""
+        from ..planner.write import code_count, write_codes
+
+        dtype = base_param_dtype(planner.model)
+        device = planner.device
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            return [write_codes(planner, p.lm_inputs(), self.style, seed=p.seed, count=code_count(p.seconds),
+                                sampling=self.sampling) for p in prompts]
+
+    def base_codes(self, lm: Union[str, Path], prompts: Sequence[Prompt], device: torch.device) -> list[list[int]]:
+        """Codes the plain LM at ``lm`` writes (loaded for this and released)."""
+        from ..planner.codes import check_codebook
+        from ..planner.loading import load_planner
+
+        planner = load_planner(lm, dtype=default_dtype(device), device=device)
+        check_codebook(self.model, planner)
+        planner.model.eval()
+        return self.live_codes(planner, prompts)
+
+    def conditions(self, prompts: Sequence[Prompt], codes: Sequence[list[int]],
+                   device: torch.device) -> list[Conditions]:
+        self.move(device)
+        try:
+            return [encode_conditions(self.model, caption, lyric, self.silence, p.frames, self.style,
+                                      torch.tensor(c)) for p, (caption, lyric), c in zip(prompts, self.states, codes)]
+        finally:
+            self.move("cpu")
+
+    def move(self, device) -> None:
+        for part in (self.model.encoder, self.model.tokenizer, self.model.detokenizer):  # the rest is not loaded
+            part.to(device)

@@ -53,7 +53,7 @@ class LabelResult:
     reason: str = ""
 
 
-class _Stream:
+class Stream:
     """Incremental decoding with the KV cache: feed ids, read the next-token logits."""
 
     def __init__(self, model, ids: list[int]):
@@ -85,7 +85,7 @@ def _pick(logits: torch.Tensor, allowed: list[int] | torch.Tensor, temperature: 
     return int(allowed[torch.multinomial(probs, 1, generator=gen)])
 
 
-def _choose(stream: _Stream, tokenizer, options: list[str], temperature: float, gen: torch.Generator) -> str:
+def _choose(stream: Stream, tokenizer, options: list[str], temperature: float, gen: torch.Generator) -> str:
     """One of ``options`` (each followed by a newline), decoded over the token trie of the options."""
     seqs = {opt: tokenizer.encode(opt + "\n") for opt in options}
     prefix: list[int] = []
@@ -100,7 +100,7 @@ def _choose(stream: _Stream, tokenizer, options: list[str], temperature: float, 
         stream.feed([tok])
 
 
-def _free_line(stream: _Stream, tokenizer, temperature: float, gen: torch.Generator, text_ids: torch.Tensor) -> str:
+def _free_line(stream: Stream, tokenizer, temperature: float, gen: torch.Generator, text_ids: torch.Tensor) -> str:
     """Free text up to the first newline (or the token limit); special tokens and codes are not allowed."""
     out: list[int] = []
     for _ in range(MAX_CAPTION_TOKENS):
@@ -133,7 +133,7 @@ def understand(
     want = list(want if want is not None else ("caption", "bpm", "keyscale", "timesignature", "language"))
     known = {k: str(v) for k, v in (known or {}).items() if v not in (None, "")}
     gen = torch.Generator().manual_seed(int(seed))
-    stream = _Stream(planner.model, understand_prompt_ids(tok, codes))
+    stream = Stream(planner.model, understand_prompt_ids(tok, codes))
     # Plain text tokens only: below the first added token (Qwen3's specials) and not a code.
     text_ids = torch.arange(min(V.FIRST_ADDED_ID, tok.code_offset, planner.vocab_rows))
     cot = [f"{V.THINK}\n"]

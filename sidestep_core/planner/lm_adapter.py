@@ -90,6 +90,12 @@ class LMAdapter:
         return {"sidestep_lm_adapter": "lora", "sidestep_lm_shape": json.dumps(self.shape),
                 "sidestep_lm_options": json.dumps(self.options)}
 
+    def comfyui_state_dict(self) -> dict[str, torch.Tensor]:
+        """The live adapter in ComfyUI's text-encoder key format, as detached CPU copies (previews in ComfyUI)."""
+        live = LMAdapterFile(Path("<the LM adapter being trained>"), self.state_dict(), self.peft_config_dict(),
+                             self.metadata())
+        return to_comfyui_lm_state_dict(live)
+
     def save(self, folder: str | Path, metadata: Mapping[str, str]) -> Path:
         """Write the PEFT folder (atomic per file); returns the folder."""
         from ..fsutil import atomic_save_file, atomic_write_json

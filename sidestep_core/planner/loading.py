@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 
@@ -173,6 +173,7 @@ class Planner:
     path: Path
     layout: str  # LAYOUT_ORIGINAL | LAYOUT_COMFY | LAYOUT_AIO
     size: str  # "0.6B" | "1.7B" | "4B" | "hidden-<H>" for other widths (the tiny model)
+    identity: str = ""  # content identity of the weight files (:func:`planner_identity`)
 
     @property
     def hidden_size(self) -> int:
@@ -196,6 +197,14 @@ class Planner:
 
 def size_name(hidden: int) -> str:
     return SIZES.get(hidden, f"hidden-{hidden}")
+
+
+def planner_identity(path: str | Path) -> str:
+    """The LM's content identity, made as the DiT's (headers, sizes and sampled bytes of its weight files; see
+    :func:`~sidestep_core.model.loading.weights_identity`): another LM file of the same name and size differs."""
+    from ..model.loading import weights_identity
+
+    return weights_identity(planner_architecture(path).files)
 
 
 def _header_shapes(files: Sequence[Path]) -> tuple[dict[str, tuple[int, ...]], dict[str, Path]]:
@@ -269,17 +278,24 @@ def find_planner_tokenizer(lm_path: Path, explicit: Optional[str | Path] = None)
     )
 
 
-def load_planner(
-    path: str | Path,
-    *,
-    tokenizer: Optional[str | Path] = None,
-    dtype: Optional[torch.dtype] = None,
-    device: str | torch.device = "cpu",
-) -> Planner:
-    """The LM at ``path`` (an ``acestep-5Hz-lm-*`` folder, a ComfyUI LM file or an all-in-one checkpoint, or a
-    checkpoint folder to search with :func:`find_planner`). ``dtype`` None → float32."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-    from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
+@dataclass
+class PlannerArchitecture:
+    """What the headers of an LM's files say (no tensor data read): its files, layout and transformers config, and
+    each tensor's shape under its causal-LM name (``names`` maps that name to the file's key, ``where`` the key to
+    its file)."""
+
+    path: Path
+    files: list[Path]
+    layout: str
+    config: "Any"  # transformers Qwen3Config
+    names: dict[str, str]
+    shapes: dict[str, tuple[int, ...]]
+    where: dict[str, Path]
+
+
+def planner_architecture(path: str | Path) -> PlannerArchitecture:
+    """The LM at ``path`` (as :func:`load_planner` takes it) read from its headers and config only."""
+    from transformers import Qwen3Config
 
     path = Path(path).expanduser()
     if not path.exists():
@@ -303,6 +319,24 @@ def load_planner(
     except KeyError as exc:
         raise PlannerError(f"{path}: cannot infer the LM architecture ({exc} missing)") from exc
     config._attn_implementation = "sdpa"
+    return PlannerArchitecture(path, files, layout, config, names, shapes, where)
+
+
+def load_planner(
+    path: str | Path,
+    *,
+    tokenizer: Optional[str | Path] = None,
+    dtype: Optional[torch.dtype] = None,
+    device: str | torch.device = "cpu",
+) -> Planner:
+    """The LM at ``path`` (an ``acestep-5Hz-lm-*`` folder, a ComfyUI LM file or an all-in-one checkpoint, or a
+    checkpoint folder to search with :func:`find_planner`). ``dtype`` None → float32."""
+    from transformers import Qwen3ForCausalLM
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
+
+    arch = planner_architecture(path)
+    path, files, layout, config = arch.path, arch.files, arch.layout, arch.config
+    names, shapes, where = arch.names, arch.shapes, arch.where
     with torch.device("meta"):
         model = Qwen3ForCausalLM(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -340,7 +374,10 @@ def load_planner(
             f"{tok.source}: the tokenizer's audio codes (ids {tok.code_offset} … "
             f"{tok.code_offset + tok.codebook_size - 1}) do not fit the LM's {rows}-token vocabulary; this tokenizer "
             "does not belong to this LM")
-    return Planner(model.eval().requires_grad_(False), tok, path, layout, size_name(config.hidden_size))
+    from ..model.loading import weights_identity
+
+    return Planner(model.eval().requires_grad_(False), tok, path, layout, size_name(config.hidden_size),
+                   weights_identity(files))
 
 
 def find_planner(where: str | Path) -> Path:

@@ -51,26 +51,35 @@ def collate(seqs: list[LMSequence], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask, labels
 
 
-def lm_loss(causal_lm: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def labelled_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, columns) of the tokens a loss is taken on, as positions of the inputs predicting them."""
+    return (labels[:, 1:] != IGNORE).nonzero(as_tuple=True)
+
+
+def lm_loss(causal_lm: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
+            positions: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """Mean next-token cross-entropy over the labelled tokens. Logits are computed only where a label is (the
-    vocabulary has 217k entries; logits for a whole song would be the largest tensor of the step)."""
+    vocabulary has 217k entries; logits for a whole song would be the largest tensor of the step). ``positions``:
+    :func:`labelled_positions` of ``labels``, given when they cannot be read off them (the memory plan's fake
+    tensors)."""
+    rows, cols = positions if positions is not None else labelled_positions(labels)
     hidden = causal_lm.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-    target = labels[:, 1:]
-    keep = target != IGNORE
-    logits = causal_lm.lm_head(hidden[:, :-1][keep]).float()
-    return torch.nn.functional.cross_entropy(logits, target[keep])
+    logits = causal_lm.lm_head(hidden[rows, cols]).float()
+    return torch.nn.functional.cross_entropy(logits, labels[rows, cols + 1])
 
 
 class PlannerTraining:
     """The LM's LoRA, optimizer and schedule inside a training run (see the module docstring)."""
 
     def __init__(self, cfg: TrainConfig, causal_lm: torch.nn.Module, sequences: list[LMSequence], pad_id: int,
-                 schedule: dict[str, Any], device: torch.device, dtype: Optional[torch.dtype]):
+                 schedule: dict[str, Any], device: torch.device, dtype: Optional[torch.dtype], identity: str = ""):
         if not sequences or not all(any(l != IGNORE for l in s.labels) for s in sequences):
             raise ValueError("lm: every clip needs audio codes to train the planner LM on")
         self.cfg = cfg.replace(learning_rate=cfg.lm_learning_rate)  # the optimizer and schedule read it from here
         self.sequences, self.pad_id = sequences, pad_id
         self.device, self.dtype = device, dtype
+        self.identity = identity  # the frozen LM's content identity: a resume must continue on the same LM
+        self.planner = None  # the loaded Planner (model + tokenizer), when built by build_planner_training
         self.lm = causal_lm
         self.adapter: LMAdapter = inject_lm_lora(causal_lm, rank=cfg.lm_rank, alpha=cfg.lm_alpha,
                                                  dropout=cfg.lm_dropout, mlp=cfg.lm_target_mlp)
@@ -124,7 +133,8 @@ class PlannerTraining:
 
     # ----- checkpoints -----
     def describe(self) -> dict[str, Any]:
-        return {"targets": len(self.adapter.targets), "options": self.adapter.options, "shape": self.adapter.shape}
+        return {"targets": len(self.adapter.targets), "options": self.adapter.options, "shape": self.adapter.shape,
+                "identity": self.identity}
 
     def state(self) -> dict[str, Any]:
         return {**self.describe(), "optimizer": st.optimizer_state(self.optimizer)}
@@ -143,6 +153,12 @@ class PlannerTraining:
             raise LMAdapterMismatchError(
                 f"{folder}: the checkpoint's LM adapter was trained on a planner LM of {describe_shape(shape)}; the "
                 f"LM given has {describe_shape(self.adapter.shape)}")
+        saved_identity = state.get("identity")
+        if saved_identity and self.identity and saved_identity != self.identity:
+            raise LMAdapterMismatchError(
+                f"{folder}: the checkpoint's LM adapter was trained on another planner LM of the same size (identity "
+                f"{saved_identity}; {self.cfg.lm} is {self.identity}); resume with the LM file the run started with, "
+                "or train into another --out")
         saved = state.get("options") or {}
         differ = [k for k in saved if saved[k] != self.adapter.options.get(k)]
         if differ or state.get("targets") != len(self.adapter.targets):
@@ -182,8 +198,10 @@ def build_planner_training(cfg: TrainConfig, dataset, device: torch.device, dtyp
     seqs = [clip_sequence(planner.tokenizer, clip.sample, codes[clip.sample.id], style, flags)
             for clip in dataset.clips]
     torch.manual_seed(seed)
-    return PlannerTraining(cfg, planner.model, seqs, planner.tokenizer.token_id(V.ENDOFTEXT), schedule, device,
-                           dtype)
+    training = PlannerTraining(cfg, planner.model, seqs, planner.tokenizer.token_id(V.ENDOFTEXT), schedule, device,
+                               dtype, planner.identity)
+    training.planner = planner  # its model is the LM being trained (the LoRA is injected in place): previews use it
+    return training
 
 
 def clip_sequence(tokenizer, sample, codes: torch.Tensor, style: str, flags: tuple[str, ...]) -> LMSequence:

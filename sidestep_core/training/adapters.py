@@ -128,6 +128,7 @@ class Adapter:
     peft_model: Any = None  # peft.PeftModel for lora/dora
     network: Any = None  # lycoris.LycorisNetwork for lokr/loha/oft
     extra: dict[str, Any] = field(default_factory=dict)
+    lm: Any = None  # the planner LM's LMAdapter in a run that trains both (a step hook's previews hear it)
 
     # ----- parameters -----
     def named_parameters(self) -> list[tuple[str, nn.Parameter]]:

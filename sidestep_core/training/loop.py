@@ -165,7 +165,8 @@ def train(
 
     ``step_hook(step, adapter)`` (rank 0 only) is called after every optimizer step, after the checkpoint of that
     step is saved, with the live :class:`~sidestep_core.training.adapters.Adapter` (``adapter.module`` is the
-    unwrapped module; ``adapter.comfyui_state_dict()`` gives detached CPU copies of its weights). It runs inside
+    unwrapped module; ``adapter.comfyui_state_dict()`` gives detached CPU copies of its weights; ``adapter.lm`` is
+    the planner LM's adapter in a run that trains both). It runs inside
     :class:`sidestep_core.inference.previews.Isolated`: eval mode, no grad, and every global RNG restored after, so a hook
     that renders (and draws random numbers) leaves training exactly as it would be without it. The hook decides
     itself at which steps to do work; exceptions it raises propagate.
@@ -239,6 +240,8 @@ class _Trainer:
             self.planner = build_planner_training(cfg, self.dataset, self.device,
                                                   None if cfg.precision == "fp32" else self.dtype, self.schedule,
                                                   seed=_seed_for(cfg.seed, 1), say=self.say)
+            if self.adapter is not None:
+                self.adapter.lm = self.planner.adapter
 
         self.step, self.epoch, self.batch_pos = 0, 0, 0
         self.elapsed_before = 0.0
@@ -719,6 +722,7 @@ class _Trainer:
             cfg.checkpoint, self.out, load_preview_prompts(cfg.preview_prompts), cfg.preview_every,
             device=self.device, variant=cfg.base_variant or None, null_condition_emb=self.null, settings=settings,
             prompt_style=manifest.get("prompt_style", "acestep"), progress=self._progress,
+            lm=cfg.lm if cfg.preview_codes else None, live_lm=cfg.trains_lm and cfg.preview_codes,
         )
 
     def run(self) -> TrainResult:
@@ -816,7 +820,8 @@ class _Trainer:
                     self._save_checkpoint(elapsed)
                     saved_at = self.step
                 if self.previews is not None:  # after saving: a slow render never risks the checkpoint
-                    self.previews.maybe_render(self.step, self.adapter.module, force=self.step == self.total or stop)
+                    self.previews.maybe_render(self.step, self.adapter.module, force=self.step == self.total or stop,
+                                               lm=self.planner.planner if self.planner is not None else None)
                 if self.step_hook is not None and self.dist.main and self.adapter is not None:  # as the previews
                     from ..inference.previews import Isolated
 

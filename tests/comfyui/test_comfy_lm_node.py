@@ -111,3 +111,78 @@ def test_previews_run_with_audio_codes_while_both_adapters_train(comfy, setup, t
     run = out.result[0].run_dir
     assert sorted(p.name for p in (run / "previews").iterdir()) == ["step_2.flac", "timing.json"]
     assert (out.result[0].path / "lm" / "adapter_model.safetensors").is_file()
+    assert "connect preview_clip to hear the planner LM's adapter as it trains" in out.ui["text"][0]
+    # With the CLIP and a graph it can follow, each preview patches the CLIP's LM with the LoRA as it is then and
+    # runs the encoder again; ComfyUI's LM is the 1.7B, so the tiny LM's LoRA is refused there (training goes on).
+    from comfy_api.latest import _io
+
+    clip = comfy.sd.load_clip([str(models / "text_encoders" / n) for n in (H.TE_NAME, H.LM_NAME)],
+                              clip_type=comfy.sd.CLIPType.ACE)
+    prompt = {"1": {"class_type": "DualCLIPLoader", "inputs": {}}, "2": ENCODER,
+              "3": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["2", 0]}},
+              "9": {"class_type": "SideStepTrainAdapter", "inputs": {
+                  "preview_positive": ["2", 0], "preview_negative": ["3", 0], "preview_clip": ["1", 0]}}}
+    ext.TrainAdapter.hidden = _io.HiddenHolder.from_dict({_io.Hidden.unique_id: "9", _io.Hidden.prompt: prompt})
+    try:
+        out = ext.TrainAdapter.execute(bundle, dataset, **settings("codes_previews_clip", preview_every=2,
+                                                                   preview_seed=1),
+                                       preview_model=patcher, preview_positive=positive, preview_negative=negative,
+                                       preview_latent=latent, preview_vae=vae, preview_clip=clip)
+    finally:
+        ext.TrainAdapter.hidden = _io.HiddenHolder.from_dict({})
+    lines = out.ui["text"][0]
+    assert "the planner LM's adapter as it trains writes the audio codes at each preview" in lines, lines
+    assert "previews stopped at step 2" in lines and "ComfyUI runs only the 1.7B (width 2048) and 4B" in lines
+    assert (out.result[0].path / "lm" / "adapter_model.safetensors").is_file()
+    del clip
+
+
+ENCODER = {"class_type": "TextEncodeAceStepAudio1.5", "inputs": {
+    "clip": ["1", 0], "tags": "tst, synth", "lyrics": "", "seed": 3, "bpm": 120, "duration": 0.4,
+    "timesignature": "4", "language": "en", "keyscale": "C major", "generate_audio_codes": True, "cfg_scale": 2.0,
+    "temperature": 0.85, "top_p": 0.9, "top_k": 0, "min_p": 0.0}}
+
+
+def test_compare_with_the_clip_follows_the_graph_or_says_why(comfy, setup):
+    """Compare Adapters on a run with a planner-LM adapter: without the CLIP it says the grid hears the graph's own
+    codes; with it, a positive that does not come straight from TextEncodeAceStepAudio1.5 is named as the reason;
+    a graph it can follow runs the encoder again with the checkpoint's LM adapter patched into the CLIP's LM —
+    which ComfyUI builds at 1.7B size, so the tiny LM's adapter is refused there, naming both sizes."""
+    import folder_paths
+    from comfy_api.latest import _io
+    from pack_loader import pack_module
+
+    ext, glue, bundle, dataset, lm_file = setup
+    folder_paths.add_model_folder_path("text_encoders", str(lm_file.parent), is_default=True)
+    torch.set_num_threads(1)
+    adapter = ext.TrainAdapter.execute(bundle, dataset, **settings("both")).result[0]
+    cmp = pack_module("compare_adapters")
+    models = H.write_model_set()
+    graph = H.generation_values(comfy, models, 0.4)
+    with torch.inference_mode():
+        pos, extra = graph["positive"][0]
+        graph["positive"] = [[pos, {**extra, "audio_codes": [[1, 2]]}]]
+    clip = comfy.sd.load_clip([str(models / "text_encoders" / n) for n in (H.TE_NAME, H.LM_NAME)],
+                              clip_type=comfy.sd.CLIPType.ACE)
+    prompt = {"1": {"class_type": "DualCLIPLoader", "inputs": {}}, "2": ENCODER,
+              "3": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["2", 0]}},
+              "4": {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["2", 0],
+                                                                     "conditioning_2": ["2", 0]}},
+              "9": {"class_type": "SideStepCompareAdapters",
+                    "inputs": {"positive": ["4", 0], "negative": ["3", 0], "clip": ["1", 0]}}}
+
+    def compare(**kw):
+        cmp.CompareAdapters.hidden = _io.HiddenHolder.from_dict({_io.Hidden.unique_id: "9", _io.Hidden.prompt: prompt})
+        res = cmp.CompareAdapters.execute(**graph, adapter=adapter, checkpoints="final", strengths="1.0", steps=1,
+                                          **kw)
+        return res.result[2]
+
+    assert "connect the CLIP to hear each checkpoint's planner-LM adapter" in compare()
+    assert ("not each checkpoint's planner-LM adapter: positive comes from ConditioningCombine (node 4)"
+            in compare(clip=clip))
+    prompt["9"]["inputs"]["positive"] = ["2", 0]
+    with pytest.raises(ValueError, match=r"trained on a planner LM of width 32, 2 layers, but the LM given has "
+                                         r"width 2048"):
+        compare(clip=clip)
+    del clip
+    comfy.model_management.unload_all_models()

@@ -1,0 +1,100 @@
+"""The planner LM's memory plan (sidestep_core.device.plan_lm) against measured peaks of real CPU steps of the tiny
+LM, and ``sidestep plan`` for runs that train the LM."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sidestep_core.config import TrainConfig
+from sidestep_core.device.measure import cpu_peak_bytes, tensor_bytes
+from sidestep_core.device.plan_lm import estimate_lm, joint_peak, load_dtype
+from train_helpers import single_thread  # noqa: F401
+
+
+def measured(lm_path, cfg: TrainConfig, tokens: int, labelled: int) -> int:
+    """Peak CPU bytes of a real LM training step as the loop runs it: resident tensors (frozen LM, LoRA, optimizer
+    state after a first step) + the peak of what one micro-batch's forward and backward allocate."""
+    from sidestep_core.planner.lm_adapter import inject_lm_lora
+    from sidestep_core.planner.loading import load_planner
+    from sidestep_core.planner.training import IGNORE, lm_loss
+    from sidestep_core.training.optim import build_optimizer
+
+    dtype = load_dtype(cfg)
+    planner = load_planner(lm_path, dtype=None if dtype == torch.float32 else dtype)
+    torch.manual_seed(0)
+    adapter = inject_lm_lora(planner.model, rank=cfg.lm_rank, alpha=cfg.lm_alpha, dropout=cfg.lm_dropout,
+                             mlp=cfg.lm_target_mlp)
+    if cfg.gradient_checkpointing:
+        planner.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    planner.model.config.use_cache = False
+    adapter.peft_model.train()
+    optimizer = build_optimizer(adapter.parameters(), cfg)
+    g = torch.Generator().manual_seed(1)
+    b = cfg.batch_size
+    ids = torch.randint(0, 150_000, (b, tokens), generator=g)
+    mask = torch.ones(b, tokens, dtype=torch.long)
+    labels = torch.full((b, tokens), IGNORE)
+    labels[:, tokens - labelled:] = torch.randint(151_669, 215_669, (b, labelled), generator=g)
+
+    def step():
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            loss = lm_loss(planner.model, ids, mask, labels)
+        loss.backward()
+
+    step()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    state = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    resident = tensor_bytes([*planner.model.parameters(), *planner.model.buffers(), *state])
+    return resident + cpu_peak_bytes(step)
+
+
+@pytest.mark.parametrize("precision,checkpointing,mlp,loss,batch", [
+    ("bf16", False, False, "codes", 2),
+    ("bf16", True, False, "codes", 1),
+    ("fp32", True, True, "codes_and_metadata", 2),
+])
+def test_lm_estimate_is_within_ten_percent_of_a_measured_cpu_step(tiny_with_lm, precision, checkpointing, mlp,
+                                                                  loss, batch):
+    cfg = TrainConfig(train_models="lm", lm=str(tiny_with_lm.planner), precision=precision, lm_rank=8,
+                      gradient_checkpointing=checkpointing, lm_target_mlp=mlp, lm_loss=loss, batch_size=batch)
+    plan = estimate_lm(tiny_with_lm.planner, cfg, frames=500, prompt_tokens=64)
+    assert plan.settings["tokens"] == 64 + 100 + 1  # the prompt, a code per 5 frames and the end token
+    real = measured(tiny_with_lm.planner, cfg, plan.settings["tokens"], plan.settings["labelled"])
+    assert abs(plan.peak - real) / real <= 0.10, (plan.describe(), plan.peak, real)
+
+
+def test_the_lm_weights_come_from_the_headers_at_the_load_dtype(tiny_with_lm):
+    from sidestep_core.planner.loading import load_planner
+
+    loaded = load_planner(tiny_with_lm.planner, dtype=torch.bfloat16)
+    own = tensor_bytes([*loaded.model.parameters(), *loaded.model.buffers()])
+    cfg = TrainConfig(train_models="lm", lm=str(tiny_with_lm.planner), precision="bf16")
+    assert estimate_lm(tiny_with_lm.planner, cfg, frames=50, prompt_tokens=8).weights == own
+
+
+def test_a_joint_run_keeps_the_lm_gradients_through_the_dit_step(tiny_with_lm):
+    from sidestep_core.device.plan import checkpoint_config, estimate
+
+    cfg = TrainConfig(train_models="both", lm=str(tiny_with_lm.planner), precision="bf16", lm_rank=8)
+    lm = estimate_lm(tiny_with_lm.planner, cfg, frames=100, prompt_tokens=16)
+    dit = estimate(checkpoint_config(tiny_with_lm.dit), cfg, offload_layers=0, device="cpu", frames=100,
+                   cond_tokens=16)
+    assert joint_peak(None, lm) == lm.peak
+    assert joint_peak(dit, lm) == (dit.weights + dit.adapter + lm.weights + lm.adapter
+                                   + max(lm.step, lm.gradients + dit.step))
+    assert joint_peak(dit, lm) >= max(dit.peak, lm.peak)
+
+
+def test_plan_command_plans_the_lm(tiny_with_lm, capsys):
+    from sidestep_core.cli import main
+
+    lm = str(tiny_with_lm.planner)
+    assert main(["plan", "--checkpoint", str(tiny_with_lm.dit), "--train-models", "both", "--lm", lm,
+                 "--device", "cpu", "--free", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "planner LM: " in out and "both: " in out and "songs of 240 s (assumed" in out
+    assert main(["plan", "--train-models", "lm", "--lm", lm, "--device", "cpu", "--free", "0.01"]) == 1
+    out = capsys.readouterr().out
+    assert "plan: planner LM:" in out and "does not fit" in out and "decoder" not in out
