@@ -63,8 +63,9 @@ def run(args: argparse.Namespace) -> int:
     what = args.shape or cfg.checkpoint
     print(f"plan for {what}: decoder {config.hidden_size} wide, {config.num_hidden_layers} layers; {cfg.adapter} "
           f"r{cfg.rank}, {cfg.optimizer}, crop {cfg.crop_seconds:g} s, batch {cfg.batch_size}, checkpointing "
-          f"{'on' if cfg.gradient_checkpointing else 'off'}, {args.cond_tokens} condition tokens, {cfg.precision} "
-          f"compute; device {device}" + (f", {P.size(free)} free" if free is not None else ""))
+          f"{'on' if cfg.gradient_checkpointing else 'off'}, fused backward {'on' if cfg.fused_backward else 'off'}, "
+          f"{args.cond_tokens} condition tokens, {cfg.precision} compute; device {device}"
+          + (f", {P.size(free)} free" if free is not None else ""))
     cache: dict = {}
 
     def plan_of(bp: str, off: int):
