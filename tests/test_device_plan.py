@@ -111,7 +111,10 @@ def test_plan_command_prints_the_real_shape_table(capsys):
     out = capsys.readouterr().out
     for label in ("bf16", "fp8", "int8", "nf4", "offload"):
         assert label in out
-    assert "GiB" in out
+    assert "GiB" in out and "fused backward off" in out
+    assert main(["plan", "--shape", "2b", "--table", "--crop-seconds", "10", "--fused-backward"]) == 0
+    out = capsys.readouterr().out
+    assert "fused backward on" in out.splitlines()[0] and "nf4 base + fused backward " in out
 
 
 def test_plan_refuses_and_names_the_smallest_change_that_fits(capsys):

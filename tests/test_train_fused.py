@@ -82,6 +82,15 @@ def test_a_normal_checkpoint_resumes_fused(tiny_original, three_clips, tmp_path)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_fused_backward_over_a_quantized_offloaded_base(tiny_original, three_clips, tmp_path):
+    cfg = _cfg(precision="bf16", base_precision="nf4", offload_layers="2").replace(max_steps=3)
+    normal = train(cfg, tiny_original, three_clips, tmp_path / "normal")
+    fused = train(cfg.replace(fused_backward=True), tiny_original, three_clips, tmp_path / "fused")
+    assert fused.losses == normal.losses
+    a, b = _weights(tmp_path / "normal" / "final"), _weights(tmp_path / "fused" / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_each_tensor_is_clipped_on_its_own_and_the_logged_norm_is_global():
     a = torch.nn.Parameter(torch.zeros(3))
     b = torch.nn.Parameter(torch.zeros(4))

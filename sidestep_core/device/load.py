@@ -29,7 +29,7 @@ WEIGHT_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
 IGNORED_SUFFIXES = (".comfy_quant", ".scale_input", ".input_scale")
 # Linears outside the layers quantized with the projections: each timestep MLP's modulation projection (6 vectors
 # for every layer; 79 M of XL's weights) and the condition projection (the cross-attention context, which the
-# quantized k/v projections read next). Kept in the training dtype: the timestep MLPs' first two linears (7 M at
+# quantized k/v projections read next). Kept in the training dtype: the timestep MLPs' first two linears (14 M at
 # XL): the second's output also modulates the output norm directly, and quantizing it moved a short nf4 run's loss
 # by up to 5 % on the tiny model (tests/test_device_precision.py; 2 % with the others quantized); the patch
 # convolutions in and out (1.3 M; proj_out writes the prediction itself, which quantization practice keeps), norms,

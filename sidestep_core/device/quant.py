@@ -30,8 +30,9 @@ FP8_MAX = float(torch.finfo(FP8).max)  # 448
 NF4_BLOCK = 64
 NF4_SCALE_BLOCK = 256  # the 8-bit absmax values are quantized in blocks of this many (bitsandbytes' choice)
 # Stored bytes per weight element (scales included) — used by the memory plan.
-BYTES_PER_WEIGHT = {"bf16": 2.0, "fp8": 1.0, "int8": 1.0, "nf4": 0.5 + 1 / NF4_BLOCK + 4 / (NF4_BLOCK * NF4_SCALE_BLOCK)}
-NF4_TABLE_BYTES = (16 + 256 + 1) * 4  # per layer: the NF4 code, the absmax code and the absmax offset (fp32)
+BYTES_PER_WEIGHT = {"bf16": 2.0, "fp8": 1.0, "int8": 1.0,
+                    "nf4": 0.5 + 1 / NF4_BLOCK + 4 / (NF4_BLOCK * NF4_SCALE_BLOCK)}
+NF4_TABLE_BYTES = (16 + 256 + 1) * 4  # per quantized linear: NF4 code, absmax code, offset
 ROW_SCALE_BYTES = {"fp8": 4, "int8": 4}  # one fp32 scale per output row
 
 
@@ -83,6 +84,8 @@ class QuantLinear(nn.Linear):
             q, state = _bnb().quantize_4bit(weight.to(compute_dtype).contiguous(), blocksize=NF4_BLOCK,
                                             quant_type="nf4", compress_statistics=True)
             scale, code = state.absmax, state.code
+            if state.state2.blocksize != NF4_SCALE_BLOCK:  # dequantize and the memory plan assume it
+                raise ValueError(f"bitsandbytes quantized the nf4 absmax in blocks of {state.state2.blocksize}")
             nested = (state.state2.absmax, state.state2.code, state.offset)
         else:
             raise ValueError(f"base_precision: cannot quantize to {kind!r}")
