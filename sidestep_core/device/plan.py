@@ -34,7 +34,7 @@ from torch.utils._pytree import tree_flatten
 
 from ..config import BASE_PRECISIONS, TrainConfig
 from ..model.config import AceStepConfig
-from .quant import BYTES_PER_WEIGHT, FP8, NF4_BLOCK, NF4_SCALE_BLOCK, NF4_TABLE_BYTES, ROW_SCALE_BYTES, QuantLinear, \
+from .quant import BYTES_PER_WEIGHT, DEQUANT_CHUNK, FP8, NF4_BLOCK, NF4_SCALE_BLOCK, NF4_TABLE_BYTES, ROW_SCALE_BYTES, QuantLinear, \
     keep_oft_rebuild
 
 GIB = 2**30
@@ -250,8 +250,9 @@ def _fake_step(config: AceStepConfig, cfg: TrainConfig, base_precision: str, fra
 
 
 class _PlannedQuantLinear(QuantLinear):
-    """A ``QuantLinear`` with storage of the real size whose dequantization only allocates W's size: the planned
-    step then holds exactly the bytes a real one does (quantizing fake data would need each library's fake kernels)."""
+    """A ``QuantLinear`` with storage of the real size whose dequantization allocates what the real one does (W in
+    the compute dtype, and for fp8 / int8 one chunk's fp32 temporaries): the planned step then holds the bytes a real
+    one does (quantizing fake data would need each library's fake kernels)."""
 
     @classmethod
     def like(cls, lin: torch.nn.Linear, kind: str, dtype: torch.dtype) -> "_PlannedQuantLinear":
@@ -270,8 +271,17 @@ class _PlannedQuantLinear(QuantLinear):
         return cls(kind, in_f, out_f, q, s, lin.bias, dtype, code, nested)
 
     def dequantize(self, *tensors) -> torch.Tensor:
-        return torch.empty(self.out_features, self.in_features, dtype=self.compute_dtype,
-                           device=self.qweight.device)
+        out_f, in_f, dev = self.out_features, self.in_features, self.qweight.device
+        if self.kind == "nf4":
+            return torch.empty(out_f, in_f, dtype=self.compute_dtype, device=dev)
+        # fp8 / int8 go through two fp32 temporaries: of the whole matrix, or of one chunk of rows written into W
+        whole = out_f * in_f <= DEQUANT_CHUNK
+        w = None if whole else torch.empty(out_f, in_f, dtype=self.compute_dtype, device=dev)
+        rows = out_f if whole else max(1, DEQUANT_CHUNK // in_f)
+        widened = torch.empty(rows, in_f, dtype=torch.float32, device=dev)
+        scaled = torch.empty_like(widened)
+        del widened
+        return scaled.to(self.compute_dtype) if whole else w
 
 
 def estimate(config: AceStepConfig, cfg: TrainConfig, *, base_precision: Optional[str] = None,

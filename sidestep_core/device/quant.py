@@ -34,6 +34,10 @@ BYTES_PER_WEIGHT = {"bf16": 2.0, "fp8": 1.0, "int8": 1.0,
                     "nf4": 0.5 + 1 / NF4_BLOCK + 4 / (NF4_BLOCK * NF4_SCALE_BLOCK)}
 NF4_TABLE_BYTES = (16 + 256 + 1) * 4  # per quantized linear: NF4 code, absmax code, offset
 ROW_SCALE_BYTES = {"fp8": 4, "int8": 4}  # one fp32 scale per output row
+# fp8 and int8 dequantize through fp32 (two temporaries of 4 bytes per weight): a matrix larger than this many weights
+# is done whole rows at a time into the compute-dtype matrix, so the transient stays within 32 MiB instead of 8 bytes
+# per weight (0.19 GiB for an XL MLP projection, more than a layer's activations at short crops).
+DEQUANT_CHUNK = 1 << 22
 
 
 def _bnb():
@@ -109,16 +113,26 @@ class QuantLinear(nn.Linear):
     def dequantize(self, *stored: Optional[torch.Tensor]) -> torch.Tensor:
         """W from ``stored`` (``self.stored()``'s tensors, as autograd saved them) or from the buffers."""
         q, s, c, s2, c2, offset = stored or self.stored()
-        if self.kind == "fp8":
-            return (q.float() * s[:, None]).to(self.compute_dtype)
-        if self.kind == "int8":
-            return _bnb().int8_vectorwise_dequant(q, s).to(self.compute_dtype)
+        if self.kind in ("fp8", "int8") and self.out_features * self.in_features <= DEQUANT_CHUNK:
+            return self._dequantize_rows(q, s).to(self.compute_dtype)
+        if self.kind in ("fp8", "int8"):
+            w = torch.empty(self.out_features, self.in_features, dtype=self.compute_dtype, device=q.device)
+            step = max(1, DEQUANT_CHUNK // self.in_features)
+            for i in range(0, self.out_features, step):
+                rows = slice(i, i + step)
+                w[rows] = self._dequantize_rows(q[rows], s if s.numel() == 1 else s[rows])
+            return w
         bf = _bnb()
         scales = bf.QuantState(absmax=s2, code=c2, blocksize=NF4_SCALE_BLOCK, dtype=torch.float32)
         state = bf.QuantState(absmax=s, shape=torch.Size((self.out_features, self.in_features)), code=c,
                               blocksize=NF4_BLOCK, quant_type="nf4", dtype=self.compute_dtype, offset=offset,
                               state2=scales)
         return bf.dequantize_4bit(q, state)
+
+    def _dequantize_rows(self, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        if self.kind == "fp8":
+            return q.float() * s[:, None]  # a per-tensor scale (one value) broadcasts too
+        return _bnb().int8_vectorwise_dequant(q, s)
 
     @property
     def weight(self) -> torch.Tensor:  # what PEFT's DoRA and Adapter.base_weight read
