@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 
+
 class FusedBackward:
     """Hooks on ``params``: in ``step`` mode each gradient is clipped (per tensor), added to the step's squared
     norm (on the device, no synchronisation) and applied by ``optimizer``; then it is freed. In ``discard`` mode
