@@ -45,14 +45,18 @@ def main() -> None:
     ap.add_argument("--cond-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--precisions", nargs="+", default=list(BASE_PRECISIONS), choices=BASE_PRECISIONS)
+    ap.add_argument("--fused-backward", action="store_true", help="the optimizer step inside backward")
+    ap.add_argument("--optimizer", default="adamw")
     args = ap.parse_args()
     device = torch.device(args.device)
     config = SCALED if args.shape == "scaled" else real_shape(args.shape)
-    cfg = TrainConfig(rank=64, alpha=64, precision="bf16", crop_seconds=args.crop_seconds)
+    cfg = TrainConfig(rank=64, alpha=64, precision="bf16", crop_seconds=args.crop_seconds, optimizer=args.optimizer,
+                      fused_backward=args.fused_backward)
     frames = int(round(args.crop_seconds * 25))
     n = config.num_hidden_layers
     print(f"{args.shape}: {platform.processor() or platform.machine()}, torch {torch.__version__}, {device}, "
-          f"LoRA r64, crop {args.crop_seconds:g} s, {args.cond_tokens} condition tokens\n")
+          f"LoRA r64, {args.optimizer}, crop {args.crop_seconds:g} s, {args.cond_tokens} condition tokens, fused "
+          f"backward {'on' if args.fused_backward else 'off'}\n")
     print("| settings | s/step | measured peak | estimated peak | error |\n|---|---|---|---|---|")
     for bp in args.precisions:
         for off in (0, n) if device.type == "cuda" else (0,):  # on CPU host and device memory are one

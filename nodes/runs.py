@@ -40,6 +40,8 @@ def safe_name(name: str, fallback: str = "sidestep_adapter") -> str:
 def run_fingerprint(cfg: TrainConfig, model_identity: str, dataset_identity: str) -> str:
     settings = {k: v for k, v in cfg.to_dict(include_run=False).items()
                 if k not in LENGTH_FIELDS + BOOKKEEPING_FIELDS and k not in RUN_ONLY_FIELDS}
+    if not cfg.fused_backward:  # added later: runs without it keep the folder names they had
+        del settings["fused_backward"]
     what = {"model": model_identity, "dataset": dataset_identity, "settings": settings}
     if cfg.trains_lm:  # another planner LM is another run (runs that train the DiT alone keep their names)
         what["lm"] = _lm_identity(Path(cfg.lm))

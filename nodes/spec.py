@@ -353,6 +353,8 @@ TRAIN = NodeSpec(
         cfg("lm_alpha", optional=True, advanced=True, min=0.001, max=4096.0, step=0.5),
         cfg("lm_dropout", optional=True, advanced=True, max=0.99, step=0.01),
         cfg("lm_target_mlp", optional=True, advanced=True),
+        # added after the LM's inputs, optional, so saved workflows keep their widget order
+        cfg("fused_backward", optional=True, advanced=True),
     ),
     (
         OutputSpec("adapter", ADAPTER_TYPE, "the trained adapter (run/final; run/final/lm for the planner LM's)"),

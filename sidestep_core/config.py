@@ -151,8 +151,15 @@ class TrainConfig:
     offload_layers: str = _f("0", "keep the first N frozen decoder layers in host memory and stream each to the "
                              "device ahead of use (exact; those layers are checkpointed); auto: as few as fit",
                              group="memory")
-    memory: str = _f("manual", "auto: choose base_precision and offload_layers from the memory plan for the "
-                     "device's free memory before loading", choices=MEMORY_MODES, group="memory")
+    fused_backward: bool = _f(
+        False, "update each adapter tensor as soon as its gradient is complete and free the gradient, so only one "
+        "layer's gradients are alive (saves the adapter's fp32 gradients: 4 bytes per trainable parameter). "
+        "max_grad_norm then clips each tensor's gradient on its own (the global norm is known only after the "
+        "updates); needs gradient_accumulation 1, one process, bf16 or fp32, not prodigy, train_models dit",
+        group="memory")
+    memory: str = _f("manual", "auto: choose base_precision, offload_layers and fused_backward (where the settings "
+                     "allow it) from the memory plan for the device's free memory before loading",
+                     choices=MEMORY_MODES, group="memory")
 
     # ----- logging -----
     log_every: int = _f(1, "TensorBoard scalars every N steps", group="logging")
@@ -195,6 +202,20 @@ class TrainConfig:
                 f"lm: train_models {self.train_models} trains the planner LM, but no LM is given: pass the LM's "
                 "folder (checkpoints/acestep-5Hz-lm-1.7B) or ComfyUI's file (models/text_encoders/"
                 "qwen_1.7b_ace15.safetensors)")
+
+    def fused_backward_refusal(self) -> Optional[str]:
+        """Why these settings cannot step the optimizer inside backward (None: they can)."""
+        if self.gradient_accumulation > 1:
+            return ("it updates each tensor as its gradient arrives, so gradients cannot be accumulated over "
+                    "micro-batches; use gradient_accumulation 1 (or a larger batch_size)")
+        if self.optimizer == "prodigy":
+            return ("optimizer prodigy estimates its step size from sums over all tensors, which a per-tensor "
+                    "step cannot reproduce; use adamw, adamw8bit or adafactor")
+        if self.precision == "fp16":
+            return "precision fp16 needs loss scaling, whose overflow check must see every gradient; use bf16"
+        if self.train_models != "dit":
+            return f"it steps the DiT adapter only; train_models {self.train_models} trains the planner LM too"
+        return None
 
     def validate(self) -> "TrainConfig":
         """Raise ``ValueError`` naming the first bad field; return self so calls chain."""
@@ -256,6 +277,8 @@ class TrainConfig:
             bad("preview_steps", "must be an integer >= 1")
         if not (self.offload_layers == "auto" or str(self.offload_layers).isdigit()):
             bad("offload_layers", "must be a number of layers >= 0 or 'auto'")
+        if self.fused_backward and self.fused_backward_refusal():
+            raise ValueError(f"fused_backward: {self.fused_backward_refusal()}")
         if self.resume not in ("none", "auto") and not self.resume.strip():
             bad("resume", "must be 'none', 'auto' or a checkpoint path")
         return self

@@ -66,24 +66,27 @@ def run(args: argparse.Namespace) -> int:
     what = args.shape or cfg.checkpoint
     print(f"plan for {what}: decoder {config.hidden_size} wide, {config.num_hidden_layers} layers; {cfg.adapter} "
           f"r{cfg.rank}, {cfg.optimizer}, crop {cfg.crop_seconds:g} s, batch {cfg.batch_size}, checkpointing "
-          f"{'on' if cfg.gradient_checkpointing else 'off'}, {args.cond_tokens} condition tokens, {cfg.precision} "
-          f"compute; device {device}" + (f", {P.size(free)} free" if free is not None else ""))
+          f"{'on' if cfg.gradient_checkpointing else 'off'}, fused backward {'on' if cfg.fused_backward else 'off'}, "
+          f"{args.cond_tokens} condition tokens, {cfg.precision} compute; device {device}"
+          + (f", {P.size(free)} free" if free is not None else ""))
     cache: dict = {}
 
     def plan_of(bp: str, off: int):
         return P.estimate_cached(config, cfg, bp, off, target, cache, cond_tokens=args.cond_tokens)
 
     if args.table:
+        grads = ("only those of the layer backward is in are alive at once (fused backward)" if cfg.fused_backward
+                 else "all of them are alive at the end of backward")
         print(f"adapter: {plan_of(cfg.base_precision, 0).trainable_params / 1e6:.1f} M trainable parameters, 4 B "
               f"each (fp32) + {P.OPTIMIZER_BYTES.get(cfg.optimizer, 8)} B of {cfg.optimizer} state; their fp32 "
-              "gradients are part of 'step'. 'peak' is what torch.cuda.max_memory_allocated would report; "
-              "'+ slack' is what must be free on CUDA.")
-        print(f"{'settings':<34}{'weights':>11}{'adapter+opt':>13}{'step':>11}{'peak':>11}{'+ slack':>11}")
-        for bp in BASE_PRECISIONS:
-            for off in (0, config.num_hidden_layers):
-                plan = plan_of(bp, off)
-                print(f"{plan.label:<34}{P.size(plan.weights):>11}{P.size(plan.adapter):>13}{P.size(plan.step):>11}"
-                      f"{P.size(plan.peak):>11}{P.size(plan.needed):>11}")
+              f"gradients are part of 'step': {grads}. 'peak' is what torch.cuda.max_memory_allocated would "
+              "report; '+ slack' is what must be free on CUDA.")
+        plans = [plan_of(bp, off) for bp in BASE_PRECISIONS for off in (0, config.num_hidden_layers)]
+        width = max(len(p.label) for p in plans) + 2
+        print(f"{'settings':<{width}}{'weights':>11}{'adapter+opt':>13}{'step':>11}{'peak':>11}{'+ slack':>11}")
+        for plan in plans:
+            print(f"{plan.label:<{width}}{P.size(plan.weights):>11}{P.size(plan.adapter):>13}"
+                  f"{P.size(plan.step):>11}{P.size(plan.peak):>11}{P.size(plan.needed):>11}")
         return 0
 
     plan = plan_of(cfg.base_precision, P._offload_number(cfg))

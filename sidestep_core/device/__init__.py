@@ -35,6 +35,7 @@ class Holding:
     base_precision: str
     offload_layers: int
     plan: Optional[object] = None  # plan.MemoryPlan
+    fused_backward: bool = False  # the plan needs the optimizer step fused into backward (memory auto)
     streamer: Optional[LayerStreamer] = field(default=None, repr=False)
 
     def attach(self, adapter, device: torch.device, say: Optional[Say] = None) -> None:

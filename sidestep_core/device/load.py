@@ -3,8 +3,9 @@
 The checkpoint is opened through ``model.loading`` (which also reads ``null_condition_emb`` and describes the
 model); the decoder is filled here, one tensor at a time, so nothing is ever held as a second full copy:
 
-- the layer projections (the adapter candidates) become ``QuantLinear`` at fp8 / int8 / nf4, or stay ``nn.Linear``
-  at bf16 (in the training dtype);
+- the layer projections (the adapter candidates) and the large frozen linears outside the layers
+  (``OTHER_QUANTIZED``) become ``QuantLinear`` at fp8 / int8 / nf4, or stay ``nn.Linear`` at bf16 (in the training
+  dtype);
 - ComfyUI fp8 files (``float8_e4m3fn`` weights, optionally with ``scaled_fp8`` + ``*.scale_weight`` or
   ``*.weight_scale`` + ``*.comfy_quant``) are read as they are: at fp8 the stored bytes and scale are kept, at any
   other precision each tensor is dequantized on its own;
@@ -26,12 +27,25 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 # Per-tensor side data of quantized checkpoints (ComfyUI's old "scaled_fp8" and new "comfy_quant" conventions).
 WEIGHT_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
 IGNORED_SUFFIXES = (".comfy_quant", ".scale_input", ".input_scale")
+# Linears outside the layers quantized with the projections: each timestep MLP's modulation projection (6 vectors
+# for every layer; 79 M of XL's weights) and the condition projection (the cross-attention context, which the
+# quantized k/v projections read next). Kept in the training dtype: the timestep MLPs' first two linears (14 M at
+# XL): the second's output also modulates the output norm directly, and quantizing it moved a short nf4 run's loss
+# by up to 5 % on the tiny model (tests/test_device_precision.py; 2 % with the others quantized); the patch
+# convolutions in and out (1.3 M; proj_out writes the prediction itself, which quantization practice keeps), norms,
+# biases and the modulation tables.
+OTHER_QUANTIZED = ("time_embed.time_proj", "time_embed_r.time_proj", "condition_embedder")
 
 
 def projection_names(decoder: nn.Module) -> list[str]:
     """Decoder-relative names of every layer projection (what is quantized, and what adapters may target)."""
     return [n for n, m in decoder.named_modules()
             if isinstance(m, nn.Linear) and n.startswith("layers.") and n.rsplit(".", 1)[-1] in PROJECTIONS]
+
+
+def quantized_names(decoder: nn.Module) -> list[str]:
+    """Decoder-relative names of every linear stored quantized at a base precision other than bf16."""
+    return projection_names(decoder) + [n for n in OTHER_QUANTIZED if isinstance(decoder.get_submodule(n), nn.Linear)]
 
 
 def _layer_index(name: str) -> Optional[int]:
@@ -82,7 +96,7 @@ def load_base(
         return t.to(device)
 
     _check_decoder_keys(decoder, src, Path(path))
-    quantized = set(projection_names(decoder)) if base_precision != "bf16" else set()
+    quantized = set(quantized_names(decoder)) if base_precision != "bf16" else set()
     for name in sorted(quantized):
         key = f"decoder.{name}.weight"
         raw = src.get(key)

@@ -61,8 +61,8 @@ def tensor_bytes(tensors) -> int:
 @dataclass
 class RandomStep:
     """One training step as training runs it (frozen decoder at a base precision, adapter, optimizer, autocast,
-    checkpointing), on random weights and inputs: ``step()`` is forward + backward, ``update()`` adds the
-    optimizer step."""
+    checkpointing, ``fused_backward``), on random weights and inputs: ``step()`` is forward + backward (with the
+    optimizer steps inside it when fused), ``update()`` adds the optimizer step."""
 
     adapter: object  # training.adapters.Adapter
     optimizer: torch.optim.Optimizer
@@ -70,14 +70,16 @@ class RandomStep:
     target: torch.Tensor
     device: torch.device
     streamer: object = None  # offload.LayerStreamer when layers are offloaded
+    fused: object = None  # training.fused.FusedBackward with cfg.fused_backward
 
     @classmethod
     def build(cls, config, cfg, base_precision: str, frames: int, cond_tokens: int,
               device: torch.device = torch.device("cpu"), offload_layers: int = 0) -> "RandomStep":
         from ..model.dit import AceStepDiT
         from ..training.adapters import inject_adapter
+        from ..training.fused import FusedBackward
         from ..training.optim import build_optimizer
-        from .load import projection_names
+        from .load import quantized_names
         from .offload import LayerStreamer
         from .quant import keep_oft_rebuild, quantize_module_linears
 
@@ -93,7 +95,7 @@ class RandomStep:
             torch.set_default_dtype(default)
         decoder.requires_grad_(False)
         if base_precision != "bf16":
-            quantize_module_linears(decoder, base_precision, projection_names(decoder), dtype)
+            quantize_module_linears(decoder, base_precision, quantized_names(decoder), dtype)
         adapter = inject_adapter(decoder, cfg)
         keep_oft_rebuild(adapter)
         n = config.num_hidden_layers
@@ -109,7 +111,9 @@ class RandomStep:
                       encoder_hidden_states=torch.randn(b, cond_tokens, config.enc_hidden, generator=g).to(device))
         t = torch.full((b,), 0.5, dtype=dtype, device=device)
         inputs.update(timestep=t, timestep_r=t)
-        return cls(adapter, build_optimizer(adapter.parameters(), cfg), inputs, x, device, streamer)
+        optimizer = build_optimizer(adapter.parameters(), cfg)
+        fused = FusedBackward(adapter.parameters(), optimizer, cfg.max_grad_norm) if cfg.fused_backward else None
+        return cls(adapter, optimizer, inputs, x, device, streamer, fused)
 
     def step(self) -> None:
         with torch.autocast(self.device.type, dtype=torch.bfloat16):
@@ -118,7 +122,8 @@ class RandomStep:
 
     def update(self) -> None:
         self.step()
-        self.optimizer.step()
+        if self.fused is None:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
     def resident_bytes(self) -> int:

@@ -2,13 +2,15 @@
 
 Only the architecture is needed (``config.json``, or the shapes in the safetensors headers). The estimate is
 
-- **weights**: every decoder tensor at its base precision (projections quantized, the rest in the training dtype),
-  minus offloaded layers plus the two layers in flight (the running one and the prefetched one);
+- **weights**: every decoder tensor at its base precision (the linears ``load.quantized_names`` quantized, the rest
+  in the training dtype), minus offloaded layers plus the two layers in flight (the running one and the prefetched
+  one);
 - **adapter**: its fp32 parameters and optimizer state (bytes per parameter of the optimizer);
 - **step**: the peak of everything a step creates — activations, saved tensors, recomputation, dequantized weights,
   adapter gradients — *measured* by running the real decoder with the real adapter (PEFT / LyCORIS) forward and
   backward at the real shape on fake tensors (``FakeTensorMode``: shapes and dtypes, no storage), with a dispatch
-  mode that counts the bytes of every live storage;
+  mode that counts the bytes of every live storage; with ``fused_backward`` the training's own gradient hooks free
+  each gradient as it is complete (the optimizer state they update is counted in *adapter*);
 - **slack**: on CUDA, 5 % + 256 MiB for the caching allocator's fragmentation and kernels' workspaces, which
   ``max_memory_allocated`` does not show but the free memory must cover.
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +34,8 @@ from torch.utils._pytree import tree_flatten
 
 from ..config import BASE_PRECISIONS, TrainConfig
 from ..model.config import AceStepConfig
-from .quant import BYTES_PER_WEIGHT, FP8, NF4_BLOCK, ROW_SCALE_BYTES, QuantLinear, keep_oft_rebuild
+from .quant import BYTES_PER_WEIGHT, DEQUANT_CHUNK, FP8, NF4_BLOCK, NF4_SCALE_BLOCK, NF4_TABLE_BYTES, ROW_SCALE_BYTES, QuantLinear, \
+    keep_oft_rebuild
 
 GIB = 2**30
 MIB = 2**20
@@ -42,7 +46,6 @@ OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "adafactor": 1, "prodigy": 16}
 CONDITION_TOKENS = 512  # condition length assumed when no dataset tells (caption + lyrics + timbre)
 IN_FLIGHT_LAYERS = 2  # offload: the running layer and the prefetched one
 CUDA_RESERVED = 512 * MIB  # a card's memory the allocator cannot have: CUDA context, cuBLAS/cuDNN, display
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def size(n: int) -> str:
@@ -61,6 +64,7 @@ class MemoryPlan:
     free: Optional[int] = None  # device memory free now (None: unknown / not asked)
     device: str = ""
     settings: dict[str, Any] = field(default_factory=dict)
+    fused_backward: bool = False
 
     @property
     def peak(self) -> int:
@@ -77,8 +81,8 @@ class MemoryPlan:
 
     @property
     def label(self) -> str:
-        return f"{self.base_precision} base" + (f" + offload {self.offload_layers} layers" if self.offload_layers
-                                                else "")
+        return (f"{self.base_precision} base" + (f" + offload {self.offload_layers} layers" if self.offload_layers
+                                                 else "") + (" + fused backward" if self.fused_backward else ""))
 
     def describe(self) -> str:
         text = (f"{self.label}: {size(self.needed)} (weights {size(self.weights)}, adapter+optimizer "
@@ -136,12 +140,14 @@ class LiveBytes(TorchDispatchMode):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _decoder_tensors(config: AceStepConfig) -> list[tuple[str, tuple[int, ...]]]:
+def _decoder_tensors(config: AceStepConfig) -> tuple[list[tuple[str, tuple[int, ...]]], set[str]]:
+    """Every decoder tensor's (key, shape), and the names of the linears quantized below bf16."""
     from ..model.dit import AceStepDiT
+    from .load import quantized_names
 
     with torch.device("meta"):
         decoder = AceStepDiT(config)
-    return [(k, tuple(v.shape)) for k, v in decoder.state_dict().items()]
+    return [(k, tuple(v.shape)) for k, v in decoder.state_dict().items()], set(quantized_names(decoder))
 
 
 def weight_bytes(config: AceStepConfig, base_precision: str, compute_dtype: torch.dtype,
@@ -150,16 +156,17 @@ def weight_bytes(config: AceStepConfig, base_precision: str, compute_dtype: torc
     elem = torch.tensor([], dtype=compute_dtype).element_size()
     per_layer: dict[int, int] = {}
     other = config.enc_hidden * elem  # null_condition_emb
-    for key, shape in _decoder_tensors(config):
+    tensors, quantized = _decoder_tensors(config)
+    for key, shape in tensors:
         n = 1
         for s in shape:
             n *= s
         parts = key.split(".")
-        is_proj = parts[0] == "layers" and len(parts) >= 4 and parts[-2] in PROJECTIONS and parts[-1] == "weight"
-        if is_proj and base_precision != "bf16":
+        module, _, leaf = key.rpartition(".")
+        if module in quantized and leaf == "weight" and base_precision != "bf16":
             size = n * BYTES_PER_WEIGHT[base_precision] + shape[0] * ROW_SCALE_BYTES.get(base_precision, 0)
             if base_precision == "nf4":
-                size += 16 * 4  # the NF4 code table
+                size += NF4_TABLE_BYTES
         else:
             size = n * elem
         if parts[0] == "layers":
@@ -184,7 +191,8 @@ def _fake_step(config: AceStepConfig, cfg: TrainConfig, base_precision: str, fra
     from ..model.attention import clear_mask_caches
     from ..model.dit import AceStepDiT
     from ..training.adapters import inject_adapter
-    from .load import projection_names
+    from ..training.fused import FusedBackward
+    from .load import quantized_names
 
     dtype = DTYPES[cfg.precision]
     default = torch.get_default_dtype()
@@ -193,7 +201,7 @@ def _fake_step(config: AceStepConfig, cfg: TrainConfig, base_precision: str, fra
         with torch.device("meta"):
             decoder = AceStepDiT(config)
             if base_precision != "bf16":
-                for name in projection_names(decoder):
+                for name in quantized_names(decoder):
                     owner, _, attr = name.rpartition(".")
                     lin = decoder.get_submodule(name)
                     setattr(decoder.get_submodule(owner), attr, _PlannedQuantLinear.like(lin, base_precision, dtype))
@@ -216,6 +224,8 @@ def _fake_step(config: AceStepConfig, cfg: TrainConfig, base_precision: str, fra
             for name, b in module._buffers.items():
                 if b is not None:
                     module._buffers[name] = torch.empty(b.shape, dtype=b.dtype)
+        trainable = [p for p in adapter.module.parameters() if p.requires_grad]
+        fused = FusedBackward(trainable, None) if cfg.fused_backward else None  # frees each gradient as training's
         b = cfg.batch_size
         x_t = torch.zeros(b, frames, config.audio_acoustic_hidden_dim)
         target = torch.zeros_like(x_t)
@@ -234,29 +244,44 @@ def _fake_step(config: AceStepConfig, cfg: TrainConfig, base_precision: str, fra
                 del pred, loss
         finally:
             clear_mask_caches()  # drop the fake attention masks the step cached
+            if fused is not None:
+                fused.remove()
     return counter.peak, n_params
 
 
 class _PlannedQuantLinear(QuantLinear):
-    """A ``QuantLinear`` with storage of the real size whose dequantization only allocates W's size: the planned
-    step then holds exactly the bytes a real one does (quantizing fake data would need each library's fake kernels)."""
+    """A ``QuantLinear`` with storage of the real size whose dequantization allocates what the real one does (W in
+    the compute dtype, and for fp8 / int8 one chunk's fp32 temporaries): the planned step then holds the bytes a real
+    one does (quantizing fake data would need each library's fake kernels)."""
 
     @classmethod
     def like(cls, lin: torch.nn.Linear, kind: str, dtype: torch.dtype) -> "_PlannedQuantLinear":
         out_f, in_f = lin.out_features, lin.in_features
-        code = None
+        code, nested = None, (None, None, None)
         if kind == "nf4":
             q = torch.empty(out_f * in_f // 2, 1, dtype=torch.uint8)
-            s = torch.empty(out_f * in_f // NF4_BLOCK, dtype=torch.float32)
+            s = torch.empty(out_f * in_f // NF4_BLOCK, dtype=torch.uint8)
             code = torch.empty(16, dtype=torch.float32)
+            blocks = -(-(out_f * in_f // NF4_BLOCK) // NF4_SCALE_BLOCK)  # ceil: the absmax blocks' own scales
+            nested = (torch.empty(blocks, dtype=torch.float32), torch.empty(256, dtype=torch.float32),
+                      torch.empty((), dtype=torch.float32))
         else:
             q = torch.empty(out_f, in_f, dtype=FP8 if kind == "fp8" else torch.int8)
             s = torch.empty(out_f, dtype=torch.float32)
-        return cls(kind, in_f, out_f, q, s, None, dtype, code)
+        return cls(kind, in_f, out_f, q, s, lin.bias, dtype, code, nested)
 
     def dequantize(self, *tensors) -> torch.Tensor:
-        return torch.empty(self.out_features, self.in_features, dtype=self.compute_dtype,
-                           device=self.qweight.device)
+        out_f, in_f, dev = self.out_features, self.in_features, self.qweight.device
+        if self.kind == "nf4":
+            return torch.empty(out_f, in_f, dtype=self.compute_dtype, device=dev)
+        # fp8 / int8 go through two fp32 temporaries: of the whole matrix, or of one chunk of rows written into W
+        whole = out_f * in_f <= DEQUANT_CHUNK
+        w = None if whole else torch.empty(out_f, in_f, dtype=self.compute_dtype, device=dev)
+        rows = out_f if whole else max(1, DEQUANT_CHUNK // in_f)
+        widened = torch.empty(rows, in_f, dtype=torch.float32, device=dev)
+        scaled = torch.empty_like(widened)
+        del widened
+        return scaled.to(self.compute_dtype) if whole else w
 
 
 def estimate(config: AceStepConfig, cfg: TrainConfig, *, base_precision: Optional[str] = None,
@@ -275,7 +300,8 @@ def estimate(config: AceStepConfig, cfg: TrainConfig, *, base_precision: Optiona
     return MemoryPlan(bp, off, weights, adapter, step, slack, n_params, device=str(device),
                       settings={"frames": frames, "batch_size": cfg.batch_size, "cond_tokens": cond_tokens,
                                 "adapter": cfg.adapter, "rank": cfg.rank, "optimizer": cfg.optimizer,
-                                "gradient_checkpointing": cfg.gradient_checkpointing})
+                                "gradient_checkpointing": cfg.gradient_checkpointing},
+                      fused_backward=cfg.fused_backward)
 
 
 def step_bytes(config: AceStepConfig, cfg: TrainConfig, base_precision: str, frames: int, cond_tokens: int,
@@ -301,21 +327,30 @@ def _offload_number(cfg: TrainConfig) -> int:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def candidates(config: AceStepConfig, start: str) -> list[tuple[str, int]]:
-    """Settings from the least change to the most: each base precision from ``start`` down, then offload."""
+def can_fuse(cfg: TrainConfig) -> bool:
+    """Whether a plan may turn ``fused_backward`` on: the settings allow it and the run is one process."""
+    return cfg.fused_backward_refusal() is None and int(os.environ.get("WORLD_SIZE", "1")) <= 1
+
+
+def candidates(config: AceStepConfig, start: str, fused: tuple[bool, ...] = (False,)) -> list[tuple[str, int, bool]]:
+    """Settings from the least change to the most: each base precision from ``start`` down (each without, then with
+    the optimizer step fused into backward, when ``fused`` offers both: it changes neither the model nor the speed,
+    only how clipping works), then offload."""
     order = list(BASE_PRECISIONS)
     precisions = order[order.index(start):]
     steps = sorted({n for n in (0, 2, 4, 8, 12, 16, 24, 32, config.num_hidden_layers)
                     if n <= config.num_hidden_layers})
-    return [(bp, 0) for bp in precisions] + [(bp, n) for n in steps[1:] for bp in precisions]
+    return [(bp, n, f) for n in steps for bp in precisions for f in fused]
 
 
 def smallest_fit(config: AceStepConfig, cfg: TrainConfig, free: int, device: str,
                  start: Optional[str] = None, cache: Optional[dict] = None, **kw) -> Optional[MemoryPlan]:
-    """The first of ``candidates`` whose plan fits ``free`` bytes (the step part is measured once per precision)."""
+    """The first of ``candidates`` whose plan fits ``free`` bytes (the step part is measured once per precision);
+    ``fused_backward`` is tried where the settings allow it (it stays on when they ask for it)."""
     cache = {} if cache is None else cache
-    for bp, off in candidates(config, start or cfg.base_precision):
-        plan = estimate_cached(config, cfg, bp, off, device, cache, **kw)
+    fused = (True,) if cfg.fused_backward else (False, True) if can_fuse(cfg) else (False,)
+    for bp, off, f in candidates(config, start or cfg.base_precision, fused):
+        plan = estimate_cached(config, cfg.replace(fused_backward=f), bp, off, device, cache, **kw)
         plan.free = free
         if plan.fits:
             return plan
@@ -326,7 +361,7 @@ def estimate_cached(config, cfg, bp, off, device, cache: dict, cond_tokens: int 
                     frames: Optional[int] = None) -> MemoryPlan:
     """``estimate`` that reuses the measured step of an earlier plan with the same precision and checkpointing."""
     n = config.num_hidden_layers
-    key = (bp, max(cfg.checkpointing_ratio if cfg.gradient_checkpointing else 0.0, off / n))
+    key = (bp, max(cfg.checkpointing_ratio if cfg.gradient_checkpointing else 0.0, off / n), cfg.fused_backward)
     if key not in cache:
         cache[key] = estimate(config, cfg, base_precision=bp, offload_layers=off, device=device,
                               cond_tokens=cond_tokens, frames=frames)
@@ -400,7 +435,7 @@ def settle(cfg: TrainConfig, device: torch.device, say: Optional[Say] = None):
             "no base precision / offload fits; lower crop_seconds, batch_size or rank"
         raise ValueError(f"memory: these settings need about {plan.needed / GIB:.2f} GiB but {device} has "
                          f"{free / GIB:.2f} GiB free — {hint} (use --memory auto to pick it)")
-    return Holding(plan.base_precision, plan.offload_layers, plan)
+    return Holding(plan.base_precision, plan.offload_layers, plan, fused_backward=plan.fused_backward)
 
 
 def _plan_for(config: AceStepConfig, cfg: TrainConfig, device: torch.device, free: Optional[int],
@@ -435,4 +470,5 @@ def _dataset_frames(cfg: TrainConfig) -> Optional[int]:
 
 
 def _smallest(config, cfg, device) -> MemoryPlan:
-    return estimate(config, cfg, base_precision="nf4", offload_layers=config.num_hidden_layers, device=str(device))
+    return estimate(config, cfg.replace(fused_backward=cfg.fused_backward or can_fuse(cfg)), base_precision="nf4",
+                    offload_layers=config.num_hidden_layers, device=str(device))

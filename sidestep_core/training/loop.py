@@ -39,6 +39,7 @@ from .adapters import Adapter, AdapterMismatchError, inject_adapter, load_adapte
 from .data import FRAMES_PER_SECOND, LatentDataset, load_batch, open_dataset, plan_epoch, split_validation, \
     validation_items
 from .ema import EMA
+from .fused import FusedBackward
 from .logs import CsvLog, LossSmoother, Speed, TensorBoard
 from .objective import Objective
 from .prefetch import Prefetcher
@@ -212,6 +213,9 @@ class _Trainer:
             raise ValueError("precision: training the planner LM needs bf16 or fp32 (fp16 would need loss scaling)")
         if cfg.trains_lm and self.dist.world > 1:
             raise ValueError("train_models: the planner LM trains in a single process; launch without accelerate")
+        if cfg.fused_backward and self.dist.world > 1:
+            raise ValueError("fused_backward: several processes average their gradients after backward, so a "
+                             "tensor cannot be updated as its gradient arrives; launch one process")
         self._check_out_dir()
 
         self.dataset = open_dataset(cfg.dataset)
@@ -228,7 +232,7 @@ class _Trainer:
         self.trigger = cfg.trigger_tag or self.dataset.trigger_tag
 
         self.adapter: Optional[Adapter] = None
-        self.info = self.ema = self.previews = None
+        self.info = self.ema = self.previews = self.fused = None
         self.params: list[torch.nn.Parameter] = []
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         if cfg.trains_dit:
@@ -275,6 +279,10 @@ class _Trainer:
         self.model = self.dist.wrap(self.adapter.module)
         self.params = self.adapter.parameters()
         self.optimizer = build_optimizer(self.params, cfg)
+        if self.holding.fused_backward and not cfg.fused_backward:  # chosen by memory auto
+            self.say("memory auto: fused_backward on (the optimizer steps inside backward)")
+            self.cfg = cfg = cfg.replace(fused_backward=True)
+        self.fused = FusedBackward(self.params, self.optimizer, cfg.max_grad_norm) if cfg.fused_backward else None
         self.ema = EMA.for_config(self.adapter, cfg)
         mu = cfg.timestep_mu if cfg.timestep_mu is not None else self.info.timestep_mu
         sigma = cfg.timestep_sigma if cfg.timestep_sigma is not None else self.info.timestep_sigma
@@ -425,7 +433,8 @@ class _Trainer:
         for key, what in (("learning_rate", "learning rate"), ("lm_learning_rate", "LM learning rate"),
                           ("scheduler", "schedule"),
                           ("min_lr_ratio", "min_lr_ratio"), ("scheduler_cycles", "scheduler_cycles"),
-                          ("weight_decay", "weight decay"), ("max_grad_norm", "max_grad_norm")):
+                          ("weight_decay", "weight decay"), ("max_grad_norm", "max_grad_norm"),
+                          ("fused_backward", "fused_backward")):
             if key in old and old[key] != getattr(cfg, key):
                 notes.append(f"{what} {old[key]} -> {getattr(cfg, key)} from step {self.step}")
         if "warmup_steps" in old and old["warmup_steps"] != cfg.warmup_steps:
@@ -480,6 +489,8 @@ class _Trainer:
             torch.cuda.reset_peak_memory_stats(self.device)
         times = []
         devices = [self.device.index or 0] if cuda else []
+        if self.fused is not None:
+            self.fused.mode = "discard"  # gradients freed as they come, as in training, but nothing is updated
         with torch.random.fork_rng(devices=devices):
             for i in range(n + 1):
                 t0 = time.perf_counter()
@@ -493,6 +504,8 @@ class _Trainer:
                 if i:
                     times.append(time.perf_counter() - t0)
         self.optimizer.zero_grad(set_to_none=True)
+        if self.fused is not None:
+            self.fused.mode = "step"
         out: dict[str, Any] = {}
         if len(times) < 2 or max(times) > 1.5 * min(times):
             out["estimate_note"] = (f"cannot tell the time per step yet (timings {', '.join(f'{t:.3g}' for t in times)}"
@@ -530,14 +543,17 @@ class _Trainer:
             lm = self.planner.backward([[self.train_idx[it.clip] for it in items] for items in group])
             if not all(math.isfinite(v) for v in lm):
                 raise NonFiniteLossError(self._nan_message("planner LM loss or gradient norm", lm[0]))
-        if self.adapter is not None:
+        if self.fused is not None:
+            mean_loss, grad_norm, ts = self._dit_fused_step(group)
+        elif self.adapter is not None:
             mean_loss, grad_norm, ts = self._dit_backward(group)
         else:
             (mean_loss, grad_norm), ts = lm, []
         self._in_update = True
         if self.adapter is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+            if self.fused is None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
             self.scheduler.step()
         if self.planner is not None:
             self.planner.update()
@@ -570,6 +586,26 @@ class _Trainer:
         if not math.isfinite(grad_norm) and not self.scaler.is_enabled():
             raise NonFiniteLossError(self._nan_message("gradient norm", grad_norm))
         return mean_loss, grad_norm, ts
+
+    def _dit_fused_step(self, group) -> tuple[float, float, list[float]]:
+        """The DiT adapter's step with the optimizer inside backward (``training.fused``): the loss is checked
+        before backward (one synchronisation), so a non-finite loss updates nothing; a gradient that overflows while
+        the loss is finite is applied before it can be seen, and the run then stops on the step's gradient norm
+        without saving it."""
+        (items,) = group  # gradient_accumulation 1 (TrainConfig.fused_backward_refusal)
+        batch = self.prefetcher.get(items)
+        self.prefetcher.prefetch(self._next_items(1))
+        gen = torch.Generator().manual_seed(_seed_for(self.cfg.seed, self.dist.rank, self.step, 0))
+        loss, t = self.objective(self.model, batch, gen)
+        mean_loss = loss.detach().float().item()
+        if not math.isfinite(mean_loss):
+            raise NonFiniteLossError(self._nan_message("loss", mean_loss))
+        self._in_update = True  # from here an interruption leaves some tensors updated
+        loss.backward()
+        grad_norm = self.fused.take_norm().item()  # the norm before per-tensor clipping
+        if not math.isfinite(grad_norm):
+            raise NonFiniteLossError(self._nan_message("gradient norm", grad_norm))
+        return mean_loss, grad_norm, t.tolist()
 
     def _zero_grad(self) -> None:
         if self.adapter is not None:
