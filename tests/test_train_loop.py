@@ -13,6 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from sidestep_core.training import AdapterMismatchError, NonFiniteLossError, train
+from sidestep_core.tiny import make_tiny_checkpoint
 from sidestep_core.training.adapters import find_adapter
 from sidestep_core.training.loop import _Trainer
 from sidestep_core.training.optim import lr_factor
@@ -116,6 +117,10 @@ def test_resume_with_other_adapter_settings_fails_loudly(tiny_original, two_clip
         train(fast_config(max_steps=4, rank=8, resume="auto"), tiny_original, two_clips, out)
     with pytest.raises(AdapterMismatchError, match="loha adapter"):
         train(fast_config(max_steps=4, adapter="loha", resume="auto"), tiny_original, two_clips, out)
+    other = make_tiny_checkpoint(tmp_path / "other", "original", "tiny", 1).root  # same shapes, other weights
+    with pytest.raises(AdapterMismatchError, match=r"trained on another base model .*resume with the checkpoint the "
+                                                   r"run started with"):
+        train(fast_config(max_steps=4, resume="auto"), other, two_clips, out)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
     with pytest.raises(ValueError, match="already holds a training run"):
         train(fast_config(max_steps=4), tiny_original, two_clips, out)

@@ -375,6 +375,12 @@ class _Trainer:
                 f"{folder}: checkpoint holds a {a.get('kind')} adapter on {len(a.get('targets', []))} modules; these "
                 f"settings train a {self.cfg.adapter} adapter on {len(self.adapter.targets)} modules"
             )
+        base = a.get("base_identity")  # absent in checkpoints of earlier versions
+        if base and self.info.identity and base != self.info.identity:
+            raise AdapterMismatchError(
+                f"{folder}: the checkpoint's adapter was trained on another base model (identity {base}; "
+                f"{self.cfg.checkpoint} is {self.info.identity}; the same model in another file layout counts as "
+                "another file); resume with the checkpoint the run started with, or train into another --out")
         saved, now = a.get("options") or {}, self.adapter.options
         differ = [k for k in saved if k in now and saved[k] != now[k]]
         if differ:
@@ -678,7 +684,8 @@ class _Trainer:
                 "step": self.step, "epoch": self.epoch, "batch_pos": self.batch_pos, "total_steps": self.total,
                 "elapsed_s": elapsed, "world_size": self.dist.world,
                 "adapter": {"kind": self.adapter.kind, "targets": self.adapter.targets,
-                            "options": self.adapter.options} if self.adapter else None,
+                            "options": self.adapter.options, "base_identity": self.info.identity}
+                if self.adapter else None,
                 "optimizer_name": self.cfg.optimizer,
                 # without a DiT adapter: an optimizer over no parameters (the LM's is in "lm")
                 "optimizer": st.optimizer_state(self.optimizer) if self.adapter else {"state": {}, "param_groups": []},
