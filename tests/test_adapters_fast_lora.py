@@ -133,7 +133,7 @@ def test_shared_dropout_mask_equals_peft_with_the_same_masks(ratio):
         _compare(_run(dec, inputs, seed=5), ours, 1e-6)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: on CPU attention is sidestep's matmul op
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: the matmul attention op where supported
 def test_selective_checkpointing_gives_the_same_gradients(dtype):
     adapter, _ = _pair(dropout=0.1, dtype=dtype)
     dec = adapter.module.decoder

@@ -9,7 +9,8 @@ time and memory grow linearly with length instead of quadratically (the dense ma
 discard all but a band of the scores).
 
 On CPUs with bf16 dot products and no AMX, unmasked bf16 attention of moderate size runs as matmuls
-(``sidestep::matmul_attention``): there PyTorch's CPU flash kernel takes about twice as long, forward and backward.
+(``sidestep::matmul_attention``): there PyTorch's CPU flash kernel is slower (~1.3× forward+backward at a 60 s clip's
+sizes, bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ _BLOCK_SCORES = 2**18  # fp32 scores per block of rows: small enough to stay in 
 @functools.lru_cache(maxsize=1)
 def _cpu_prefers_matmuls() -> bool:
     # Measured on avx512_bf16 without AMX; with AMX the flash kernel runs its own bf16 tiles (not measured).
-    return torch.cpu._is_avx512_bf16_supported() and not torch.cpu._is_amx_tile_supported()
+    probe = lambda name: getattr(torch.cpu, name, lambda: False)()  # noqa: E731 - private probes, may move
+    return probe("_is_avx512_bf16_supported") and not probe("_is_amx_tile_supported")
 
 
 def _precise_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -131,7 +133,8 @@ def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple
     """Unmasked attention of bf16 q [B, H, Tq, D] and k, v [B, Hkv, Tk, D] → (out [B, H, Tq, D], log-sum-exp).
 
     The flash kernel's precision: fp32 scores, exponentials rounded to bf16 for the product with v, accumulated and
-    normalised in fp32 (normalising before the rounding would double the output's error). A custom op, so that selective checkpointing can keep its output."""
+    normalised in fp32 (normalising before the rounding would double the output's error). A custom op, so that
+    selective checkpointing can keep its output."""
     b, h, t, d = q.shape
     k, v = k.contiguous(), v.contiguous()  # heads come transposed out of the projections; strided operands are slow
     qg, kt = _grouped(q, k.shape[1]), k.transpose(-1, -2)
