@@ -133,13 +133,15 @@ def test_shared_dropout_mask_equals_peft_with_the_same_masks(ratio):
         _compare(_run(dec, inputs, seed=5), ours, 1e-6)
 
 
-def test_selective_checkpointing_gives_the_same_gradients():
-    adapter, _ = _pair(dropout=0.1)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: the matmul attention op where supported
+def test_selective_checkpointing_gives_the_same_gradients(dtype):
+    adapter, _ = _pair(dropout=0.1, dtype=dtype)
     dec = adapter.module.decoder
-    inputs = _inputs(torch.float32)
-    plain = _run(dec, inputs)
+    inputs = _inputs(dtype)
+    autocast = dtype == torch.bfloat16
+    plain = _run(dec, inputs, autocast=autocast)
     dec.checkpoint_ratio, dec.checkpoint_selective = 1.0, True
-    _compare(_run(dec, inputs), plain, 1e-6)
+    _compare(_run(dec, inputs, autocast=autocast), plain, 1e-6)
 
 
 def test_cpu_dropout_rate_and_scale():

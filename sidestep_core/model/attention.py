@@ -7,6 +7,10 @@ padding (the pretrained model was trained without it).
 Sliding layers without key padding run banded: blocks of ``window`` queries attend to their ``3·window`` keys, so
 time and memory grow linearly with length instead of quadratically (the dense masked product would compute and then
 discard all but a band of the scores).
+
+On CPUs with bf16 dot products and no AMX, unmasked bf16 attention of moderate size runs as matmuls
+(``sidestep::matmul_attention``): there PyTorch's CPU flash kernel is slower (~1.3× forward+backward at a 60 s clip's
+sizes, bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -86,6 +90,106 @@ def _banded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> t
     return out.view(b, n, h, block, d).transpose(1, 2).reshape(b, h, n * block, d)[:, :, :t]
 
 
+# Largest B·H·Tq·Tk computed as matmuls: the backward holds the probabilities and their gradient in bf16 (4 bytes per
+# score) plus fp32 blocks of rows. Beyond it the flash kernel, whose memory does not grow with Tq·Tk, was as fast
+# (measured at 3000×600 and 1500² with 4 heads: those two matrices no longer stay in cache).
+MATMUL_MAX_SCORES = 2**22
+_BLOCK_SCORES = 2**18  # fp32 scores per block of rows: small enough to stay in cache, large enough for the matmuls
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_prefers_matmuls() -> bool:
+    # Measured on avx512_bf16 without AMX; with AMX the flash kernel runs its own bf16 tiles (not measured).
+    probe = lambda name: getattr(torch.cpu, name, lambda: False)()  # noqa: E731 - private probes, may move
+    return probe("_is_avx512_bf16_supported") and not probe("_is_amx_tile_supported")
+
+
+def _precise_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` of bf16 operands in fp32, to ~2⁻¹⁸ relative (the flash kernel's fp32 scores are then rounded to bf16
+    probabilities, 2⁻⁹): the bf16 product plus its rounding error, which a second bf16 matmul gives by subtracting the
+    first inside its fp32 accumulator. Two bf16 matmuls cost less than half of one fp32 matmul here."""
+    high = torch.matmul(a, b)
+    batch = high.shape[:-2]
+    low = torch.baddbmm(high.flatten(0, -3), a.expand(*batch, *a.shape[-2:]).flatten(0, -3),
+                        b.expand(*batch, *b.shape[-2:]).flatten(0, -3), beta=-1)
+    return low.view(high.shape).float().add_(high.float())
+
+
+def _grouped(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """[B, H, T, D] → [B, Hkv, H/Hkv·T, D]: the query heads sharing a KV head become rows of one matmul."""
+    return x.reshape(x.shape[0], kv_heads, -1, x.shape[-1])
+
+
+def _row_blocks(rows: torch.Tensor, keys: int):
+    step = max(1, _BLOCK_SCORES // (rows.shape[0] * rows.shape[1] * keys))
+    return (slice(i, i + step) for i in range(0, rows.shape[2], step))
+
+
+@torch.library.custom_op("sidestep::matmul_attention", mutates_args=())
+def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unmasked attention of bf16 q [B, H, Tq, D] and k, v [B, Hkv, Tk, D] → (out [B, H, Tq, D], log-sum-exp).
+
+    The flash kernel's precision: fp32 scores, exponentials rounded to bf16 for the product with v, accumulated and
+    normalised in fp32 (normalising before the rounding would double the output's error). A custom op, so that
+    selective checkpointing can keep its output."""
+    b, h, t, d = q.shape
+    k, v = k.contiguous(), v.contiguous()  # heads come transposed out of the projections; strided operands are slow
+    qg, kt = _grouped(q, k.shape[1]), k.transpose(-1, -2)
+    out = torch.empty(qg.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(*qg.shape[:-1], 1, device=q.device)
+    for rows in _row_blocks(qg, k.shape[2]):
+        s = _precise_mm(qg[:, :, rows], kt).mul_(d**-0.5)
+        top = s.amax(-1, keepdim=True)
+        e = s.sub_(top).exp_()
+        total = e.sum(-1, keepdim=True)
+        out[:, :, rows] = _precise_mm(e.to(q.dtype), v).div_(total)
+        lse[:, :, rows] = total.log_().add_(top)
+    return out.view(b, h, t, d), lse
+
+
+@matmul_attention.register_fake
+def _(q, k, v):
+    b, h, t, d = q.shape
+    return q.new_empty(q.shape), q.new_empty(b, k.shape[1], h // k.shape[1] * t, 1, dtype=torch.float32)
+
+
+def _matmul_attention_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, *output)
+
+
+def _matmul_attention_backward(ctx, grad_out, _grad_lse):
+    """The flash kernel's backward: probabilities recomputed from the log-sum-exp, dP in fp32, the gradients of the
+    scores rounded to bf16 for the products with q and k, each gradient one fp32-accumulated matmul."""
+    q, k, v, out, lse = ctx.saved_tensors
+    k, v = k.contiguous(), v.contiguous()
+    hkv, scale = k.shape[1], q.shape[-1] ** -0.5
+    qg, go = _grouped(q, hkv), _grouped(grad_out, hkv)
+    delta = (go.float() * _grouped(out, hkv).float()).sum(-1, keepdim=True)
+    kt, vt = k.transpose(-1, -2), v.transpose(-1, -2)
+    p = torch.empty(*qg.shape[:-1], k.shape[2], dtype=q.dtype, device=q.device)
+    ds = torch.empty_like(p)
+    for rows in _row_blocks(qg, k.shape[2]):
+        pf = _precise_mm(qg[:, :, rows], kt).mul_(scale).sub_(lse[:, :, rows]).exp_()
+        p[:, :, rows] = pf
+        ds[:, :, rows] = pf.mul_(_precise_mm(go[:, :, rows], vt).sub_(delta[:, :, rows])).mul_(scale)
+    grad_v = torch.matmul(p.transpose(-1, -2), go)
+    grad_q = torch.matmul(ds, k).view(q.shape)
+    return grad_q, torch.matmul(ds.transpose(-1, -2), qg), grad_v
+
+
+matmul_attention.register_autograd(_matmul_attention_backward, setup_context=_matmul_attention_setup)
+
+
+def _use_matmuls(q: torch.Tensor, k: torch.Tensor) -> bool:
+    return (
+        q.device.type == "cpu"
+        and q.dtype == k.dtype == torch.bfloat16
+        and q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= MATMUL_MAX_SCORES
+        and not torch.compiler.is_compiling()
+        and _cpu_prefers_matmuls()
+    )
+
+
 def _can_use_flash(q: torch.Tensor, key_padding: Optional[torch.Tensor]) -> bool:
     return (
         key_padding is None
@@ -116,6 +220,8 @@ def attention(
 
     if use_band and key_padding is None and tq == tk:
         return _banded(q, k, v, window)
+    if not use_band and key_padding is None and _use_matmuls(q, k):
+        return matmul_attention(q, k, v)[0]
     mask = None
     if use_band:
         mask = _band(tq, window, q.device)[None, None]

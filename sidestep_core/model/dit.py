@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from . import attention  # noqa: F401 - registers sidestep::matmul_attention
 from .config import AceStepConfig
 from .layers import Attention, RMSNorm, Rotary, SwiGLU, TimestepEmbedding
 
@@ -17,7 +18,7 @@ _ATTENTION_OPS = {
     for name in ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
                  "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
     if hasattr(torch.ops.aten, name)
-}
+} | {torch.ops.sidestep.matmul_attention.default}
 
 
 def _keep_attention(ctx, op, *args, **kwargs):
