@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import stat
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -331,11 +332,14 @@ def test_the_time_estimate_matches_the_measured_step_time(tiny_original, tmp_pat
     res = train(fast_config(max_steps=8, gradient_accumulation=4, estimate_steps=3), tiny_original, data,
                 tmp_path / "o", progress=lambda ev: plans.append(ev) if ev["event"] == "plan" else None)
     elapsed = [float(r["elapsed_s"]) for r in _rows(res.out_dir)]
-    measured = (elapsed[-1] - elapsed[0]) / (len(elapsed) - 1)
+    steps = sorted(b - a for a, b in zip(elapsed, elapsed[1:]))
+    measured = statistics.median(steps)
     plan = plans[0]
     if "seconds_per_step" not in plan:
         assert plan["estimate_note"].startswith("cannot tell")
         pytest.skip(f"timings disagreed on this machine: {plan['estimate_note']}")
+    if steps[-1] > 1.5 * steps[0]:  # the run's own steps disagree: the machine was busy, as the estimate would say
+        pytest.skip(f"the measured steps disagreed on this machine: {', '.join(f'{t:.3g}' for t in steps)} s")
     assert 1 / 1.5 < plan["seconds_per_step"] / measured < 1.5, (plan["seconds_per_step"], measured)
 
 
