@@ -135,6 +135,19 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
+def make_fake(model: torch.nn.Module) -> None:
+    """Give a meta-device model fake parameters and buffers of the same shapes, dtypes and ``requires_grad`` (inside
+    a ``FakeTensorMode``), so a forward and backward can run on it without memory."""
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                module._parameters[name] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype),
+                                                              requires_grad=p.requires_grad)
+        for name, b in module._buffers.items():
+            if b is not None:
+                module._buffers[name] = torch.empty(b.shape, dtype=b.dtype)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # the estimate
 # ----------------------------------------------------------------------------------------------------------
@@ -216,14 +229,7 @@ def _fake_step(config: AceStepConfig, cfg: TrainConfig, base_precision: str, fra
     adapter.module.train()
     n_params = adapter.num_parameters()
     with FakeTensorMode(allow_non_fake_inputs=True):
-        for module in adapter.module.modules():
-            for name, p in module._parameters.items():
-                if p is not None:
-                    module._parameters[name] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype),
-                                                                  requires_grad=p.requires_grad)
-            for name, b in module._buffers.items():
-                if b is not None:
-                    module._buffers[name] = torch.empty(b.shape, dtype=b.dtype)
+        make_fake(adapter.module)
         trainable = [p for p in adapter.module.parameters() if p.requires_grad]
         fused = FusedBackward(trainable, None) if cfg.fused_backward else None  # frees each gradient as training's
         b = cfg.batch_size

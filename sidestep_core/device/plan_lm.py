@@ -29,7 +29,7 @@ from typing import Any, Optional
 import torch
 
 from ..config import TrainConfig
-from .plan import DTYPES, OPTIMIZER_BYTES, LiveBytes, MemoryPlan, size
+from .plan import DTYPES, OPTIMIZER_BYTES, LiveBytes, MemoryPlan, make_fake, size
 
 POOL = 5  # latent frames per audio code
 METADATA_TOKENS = 48  # the CoT's tokens, trained with lm_loss codes_and_metadata (bpm, duration, key, time, …)
@@ -96,7 +96,7 @@ def _fake_lm_step(config, cfg: TrainConfig, tokens: int, labelled: int) -> tuple
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from ..planner.lm_adapter import inject_lm_lora
-    from ..planner.training import IGNORE, labelled_positions, lm_loss
+    from ..planner.training import IGNORE, enable_checkpointing, labelled_positions, lm_loss
 
     dtype = load_dtype(cfg)
     model = _meta_lm(config, dtype)
@@ -104,7 +104,7 @@ def _fake_lm_step(config, cfg: TrainConfig, tokens: int, labelled: int) -> tuple
         adapter = inject_lm_lora(model, rank=cfg.lm_rank, alpha=cfg.lm_alpha, dropout=cfg.lm_dropout,
                                  mlp=cfg.lm_target_mlp)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     model.config.use_cache = False
     adapter.peft_model.train()
     b = cfg.batch_size
@@ -112,14 +112,7 @@ def _fake_lm_step(config, cfg: TrainConfig, tokens: int, labelled: int) -> tuple
     labels[:, tokens - labelled:] = 0
     positions = labelled_positions(labels)  # real index tensors: fake ones cannot be read
     with FakeTensorMode(allow_non_fake_inputs=True):
-        for module in adapter.peft_model.modules():
-            for name, p in module._parameters.items():
-                if p is not None:
-                    module._parameters[name] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype),
-                                                                  requires_grad=p.requires_grad)
-            for name, buf in module._buffers.items():
-                if buf is not None:
-                    module._buffers[name] = torch.empty(buf.shape, dtype=buf.dtype)
+        make_fake(adapter.peft_model)
         ids = torch.zeros(b, tokens, dtype=torch.long)
         mask = torch.ones(b, tokens, dtype=torch.long)
         counter = LiveBytes()

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..tiny.components import QWEN3_SETTINGS
 from ..tiny.weights import bf16_exact, seeded_state_dict
 from . import vocab as V
 
@@ -92,15 +93,8 @@ def planner_config(shape: str = "tiny") -> dict:
         "architectures": ["Qwen3ForCausalLM"],
         "model_type": "qwen3",
         **SHAPES[shape],
-        "hidden_act": "silu",
         "max_position_embeddings": 40960,
-        "rms_norm_eps": 1e-6,
-        "rope_theta": 1000000,
-        "rope_scaling": None,
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "tie_word_embeddings": True,
-        "use_sliding_window": False,
+        **QWEN3_SETTINGS,
         "vocab_size": V.LM_VOCAB_ROWS,
         "bos_token_id": V.FIRST_ADDED_ID,
         "eos_token_id": V.FIRST_ADDED_ID + 2,

@@ -84,7 +84,7 @@ class PlannerTraining:
         self.adapter: LMAdapter = inject_lm_lora(causal_lm, rank=cfg.lm_rank, alpha=cfg.lm_alpha,
                                                  dropout=cfg.lm_dropout, mlp=cfg.lm_target_mlp)
         if cfg.gradient_checkpointing:
-            _enable_checkpointing(causal_lm)
+            enable_checkpointing(causal_lm)
         causal_lm.config.use_cache = False
         self.adapter.peft_model.train()
         self.params = self.adapter.parameters()
@@ -237,7 +237,7 @@ def _silence_latent(loaded, dataset_root: Path) -> torch.Tensor:
                          "with this checkpoint") from exc
 
 
-def _enable_checkpointing(lm) -> None:
+def enable_checkpointing(lm) -> None:
     """transformers 5 renamed gradient checkpointing to activation checkpointing (the old name warns); older
     releases have only the old name."""
     if hasattr(lm, "activation_checkpointing_enable"):

@@ -46,6 +46,12 @@ def build_tokenizer(vocab_size: int):
     return tok
 
 
+# What the released Qwen3 configs (the text encoder's and the planner LM's) share.
+QWEN3_SETTINGS = {"hidden_act": "silu", "rms_norm_eps": 1e-6, "rope_theta": 1000000, "rope_scaling": None,
+                  "attention_bias": False, "attention_dropout": 0.0, "tie_word_embeddings": True,
+                  "use_sliding_window": False}
+
+
 def _qwen3_config(profile: Profile, vocab: int) -> dict:
     te = profile.text_encoder
     return {
@@ -57,15 +63,8 @@ def _qwen3_config(profile: Profile, vocab: int) -> dict:
         "num_attention_heads": te.num_attention_heads,
         "num_key_value_heads": te.num_key_value_heads,
         "head_dim": te.head_dim,
-        "hidden_act": "silu",
         "max_position_embeddings": 32768,
-        "rms_norm_eps": 1e-6,
-        "rope_theta": 1000000,
-        "rope_scaling": None,
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "tie_word_embeddings": True,
-        "use_sliding_window": False,
+        **QWEN3_SETTINGS,
         "vocab_size": vocab,
         "bos_token_id": 0,
         "eos_token_id": 0,
