@@ -3,6 +3,8 @@ merged weights taken from the libraries themselves. Not a test module."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
 from typing import Optional
 
@@ -90,3 +92,26 @@ def max_rel_err(ours: dict, ref: dict, names: Optional[list] = None) -> float:
     names = names if names is not None else list(ref)
     assert set(names) <= set(ours), sorted(set(names) - set(ours))[:3]
     return max(rel_err(ours[n], ref[n]) for n in names)
+
+
+class _Lines(logging.Handler):
+    def __init__(self, level: int):
+        super().__init__(level)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def log_lines(name: Optional[str] = None, level: int = logging.DEBUG):
+    """The messages logged to logger ``name`` (None: the root) at ``level`` or above while the block runs."""
+    handler, log = _Lines(level), logging.getLogger(name)
+    old = log.level
+    log.addHandler(handler)
+    log.setLevel(level)
+    try:
+        yield handler.lines
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old)

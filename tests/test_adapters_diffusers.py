@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from adapter_helpers import DIT, decoder, rel_err, saved_adapter
+from adapter_helpers import DIT, decoder, log_lines, rel_err, saved_adapter
 from sidestep_core.adapters import read_adapter_weights
 from sidestep_core.adapters.diffusers_format import diffusers_name, diffusers_state_dict, export_diffusers
 from sidestep_core.adapters.merge import weighted_sum
@@ -56,26 +56,12 @@ def pipeline(dit):
                               is inspect.Parameter.empty})
 
 
-class _Warnings(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.lines: list[str] = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
-
-
 def load_and_fuse(dit, path):
     """(pipeline's transformer after load_lora_weights + fuse_lora, warnings logged while loading)."""
     pipe = pipeline(dit)
-    cap = _Warnings()
-    log = logging.getLogger("diffusers")
-    log.addHandler(cap)
-    try:
+    with log_lines("diffusers", logging.WARNING) as lines:
         pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="sidestep")
-    finally:
-        log.removeHandler(cap)
-    return pipe, cap.lines
+    return pipe, lines
 
 
 def test_tiny_model_in_diffusers_layout_runs_like_the_core(dit):

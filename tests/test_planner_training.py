@@ -16,7 +16,7 @@ from sidestep_core.config import TrainConfig
 from sidestep_core.planner.lm_adapter import LMAdapterMismatchError, read_lm_adapter
 from sidestep_core.training import AdapterMismatchError, train
 from sidestep_core.training.adapters import find_adapter
-from train_helpers import fast_config, single_thread  # noqa: F401
+from train_helpers import fast_config, single_thread, stop_after  # noqa: F401
 
 CAPTIONS = ("tst, bright synth pop with a female voice", "tst, slow piano ballad", "tst, punchy drums and bass")
 
@@ -74,13 +74,7 @@ def test_joint_run_resumes_bit_exactly(tiny_with_lm, songs, tmp_path):
     full = train(cfg, tiny_with_lm.dit, songs, tmp_path / "full")
     assert full.status == "complete" and full.step == 6
 
-    calls = {"n": 0}
-
-    def stop_after_three():
-        calls["n"] += 1
-        return calls["n"] == 3
-
-    part = train(cfg, tiny_with_lm.dit, songs, tmp_path / "split", should_stop=stop_after_three)
+    part = train(cfg, tiny_with_lm.dit, songs, tmp_path / "split", should_stop=stop_after(3))
     assert part.status == "stopped" and part.step == 3
     step3 = tmp_path / "split" / "checkpoints" / "step_3"
     assert (step3 / "lm" / "adapter_model.safetensors").is_file()  # saved on stop: both adapters

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from sidestep_core.training import train
 from sidestep_core.training.adapters import find_adapter
-from train_helpers import fast_config, make_cache, single_thread  # noqa: F401
+from train_helpers import fast_config, make_cache, single_thread, stop_after  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -52,13 +52,7 @@ def test_ema_resume_is_bit_exact(tiny_original, clips, tmp_path):
     cfg = fast_config(adapter="lora", dropout=0.1, cfg_ratio=0.5, batch_size=2, max_steps=6, save_every=0,
                       ema_decay=0.9, ema_start_step=1, learning_rate=5e-3)
     train(cfg, tiny_original, clips, tmp_path / "full")
-    calls = {"n": 0}
-
-    def stop_after_three():
-        calls["n"] += 1
-        return calls["n"] == 3
-
-    part = train(cfg, tiny_original, clips, tmp_path / "split", should_stop=stop_after_three)
+    part = train(cfg, tiny_original, clips, tmp_path / "split", should_stop=stop_after(3))
     assert part.step == 3 and (tmp_path / "split" / "checkpoints" / "step_3" / "ema").is_dir()
     train(cfg.replace(resume="auto"), tiny_original, clips, tmp_path / "split")
     for sub in ("final/ema", "checkpoints/step_6/ema", "final"):

@@ -13,7 +13,7 @@ from sidestep_core.device.plan import can_fuse
 from sidestep_core.training import NonFiniteLossError, train
 from sidestep_core.training.adapters import find_adapter
 from sidestep_core.training.fused import FusedBackward
-from train_helpers import fast_config, make_cache, single_thread  # noqa: F401
+from train_helpers import fast_config, make_cache, single_thread, stop_after  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -49,13 +49,7 @@ def test_fused_resume_is_bit_exact(tiny_original, three_clips, tmp_path):
     hooks only freeing gradients, so they change nothing either."""
     cfg = _cfg(fused_backward=True, estimate_steps=2)
     full = train(cfg, tiny_original, three_clips, tmp_path / "full")
-    calls = {"n": 0}
-
-    def stop_after_three():
-        calls["n"] += 1
-        return calls["n"] == 3
-
-    part = train(cfg, tiny_original, three_clips, tmp_path / "split", should_stop=stop_after_three)
+    part = train(cfg, tiny_original, three_clips, tmp_path / "split", should_stop=stop_after(3))
     assert part.status == "stopped" and part.step == 3
     rest = train(cfg.replace(resume="auto"), tiny_original, three_clips, tmp_path / "split")
     assert rest.step == 6 and part.losses + rest.losses == full.losses
@@ -69,13 +63,7 @@ def test_a_normal_checkpoint_resumes_fused(tiny_original, three_clips, tmp_path)
     card) and continue exactly as the normal run would have."""
     cfg = _cfg()
     full = train(cfg, tiny_original, three_clips, tmp_path / "full")
-    calls = {"n": 0}
-
-    def stop_after_three():
-        calls["n"] += 1
-        return calls["n"] == 3
-
-    train(cfg, tiny_original, three_clips, tmp_path / "switch", should_stop=stop_after_three)
+    train(cfg, tiny_original, three_clips, tmp_path / "switch", should_stop=stop_after(3))
     rest = train(cfg.replace(fused_backward=True, resume="auto"), tiny_original, three_clips, tmp_path / "switch")
     assert rest.losses == full.losses[3:]
     a, b = _weights(tmp_path / "full" / "final"), _weights(tmp_path / "switch" / "final")

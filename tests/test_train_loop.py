@@ -17,7 +17,7 @@ from sidestep_core.tiny import make_tiny_checkpoint
 from sidestep_core.training.adapters import find_adapter
 from sidestep_core.training.loop import _Trainer
 from sidestep_core.training.optim import lr_factor
-from train_helpers import fast_config, make_cache, run_cli, single_thread  # noqa: F401
+from train_helpers import fast_config, make_cache, run_cli, single_thread, stop_after  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -80,13 +80,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_original, three_clips, tmp
     full = train(cfg, tiny_original, three_clips, tmp_path / "full")
     assert full.status == "complete" and full.step == 6
 
-    calls = {"n": 0}
-
-    def stop_after_three():
-        calls["n"] += 1
-        return calls["n"] == 3
-
-    part = train(cfg, tiny_original, three_clips, tmp_path / "split", should_stop=stop_after_three)
+    part = train(cfg, tiny_original, three_clips, tmp_path / "split", should_stop=stop_after(3))
     assert part.status == "stopped" and part.step == 3
     assert (tmp_path / "split" / "checkpoints" / "step_3").is_dir()
     with safe_open(str(find_adapter(tmp_path / "split" / "final")[1]), framework="pt") as f:

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from sidestep_core import fsutil
 from sidestep_core.training import train
 from sidestep_core.training.state import STATE_JSON, STATE_TENSORS, is_valid
-from train_helpers import fast_config, make_cache, run_cli, single_thread  # noqa: F401
+from train_helpers import fast_config, make_cache, run_cli, single_thread, stop_after  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -291,14 +291,8 @@ def test_extending_a_run_continues_the_schedule_without_a_jump(tiny_original, tw
     """Cosine over 6 steps, stopped at 3, resumed with --max-steps 12: the learning rate goes on from where it was
     and falls to its final value at step 12 (recomputing the curve for 12 steps would jump back up)."""
     cfg = fast_config(max_steps=6, scheduler="cosine", learning_rate=1e-2, min_lr_ratio=0.01)
-    calls = {"n": 0}
-
-    def stop_at_three():
-        calls["n"] += 1
-        return calls["n"] == 3
-
     out = tmp_path / "o"
-    train(cfg, tiny_original, two_clips, out, should_stop=stop_at_three)
+    train(cfg, tiny_original, two_clips, out, should_stop=stop_after(3))
     full = train(cfg, tiny_original, two_clips, tmp_path / "full")
     assert full.status == "complete"
     res = train(cfg.replace(max_steps=12, resume="auto"), tiny_original, two_clips, out)

@@ -49,6 +49,17 @@ def make_cache(root: Path, frames=(40, 56), cond_len=(6, 9), hidden: int = 64, s
     return root
 
 
+def stop_after(n: int):
+    """A ``should_stop`` for ``train`` that asks to stop when it is asked the ``n``-th time (after step ``n``)."""
+    calls = {"n": 0}
+
+    def should_stop() -> bool:
+        calls["n"] += 1
+        return calls["n"] == n
+
+    return should_stop
+
+
 def fast_config(**kw) -> TrainConfig:
     """Settings for seconds-long CPU runs on the tiny model."""
     base = dict(rank=4, alpha=4.0, dropout=0.0, precision="fp32", optimizer="adamw", learning_rate=1e-2,

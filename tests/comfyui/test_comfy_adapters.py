@@ -13,14 +13,13 @@ On the ``comfyui-min`` tiny model, loaded by ``comfy.sd.load_diffusion_model``:
 
 from __future__ import annotations
 
-import logging
 import re
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from adapter_helpers import CASES, make_adapter, rel_err
+from adapter_helpers import CASES, log_lines, make_adapter, rel_err
 from sidestep_core.adapters import export_comfyui, merged_state, read_adapter_weights, to_comfyui_state_dict
 from sidestep_core.adapters.delta import merged_weight
 from sidestep_core.adapters.formats import parse_state_dict
@@ -67,28 +66,11 @@ def core(model_file, parts=("decoder",)):
     return load_acestep(model_file, dtype=torch.float32, parts=set(parts) if parts else None).model
 
 
-class _Capture(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.lines: list[str] = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
-
-
 def load_in_comfy(comfy, mp, sd, strength=1.0):
     """``comfy.sd.load_lora_for_models`` as LoraLoaderModelOnly calls it; returns (patched model, log lines)."""
-    cap = _Capture()
-    root = logging.getLogger()
-    old = root.level
-    root.addHandler(cap)
-    root.setLevel(logging.DEBUG)
-    try:
+    with log_lines() as lines:
         patched, _ = comfy.sd.load_lora_for_models(mp, None, sd, strength, 0)
-    finally:
-        root.removeHandler(cap)
-        root.setLevel(old)
-    return patched, cap.lines
+    return patched, lines
 
 
 def comfy_weight(comfy, patched, base, key):
@@ -217,15 +199,11 @@ def test_fact_1d_dora_scale_is_not_applied(comfy, comfy_model, comfy_base, expor
         sd[f"{x}.dora_scale"] = m.dora.reshape(-1)
     patched, lines = load_in_comfy(comfy, comfy_model, sd)
     assert bad_lines(lines) == []  # nothing is reported at load time ...
-    cap = _Capture()
-    logging.getLogger().addHandler(cap)
-    try:
-        n = "layers.0.cross_attn.o_proj"
-        key = f"diffusion_model.decoder.{n}.weight"
+    n = "layers.0.cross_attn.o_proj"
+    key = f"diffusion_model.decoder.{n}.weight"
+    with log_lines() as lines:
         got = comfy_weight(comfy, patched, comfy_base, key)
-    finally:
-        logging.getLogger().removeHandler(cap)
-    assert any(ln.startswith(f"ERROR lora {key}") for ln in cap.lines)  # ... but when the weight is patched
+    assert any(ln.startswith(f"ERROR lora {key}") for ln in lines)  # ... but when the weight is patched
     assert torch.equal(got, comfy_base[key])
     # a square layer: no error, wrong weight
     g = torch.Generator().manual_seed(0)

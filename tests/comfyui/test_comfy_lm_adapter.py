@@ -8,13 +8,13 @@ small vocabulary): a file holds what it holds, and the layers it lacks stay unlo
 
 from __future__ import annotations
 
-import logging
 import re
 
 import pytest
 import torch
 
 import comfy_harness as H
+from adapter_helpers import log_lines
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 
@@ -33,15 +33,6 @@ def lm_of_the_1_7b_shape(layers: int = 2):
         for p in lm.parameters():
             p.copy_(p.bfloat16().float())
     return lm
-
-
-class _Capture(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.lines: list[str] = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
 
 
 @pytest.fixture(scope="module")
@@ -81,17 +72,9 @@ def test_lm_export_loads_onto_comfyuis_lm_exactly(comfy, clip, trained, tmp_path
     path = export_lm_comfyui(folder, tmp_path / "my_style_lm.safetensors")
     sd = comfy.utils.load_torch_file(str(path), safe_load=True)
     assert all(k.startswith("text_encoders.qwen3_2b.transformer.model.layers.") for k in sd)
-    cap = _Capture()
-    root = logging.getLogger()
-    old = root.level
-    root.addHandler(cap)
-    root.setLevel(logging.DEBUG)
-    try:
+    with log_lines() as lines:
         _, patched = comfy.sd.load_lora_for_models(None, clip, sd, 0.0, 1.0)
-    finally:
-        root.removeHandler(cap)
-        root.setLevel(old)
-    assert [ln for ln in cap.lines if BAD_LINE.search(ln)] == []
+    assert [ln for ln in lines if BAD_LINE.search(ln)] == []
     keys = {f"qwen3_2b.transformer.{t}.weight" for t in targets}
     assert set(patched.patcher.patches) == keys and len(keys) == 2 * 7
     comfy_sd = clip.cond_stage_model.state_dict()
