@@ -129,6 +129,12 @@ class Dist:
         if self.acc:
             self.acc.wait_for_everyone()
 
+    def close(self) -> None:
+        """Destroy the process group before the process exits: left to interpreter shutdown, its gloo threads can
+        abort a finished process ("terminate called without an active exception")."""
+        if self.acc and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
 
 def _seed_for(*key: int) -> int:
     return int(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in key]).generate_state(1, dtype=np.uint64)[0]
@@ -179,7 +185,11 @@ def train(
         if not getattr(cfg, name):
             raise ValueError(f"{name}: required")
     cfg.check_lm()
-    return _Trainer(cfg, progress, should_stop, step_hook).run()
+    trainer = _Trainer(cfg, progress, should_stop, step_hook)
+    try:
+        return trainer.run()
+    finally:
+        trainer.dist.close()
 
 
 class _Trainer:
