@@ -98,3 +98,76 @@ def test_plan_command_plans_the_lm(tiny_with_lm, capsys):
     assert main(["plan", "--train-models", "lm", "--lm", lm, "--device", "cpu", "--free", "0.01"]) == 1
     out = capsys.readouterr().out
     assert "plan: planner LM:" in out and "does not fit" in out and "decoder" not in out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the check `train` runs before loading (device.plan.settle) with the planner LM
+# ----------------------------------------------------------------------------------------------------------
+
+
+def settle_with(monkeypatch, cfg: TrainConfig, free: int):
+    """``settle`` on a device that reports ``free`` bytes free. A CPU reports none (the plan is only printed there),
+    so the budget stands in for a GPU's free memory; everything else is the real plan of the tiny models."""
+    from sidestep_core.device import plan as P
+
+    monkeypatch.setattr(P, "free_memory", lambda device: free)
+    said: list[str] = []
+    return P.settle(cfg, torch.device("cpu"), lambda message, *_: said.append(message)), said
+
+
+@pytest.fixture
+def run_cfg(tiny_with_lm, tmp_path):
+    from train_helpers import fast_config, make_cache
+
+    return fast_config(train_models="both", lm=str(tiny_with_lm.planner), checkpoint=str(tiny_with_lm.dit),
+                       dataset=str(make_cache(tmp_path / "ds")), lm_rank=4, lm_alpha=8.0)
+
+
+def test_the_check_before_loading_counts_the_lm(run_cfg, monkeypatch):
+    from sidestep_core.device.plan import CONDITION_TOKENS, GIB, checkpoint_config, estimate
+
+    # the joint peak is the one `sidestep plan` prints: the same functions on the longest clip (56 frames)
+    dit = estimate(checkpoint_config(run_cfg.checkpoint), run_cfg, offload_layers=0, device="cpu", frames=56)
+    lm = estimate_lm(run_cfg.lm, run_cfg, frames=56, prompt_tokens=CONDITION_TOKENS)
+    holding, said = settle_with(monkeypatch, run_cfg, 4 * GIB)
+    assert holding.plan.peak == holding.plan.needed == joint_peak(dit, lm) > dit.peak
+    assert holding.plan.lm_share == joint_peak(dit, lm) - dit.peak
+    assert said[0].startswith("memory plan: bf16 base + planner LM: ") and "planner LM " in said[0]
+    assert "cpu has 4.00 GiB free" in said[0]
+
+    # room for the DiT's plan but not the joint one: the DiT alone trains, the joint run is refused, naming the LM
+    between = (dit.needed + holding.plan.needed) // 2
+    assert settle_with(monkeypatch, run_cfg.replace(train_models="dit"), between)[0].plan.fits
+    with pytest.raises(ValueError, match=r"need about .* GiB \(the planner LM's share: .* GiB\) but cpu has .*no "
+                                         r"base precision / offload of the DiT fits beside the planner LM.*lm_rank.*"
+                                         r"train the LM in its own run"):
+        settle_with(monkeypatch, run_cfg, between)
+    # just short of the joint plan: the least change of the DiT's settings that fits beside the LM is named
+    with pytest.raises(ValueError, match=r"smallest change that fits: fp8 base \+ planner LM: "):
+        settle_with(monkeypatch, run_cfg, holding.plan.needed - 1)
+    assert settle_with(monkeypatch, run_cfg, holding.plan.needed)[0].plan.fits
+
+
+def test_memory_auto_chooses_the_dits_settings_beside_the_lm(run_cfg, monkeypatch):
+    cfg = run_cfg.replace(memory="auto")
+    joint = settle_with(monkeypatch, cfg, 4 * 2**30)[0].plan
+    budget = joint.needed - 1  # bf16 fits the DiT alone, not beside the LM
+    alone = settle_with(monkeypatch, cfg.replace(train_models="dit"), budget)[0]
+    assert (alone.base_precision, alone.offload_layers) == ("bf16", 0)
+    both, said = settle_with(monkeypatch, cfg, budget)
+    assert (both.base_precision, both.offload_layers) != ("bf16", 0)
+    assert both.plan.lm is not None and both.plan.needed <= budget and "+ planner LM" in said[0]
+    with pytest.raises(ValueError, match=r"memory auto: nothing fits in .* beside the planner LM \(lower batch_size"):
+        settle_with(monkeypatch, cfg, joint.lm.peak)
+
+
+def test_an_lm_only_run_is_checked_too(run_cfg, monkeypatch):
+    from sidestep_core.device.plan_lm import lm_needed
+
+    cfg = run_cfg.replace(train_models="lm", checkpoint="")
+    lm = estimate_lm(cfg.lm, cfg, frames=56, prompt_tokens=512)
+    holding, said = settle_with(monkeypatch, cfg, lm_needed(lm, "cpu"))
+    assert holding is None and said[0].startswith("memory plan: planner LM: ") and "cpu has" in said[0]
+    with pytest.raises(ValueError, match=r"training the planner LM needs about .* but cpu has .* lower batch_size or "
+                                         r"lm_rank, or shorten the longest song"):
+        settle_with(monkeypatch, cfg, lm_needed(lm, "cpu") - 1)

@@ -11,6 +11,7 @@ that fits its card, at the 2B and XL shapes (the README's table).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from ..config import BASE_PRECISIONS, TrainConfig
 
@@ -93,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     plan.free = free
     print("plan: " + plan.describe())
     if cfg.trains_lm:
-        return _with_lm(args, cfg, plan, free, target)
+        return _with_lm(args, cfg, config, plan, free, target, cache)
     if plan.fits is False:
         better = P.smallest_fit(config, cfg, free, target, cache=cache, cond_tokens=args.cond_tokens)
         print("does not fit; " + (f"smallest change that fits: {better.describe()}" if better else
@@ -113,20 +114,20 @@ def _lm_plan(args: argparse.Namespace, cfg: TrainConfig):
     return plan_lm.estimate_lm(cfg.lm, cfg, frames=frames, prompt_tokens=args.cond_tokens)
 
 
-def _with_lm(args: argparse.Namespace, cfg: TrainConfig, dit, free, target: str) -> int:
+def _with_lm(args: argparse.Namespace, cfg: TrainConfig, config, dit, free, target: str, cache: dict) -> int:
     """``train_models`` both: the LM's share and the joint run's peak against the free memory."""
     from ..device import plan as P
-    from ..device.plan_lm import joint_peak
 
     lm = _lm_plan(args, cfg)
     print("      " + lm.describe())
-    peak = joint_peak(dit, lm)
-    needed = peak + P.slack_bytes(peak, target)
-    print(f"both: {P.size(needed)} (peak {P.size(peak)}: both models' weights and adapters, and the larger of the "
-          "LM's step and the DiT's step beside the LM's gradients)" + (f"; {P.size(free)} free" if free else ""))
-    if free is not None and needed > free:
-        print("does not fit; lower the DiT's settings (sidestep plan --train-models dit shows its options), "
-              "batch_size or the longest song, or train the LM in its own run")
+    joint = dataclasses.replace(dit, lm=lm)
+    print(f"both: {P.size(joint.needed)} (peak {P.size(joint.peak)}: both models' weights and adapters, and the larger "
+          "of the LM's step and the DiT's step beside the LM's gradients)" + (f"; {P.size(free)} free" if free else ""))
+    if joint.fits is False:
+        better = P.smallest_fit(config, cfg, free, target, cache=cache, cond_tokens=args.cond_tokens, lm=lm)
+        print("does not fit; " + (f"smallest change of the DiT's settings that fits: {better.describe()}" if better
+                                   else f"no DiT setting fits beside the LM: {P.LM_CHANGES}, or train the LM in its "
+                                   "own run"))
         return 1
     return 0
 
@@ -136,16 +137,17 @@ def run_lm_only(args: argparse.Namespace, cfg: TrainConfig) -> int:
     import torch
 
     from ..device import plan as P
+    from ..device.plan_lm import lm_needed
 
     target = "cpu" if cfg.device == "cpu" else "cuda"
     free = int(args.free * P.GIB) if args.free else (
         P.free_memory(torch.device(cfg.device if cfg.device != "auto" else "cuda"))
         if torch.cuda.is_available() else None)
     lm = _lm_plan(args, cfg)
-    needed = lm.peak + P.slack_bytes(lm.peak, target)
+    needed = lm_needed(lm, target)
     print(f"plan: {lm.describe()}; needed {P.size(needed)}" + (f", {P.size(free)} free" if free else ""))
     if free is not None and needed > free:
-        print("does not fit; lower batch_size, lm_rank or the longest song")
+        print(f"does not fit; {P.LM_CHANGES}")
         return 1
     return 0
 

@@ -14,6 +14,9 @@ Only the architecture is needed (``config.json``, or the shapes in the safetenso
 - **slack**: on CUDA, 5 % + 256 MiB for the caching allocator's fragmentation and kernels' workspaces, which
   ``max_memory_allocated`` does not show but the free memory must cover.
 
+A run that trains the planner LM too carries the LM's plan (:mod:`.plan_lm`) in ``MemoryPlan.lm``: the peak is then
+the joint run's (:func:`.plan_lm.joint_peak`), and every check and choice below is made against it.
+
 The measured step runs on fake CPU tensors, so attention kernels are CPU's: on a GPU the step part is an
 approximation (the test on a GPU compares against ``torch.cuda.max_memory_allocated``).
 """
@@ -59,17 +62,31 @@ class MemoryPlan:
     weights: int
     adapter: int
     step: int
-    slack: int
     trainable_params: int
     free: Optional[int] = None  # device memory free now (None: unknown / not asked)
     device: str = ""
     settings: dict[str, Any] = field(default_factory=dict)
     fused_backward: bool = False
+    lm: Optional[Any] = None  # plan_lm.LMMemoryPlan: the run trains the planner LM beside the DiT
 
     @property
     def peak(self) -> int:
-        """Estimated peak allocated bytes (what ``torch.cuda.max_memory_allocated`` reports)."""
+        """Estimated peak allocated bytes (what ``torch.cuda.max_memory_allocated`` reports), both models' in a
+        run that trains the planner LM too."""
+        if self.lm is not None:
+            from .plan_lm import joint_peak
+
+            return joint_peak(self, self.lm)
         return self.weights + self.adapter + self.step
+
+    @property
+    def lm_share(self) -> int:
+        """What the planner LM adds to the DiT's peak (0 without it)."""
+        return self.peak - (self.weights + self.adapter + self.step)
+
+    @property
+    def slack(self) -> int:
+        return slack_bytes(self.peak, self.device)
 
     @property
     def needed(self) -> int:
@@ -85,15 +102,21 @@ class MemoryPlan:
                                                  else "") + (" + fused backward" if self.fused_backward else ""))
 
     def describe(self) -> str:
-        text = (f"{self.label}: {size(self.needed)} (weights {size(self.weights)}, adapter+optimizer "
-                f"{size(self.adapter)}, step {size(self.step)}, slack {size(self.slack)})")
+        parts = f"weights {size(self.weights)}, adapter+optimizer {size(self.adapter)}, step {size(self.step)}"
+        if self.lm is not None:
+            lm, s = self.lm, self.lm.settings
+            parts = (f"DiT {parts}; planner LM {size(self.lm_share)} more: weights {size(lm.weights)} in "
+                     f"{s['dtype']}, LoRA+optimizer {size(lm.adapter)}, step {size(lm.step)} for {s['batch_size']} × "
+                     f"{s['tokens']} tokens, its gradients kept through the DiT's step")
+        text = (f"{self.label}{' + planner LM' if self.lm is not None else ''}: {size(self.needed)} ({parts}; "
+                f"slack {size(self.slack)})")
         if self.free is not None:
             text += f"; {self.device} has {size(self.free)} free"
         return text
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        out.update(peak=self.peak, needed=self.needed)
+        out.update(peak=self.peak, slack=self.slack, needed=self.needed)
         return out
 
 
@@ -302,8 +325,7 @@ def estimate(config: AceStepConfig, cfg: TrainConfig, *, base_precision: Optiona
     weights = weight_bytes(config, bp, dtype, off)
     step, n_params = step_bytes(config, cfg, bp, frames, cond_tokens, off)
     adapter = n_params * (4 + OPTIMIZER_BYTES.get(cfg.optimizer, 8))
-    slack = slack_bytes(weights + adapter + step, device)
-    return MemoryPlan(bp, off, weights, adapter, step, slack, n_params, device=str(device),
+    return MemoryPlan(bp, off, weights, adapter, step, n_params, device=str(device),
                       settings={"frames": frames, "batch_size": cfg.batch_size, "cond_tokens": cond_tokens,
                                 "adapter": cfg.adapter, "rank": cfg.rank, "optimizer": cfg.optimizer,
                                 "gradient_checkpointing": cfg.gradient_checkpointing},
@@ -350,14 +372,15 @@ def candidates(config: AceStepConfig, start: str, fused: tuple[bool, ...] = (Fal
 
 
 def smallest_fit(config: AceStepConfig, cfg: TrainConfig, free: int, device: str,
-                 start: Optional[str] = None, cache: Optional[dict] = None, **kw) -> Optional[MemoryPlan]:
+                 start: Optional[str] = None, cache: Optional[dict] = None, lm=None, **kw) -> Optional[MemoryPlan]:
     """The first of ``candidates`` whose plan fits ``free`` bytes (the step part is measured once per precision);
-    ``fused_backward`` is tried where the settings allow it (it stays on when they ask for it)."""
+    ``fused_backward`` is tried where the settings allow it (it stays on when they ask for it). With ``lm`` (the
+    planner LM's plan) each candidate must fit beside the LM."""
     cache = {} if cache is None else cache
     fused = (True,) if cfg.fused_backward else (False, True) if can_fuse(cfg) else (False,)
     for bp, off, f in candidates(config, start or cfg.base_precision, fused):
         plan = estimate_cached(config, cfg.replace(fused_backward=f), bp, off, device, cache, **kw)
-        plan.free = free
+        plan.free, plan.lm = free, lm
         if plan.fits:
             return plan
     return None
@@ -371,10 +394,8 @@ def estimate_cached(config, cfg, bp, off, device, cache: dict, cond_tokens: int 
     if key not in cache:
         cache[key] = estimate(config, cfg, base_precision=bp, offload_layers=off, device=device,
                               cond_tokens=cond_tokens, frames=frames)
-    plan = dataclasses.replace(cache[key], offload_layers=off,
+    return dataclasses.replace(cache[key], offload_layers=off,
                                weights=weight_bytes(config, bp, DTYPES[cfg.precision], off))
-    plan.slack = slack_bytes(plan.peak, device)
-    return plan
 
 
 def fit_on_card(config: AceStepConfig, cfg: TrainConfig, gib: float, cache: Optional[dict] = None,
@@ -417,52 +438,90 @@ Say = Callable[..., None]
 
 
 def settle(cfg: TrainConfig, device: torch.device, say: Optional[Say] = None):
-    """Before loading: print the plan beside the free memory; with ``memory auto`` / ``offload_layers auto`` pick
-    the smallest change that fits; refuse (ValueError) when the settings cannot fit. Returns a ``Holding``."""
+    """Before loading: print the plan beside the free memory — the DiT's, and the planner LM's when the run trains
+    it (with the DiT: the joint peak); with ``memory auto`` / ``offload_layers auto`` pick the smallest change of the
+    DiT's settings that fits (beside the LM); refuse (ValueError) when the settings cannot fit. Returns a
+    ``Holding`` (None for ``train_models lm``: no DiT is loaded)."""
     from . import Holding
 
-    config = checkpoint_config(cfg.checkpoint)
     device = torch.device(device)
     free = free_memory(device)
     auto_off = cfg.offload_layers == "auto"
     try:
-        plan = _plan_for(config, cfg, device, free, auto_off)
+        lm = _lm_plan(cfg) if cfg.trains_lm else None
+        if not cfg.trains_dit:
+            return _settle_lm_only(lm, device, free, say)
+        config = checkpoint_config(cfg.checkpoint)
+        plan = _plan_for(config, cfg, device, free, auto_off, lm)
     except ValueError:
         raise
     except Exception as exc:  # the estimate must never be what stops a run that could train
         if say:
             say(f"memory plan: not available ({type(exc).__name__}: {exc})", logging.WARNING)
-        return Holding(cfg.base_precision, 0 if auto_off else int(cfg.offload_layers))
+        return Holding(cfg.base_precision, 0 if auto_off else int(cfg.offload_layers)) if cfg.trains_dit else None
     if say:
         say("memory plan: " + plan.describe())
     if plan.fits is False:
-        better = smallest_fit(config, cfg, free, str(device))
-        hint = f"smallest change that fits: {better.describe()}" if better else \
-            "no base precision / offload fits; lower crop_seconds, batch_size or rank"
-        raise ValueError(f"memory: these settings need about {plan.needed / GIB:.2f} GiB but {device} has "
-                         f"{free / GIB:.2f} GiB free — {hint} (use --memory auto to pick it)")
+        better = smallest_fit(config, cfg, free, str(device), lm=lm)
+        if better:
+            hint = f"smallest change that fits: {better.describe()} (use --memory auto to pick it)"
+        elif lm is not None:
+            hint = ("no base precision / offload of the DiT fits beside the planner LM; " + LM_CHANGES
+                    + ", lower crop_seconds or rank, or train the LM in its own run (train_models lm)")
+        else:
+            hint = "no base precision / offload fits; lower crop_seconds, batch_size or rank"
+        share = f" (the planner LM's share: {plan.lm_share / GIB:.2f} GiB)" if lm is not None else ""
+        raise ValueError(f"memory: these settings need about {plan.needed / GIB:.2f} GiB{share} but {device} has "
+                         f"{free / GIB:.2f} GiB free — {hint}")
     return Holding(plan.base_precision, plan.offload_layers, plan, fused_backward=plan.fused_backward)
 
 
+LM_CHANGES = "lower batch_size or lm_rank, or shorten the longest song (the planner LM trains on whole songs)"
+
+
+def _lm_plan(cfg: TrainConfig):
+    """The planner LM's plan as ``sidestep plan`` makes it: the dataset's longest song, ``CONDITION_TOKENS`` of
+    prompt."""
+    from .plan_lm import estimate_lm, song_frames
+
+    return estimate_lm(cfg.lm, cfg, frames=song_frames(cfg), prompt_tokens=CONDITION_TOKENS)
+
+
+def _settle_lm_only(lm, device: torch.device, free: Optional[int], say: Optional[Say]) -> None:
+    """``train_models lm``: the planner LM alone against the free memory."""
+    from .plan_lm import lm_needed
+
+    needed = lm_needed(lm, str(device))
+    if say:
+        say(f"memory plan: {lm.describe()}; needed {size(needed)}"
+            + (f"; {device} has {size(free)} free" if free is not None else ""))
+    if free is not None and needed > free:
+        raise ValueError(f"memory: training the planner LM needs about {needed / GIB:.2f} GiB (weights "
+                         f"{size(lm.weights)}, LoRA+optimizer {size(lm.adapter)}, step {size(lm.step)}) but {device} "
+                         f"has {free / GIB:.2f} GiB free — {LM_CHANGES}")
+
+
 def _plan_for(config: AceStepConfig, cfg: TrainConfig, device: torch.device, free: Optional[int],
-              auto_off: bool) -> MemoryPlan:
+              auto_off: bool, lm=None) -> MemoryPlan:
     if cfg.memory == "auto" and free is not None:
-        plan = smallest_fit(config, cfg, free, str(device), start=cfg.base_precision)
+        plan = smallest_fit(config, cfg, free, str(device), start=cfg.base_precision, lm=lm)
         if plan is None:
-            raise ValueError(f"memory auto: nothing fits in {free / GIB:.2f} GiB free on {device} (smallest: "
-                             f"{_smallest(config, cfg, device).describe()}); lower crop_seconds or rank")
+            smallest = dataclasses.replace(_smallest(config, cfg, device), lm=lm)
+            beside = f" beside the planner LM ({LM_CHANGES})" if lm is not None else ""
+            raise ValueError(f"memory auto: nothing fits in {free / GIB:.2f} GiB free on {device}{beside} "
+                             f"(smallest: {smallest.describe()}); lower crop_seconds or rank")
     elif auto_off and free is not None:
         cache: dict = {}
         plan = None
         for n in range(config.num_hidden_layers + 1):
             plan = estimate_cached(config, cfg, cfg.base_precision, n, str(device), cache)
-            plan.free = free
+            plan.free, plan.lm = free, lm
             if plan.fits:
                 break
     else:
         plan = estimate(config, cfg, offload_layers=0 if auto_off else None, device=str(device),
                         frames=_dataset_frames(cfg))
-        plan.free = free
+        plan.free, plan.lm = free, lm
     return plan
 
 

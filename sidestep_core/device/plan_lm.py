@@ -14,7 +14,9 @@ plan's condition length) + one code per 5 latent frames + the end token, and a m
 
 In a joint run the LM's gradients are made first and kept while the DiT's step runs (nothing is applied before
 both are checked), so the run's peak is both models' weights and adapters plus the larger of the LM's step and the
-LM's gradients with the DiT's step (:func:`joint_peak`).
+LM's gradients with the DiT's step (:func:`joint_peak`). A DiT plan carrying the LM's (``MemoryPlan.lm``) has that
+peak, so ``sidestep plan`` and the check ``train`` runs before loading (:func:`.plan.settle`) refuse and choose the
+DiT's settings against it.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Any, Optional
 import torch
 
 from ..config import TrainConfig
-from .plan import DTYPES, OPTIMIZER_BYTES, LiveBytes, MemoryPlan, make_fake, size
+from .plan import DTYPES, OPTIMIZER_BYTES, LiveBytes, MemoryPlan, make_fake, size, slack_bytes
 
 POOL = 5  # latent frames per audio code
 METADATA_TOKENS = 48  # the CoT's tokens, trained with lm_loss codes_and_metadata (bpm, duration, key, time, …)
@@ -168,6 +170,11 @@ def joint_peak(dit: Optional[MemoryPlan], lm: LMMemoryPlan) -> int:
     if dit is None:
         return lm.peak
     return dit.weights + dit.adapter + lm.weights + lm.adapter + max(lm.step, lm.gradients + dit.step)
+
+
+def lm_needed(lm: LMMemoryPlan, device: str) -> int:
+    """Free memory a run training the LM alone needs: its peak and, on CUDA, the allocator's slack."""
+    return lm.peak + slack_bytes(lm.peak, device)
 
 
 def song_frames(cfg: TrainConfig, default_seconds: float = 240.0) -> int:

@@ -246,7 +246,11 @@ class _Trainer:
         self.params: list[torch.nn.Parameter] = []
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         if cfg.trains_dit:
-            self._setup_dit()
+            self._setup_dit()  # the memory plan (with the planner LM's share in a joint run) before loading the DiT
+        else:
+            from ..device.plan import settle
+
+            settle(cfg, self.device, self.say)  # the planner LM's plan alone, before loading it
         self.planner = None
         if cfg.trains_lm:
             from ..planner.training import build_planner_training
