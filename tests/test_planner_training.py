@@ -112,6 +112,40 @@ def test_lm_alone_learns_the_codes_without_the_dit(tiny_with_lm, songs, tmp_path
     assert again.step == 32
 
 
+def test_a_run_that_cannot_fit_the_lm_stops_before_loading(tiny_with_lm, songs, tmp_path, monkeypatch):
+    """``train``'s check before loading counts the planner LM: a device with room for the DiT's plan but not the
+    joint one refuses before loading anything (the plan's line is all the run said), naming the LM's share; an
+    LM-only run is checked too; with room for both the run trains and its plan line names the LM. The device's
+    free memory is a budget here: a CPU reports none."""
+    from sidestep_core.device import plan as P
+
+    cfg = lm_config(tiny_with_lm, max_steps=1)
+    planned = lm_config(tiny_with_lm, checkpoint=str(tiny_with_lm.dit), dataset=str(songs))
+    joint = P.settle(planned, torch.device("cpu")).plan
+    dit = P.settle(planned.replace(train_models="dit"), torch.device("cpu")).plan
+    assert dit.needed < joint.needed
+
+    events: list[dict] = []
+
+    def run(cfg, free, out):
+        monkeypatch.setattr(P, "free_memory", lambda device: free)
+        events.clear()
+        return train(cfg, tiny_with_lm.dit, songs, tmp_path / out, progress=events.append)
+
+    with pytest.raises(ValueError, match=r"memory: .*the planner LM's share"):
+        run(cfg, (dit.needed + joint.needed) // 2, "refused")
+    assert [e["event"] for e in events] == ["log"]
+    assert events[0]["message"].startswith("memory plan: bf16 base + planner LM: ")
+    with pytest.raises(ValueError, match=r"memory: training the planner LM needs about"):
+        run(cfg.replace(train_models="lm"), joint.lm.peak - 1, "lm_refused")
+    assert [e["event"] for e in events] == ["log"]
+    assert events[0]["message"].startswith("memory plan: planner LM: ")
+    assert run(cfg, joint.needed, "fits").status == "complete"
+    said = [e["message"] for e in events if e["event"] == "log"]
+    assert said[0].startswith("memory plan: bf16 base + planner LM: ")
+    assert any(m.startswith("training the hidden-32 planner LM") for m in said)  # what loading it says
+
+
 def test_adapters_stay_fp32_with_a_bf16_base(tiny_with_lm, songs, tmp_path):
     cfg = lm_config(tiny_with_lm, precision="bf16", max_steps=2)
     train(cfg, tiny_with_lm.dit, songs, tmp_path / "bf16")
