@@ -95,6 +95,9 @@ def test_plan_command_plans_the_lm(tiny_with_lm, capsys):
                  "--device", "cpu", "--free", "64"]) == 0
     out = capsys.readouterr().out
     assert "planner LM: " in out and "both: " in out and "songs of 240 s (assumed" in out
+    assert main(["plan", "--checkpoint", str(tiny_with_lm.dit), "--train-models", "both", "--lm", lm,
+                 "--device", "cpu", "--free", "0.01"]) == 1
+    assert "does not fit; no DiT setting fits beside the LM: lower batch_size or lm_rank" in capsys.readouterr().out
     assert main(["plan", "--train-models", "lm", "--lm", lm, "--device", "cpu", "--free", "0.01"]) == 1
     out = capsys.readouterr().out
     assert "plan: planner LM:" in out and "does not fit" in out and "decoder" not in out
