@@ -29,7 +29,7 @@ import os
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -39,6 +39,9 @@ from ..config import BASE_PRECISIONS, TrainConfig
 from ..model.config import AceStepConfig
 from .quant import BYTES_PER_WEIGHT, DEQUANT_CHUNK, FP8, NF4_BLOCK, NF4_SCALE_BLOCK, NF4_TABLE_BYTES, ROW_SCALE_BYTES, QuantLinear, \
     keep_oft_rebuild
+
+if TYPE_CHECKING:
+    from .plan_lm import LMMemoryPlan
 
 GIB = 2**30
 MIB = 2**20
@@ -67,7 +70,7 @@ class MemoryPlan:
     device: str = ""
     settings: dict[str, Any] = field(default_factory=dict)
     fused_backward: bool = False
-    lm: Optional[Any] = None  # plan_lm.LMMemoryPlan: the run trains the planner LM beside the DiT
+    lm: Optional[LMMemoryPlan] = None  # the run trains the planner LM beside the DiT
 
     @property
     def peak(self) -> int:
@@ -372,7 +375,8 @@ def candidates(config: AceStepConfig, start: str, fused: tuple[bool, ...] = (Fal
 
 
 def smallest_fit(config: AceStepConfig, cfg: TrainConfig, free: int, device: str,
-                 start: Optional[str] = None, cache: Optional[dict] = None, lm=None, **kw) -> Optional[MemoryPlan]:
+                 start: Optional[str] = None, cache: Optional[dict] = None,
+                 lm: Optional[LMMemoryPlan] = None, **kw) -> Optional[MemoryPlan]:
     """The first of ``candidates`` whose plan fits ``free`` bytes (the step part is measured once per precision);
     ``fused_backward`` is tried where the settings allow it (it stays on when they ask for it). With ``lm`` (the
     planner LM's plan) each candidate must fit beside the LM."""
@@ -479,7 +483,7 @@ def settle(cfg: TrainConfig, device: torch.device, say: Optional[Say] = None):
 LM_CHANGES = "lower batch_size or lm_rank, or shorten the longest song (the planner LM trains on whole songs)"
 
 
-def _lm_plan(cfg: TrainConfig):
+def _lm_plan(cfg: TrainConfig) -> LMMemoryPlan:
     """The planner LM's plan as ``sidestep plan`` makes it: the dataset's longest song, ``CONDITION_TOKENS`` of
     prompt."""
     from .plan_lm import estimate_lm, song_frames
@@ -487,7 +491,7 @@ def _lm_plan(cfg: TrainConfig):
     return estimate_lm(cfg.lm, cfg, frames=song_frames(cfg), prompt_tokens=CONDITION_TOKENS)
 
 
-def _settle_lm_only(lm, device: torch.device, free: Optional[int], say: Optional[Say]) -> None:
+def _settle_lm_only(lm: LMMemoryPlan, device: torch.device, free: Optional[int], say: Optional[Say]) -> None:
     """``train_models lm``: the planner LM alone against the free memory."""
     from .plan_lm import lm_needed
 
@@ -502,7 +506,7 @@ def _settle_lm_only(lm, device: torch.device, free: Optional[int], say: Optional
 
 
 def _plan_for(config: AceStepConfig, cfg: TrainConfig, device: torch.device, free: Optional[int],
-              auto_off: bool, lm=None) -> MemoryPlan:
+              auto_off: bool, lm: Optional[LMMemoryPlan] = None) -> MemoryPlan:
     if cfg.memory == "auto" and free is not None:
         plan = smallest_fit(config, cfg, free, str(device), start=cfg.base_precision, lm=lm)
         if plan is None:
