@@ -93,6 +93,9 @@ class AceStepDiT(nn.Module):
         # attention kernels' outputs of checkpointed layers instead of recomputing them.
         self.checkpoint_ratio = 0.0
         self.checkpoint_selective = False
+        # With every layer checkpointed, the last still runs plainly unless this is set (offload of every layer): the
+        # backward needs its activations first, so recomputing them would cost a forward and save no peak memory.
+        self.recompute_last = False
 
     def compile_layers(self) -> None:
         """``torch.compile`` the decoder in place (state-dict keys unchanged). The whole forward is one compiled
@@ -126,6 +129,8 @@ class AceStepDiT(nn.Module):
         rope = self.rotary(x.shape[1], x)
 
         n_ckpt = round(self.checkpoint_ratio * len(self.layers)) if self.training and torch.is_grad_enabled() else 0
+        if n_ckpt == len(self.layers) and not self.recompute_last:
+            n_ckpt -= 1
         for i, layer in enumerate(self.layers):
             if i < n_ckpt:
                 kw = {"context_fn": _selective_context} if self.checkpoint_selective else {}
