@@ -8,9 +8,9 @@ Sliding layers without key padding run banded: blocks of ``window`` queries atte
 time and memory grow linearly with length instead of quadratically (the dense masked product would compute and then
 discard all but a band of the scores).
 
-On CPUs with bf16 dot products and no AMX, unmasked bf16 attention of moderate size runs as matmuls
-(``sidestep::matmul_attention``): there PyTorch's CPU flash kernel is slower (~1.3× forward+backward at a 60 s clip's
-sizes, bench/RESULTS.md).
+On CPUs with bf16 dot products and no AMX, bf16 attention of moderate size (full and cross-attention, and the
+banded blocks with their band as a bias) runs as matmuls (``sidestep::matmul_attention``): there PyTorch's CPU flash
+kernel is slower (~1.3× forward+backward at a 60 s clip's sizes, bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def _block_mask_cached(length: int, window: int, block: int, device: torch.devic
     return (band & (key >= 0) & (key < length))[:, None]
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=8)  # 4 bytes per element, 4× the mask's: 4.7 MB at 240 s
 def _block_bias_cached(length: int, window: int, block: int, device: torch.device, inference: bool) -> torch.Tensor:
     """The block mask as the matmul attention's additive fp32 bias: 0 where a key is seen, −inf where not."""
     mask = _block_mask_cached(length, window, block, device, inference)

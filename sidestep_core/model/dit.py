@@ -41,6 +41,18 @@ class PatchIn(nn.Sequential):
         return self[1](x.transpose(1, 2)).transpose(1, 2).contiguous()
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
 class PatchOut(nn.Sequential):
     """[B, T/p, H] → [B, T, C] through a ConvTranspose1d at index 1."""
 
@@ -48,6 +60,10 @@ class PatchOut(nn.Sequential):
         super().__init__(nn.Identity(), nn.ConvTranspose1d(cin, cout, kernel_size=patch, stride=patch))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The convolution's backward hands back a channels-first gradient; left so, the whole residual stream's
+        # backward would run strided (each add and mul on it ~3x slower). One copy makes it contiguous.
+        if torch.is_grad_enabled() and x.requires_grad:
+            x = _ContiguousGrad.apply(x)
         return self[1](x.transpose(1, 2)).transpose(1, 2)
 
 
