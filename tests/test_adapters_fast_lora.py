@@ -144,8 +144,12 @@ def test_selective_checkpointing_gives_the_same_gradients(dtype):
     _compare(_run(dec, inputs, autocast=autocast), plain, 1e-6)
 
 
-def test_cpu_dropout_rate_and_scale():
-    x = torch.ones(200, 1000, dtype=torch.bfloat16)
-    y = fast_lora.dropout(x, 0.1)
-    dropped = (y == 0).float().mean().item()
-    assert abs(dropped - 0.1) < 0.005 and torch.equal(y[y != 0], (x * (1 / 0.9))[y != 0])
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_cpu_dropout_rate_and_scale(p):
+    x = torch.ones(201, 999, dtype=torch.bfloat16)  # an odd count: the last draw's second half is unused
+    y = fast_lora.dropout(x, p)
+    dropped = (y == 0).float().flatten()
+    # Elements come two to a 32-bit draw (its low and its high 16 bits): each half alone must drop at the rate.
+    for half in (dropped[0::2], dropped[1::2]):
+        assert abs(half.mean().item() - p) < 0.006
+    assert torch.equal(y[y != 0], (x * (1 / (1 - p)))[y != 0])

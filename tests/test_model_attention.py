@@ -51,11 +51,13 @@ def _errors(fn, q, k, v, grad, exact):
 
 
 @needs_bf16_matmuls
-@pytest.mark.parametrize("batch,heads,kv_heads,tq,tk", [(1, 4, 2, 750, 750), (1, 4, 2, 750, 600), (2, 4, 4, 37, 50),
-                                                         (1, 8, 2, 301, 1)])
-def test_matmul_attention_is_as_exact_as_the_flash_kernel(batch, heads, kv_heads, tq, tk):
+@pytest.mark.parametrize("batch,heads,kv_heads,tq,tk,spread", [(1, 4, 2, 750, 750, 2), (1, 4, 2, 750, 600, 2),
+                                                                (2, 4, 4, 37, 50, 2), (1, 8, 2, 301, 1, 2),
+                                                                (1, 4, 2, 200, 150, 12)])
+def test_matmul_attention_is_as_exact_as_the_flash_kernel(batch, heads, kv_heads, tq, tk, spread):
+    # spread 12: scores spanning hundreds, most exponentials under fp32's range (peaky attention of a trained model)
     gen = torch.Generator().manual_seed(tq + tk)
-    q = (2 * torch.randn(batch, heads, tq, 64, generator=gen)).bfloat16()
+    q = (spread * torch.randn(batch, heads, tq, 64, generator=gen)).bfloat16()
     k = (2 * torch.randn(batch, kv_heads, tk, 64, generator=gen)).bfloat16()
     v = torch.randn(batch, kv_heads, tk, 64, generator=gen).bfloat16()
     grad = torch.randn(batch, heads, tq, 64, generator=gen).bfloat16()
@@ -81,8 +83,33 @@ def test_cpu_bf16_attention_dispatch(monkeypatch):
     q = torch.randn(1, 2, 300, 16, dtype=torch.bfloat16)
     attn.attention(q, q, q)  # full attention
     attn.attention(q, q[:, :, :40], q[:, :, :40])  # cross-attention
-    attn.attention(q, q, q, window=32)  # banded: the flash kernel on its blocks
+    attn.attention(q, q, q, window=32)  # banded: the matmul op on its blocks, the band as a bias
     attn.attention(q.float(), q.float(), q.float())  # fp32: the flash kernel
     monkeypatch.setattr(attn, "MATMUL_MAX_SCORES", 2 * 300 * 300 - 1)  # over the memory bound: the flash kernel
     attn.attention(q, q, q)
-    assert len(calls) == 2
+    monkeypatch.setattr(attn, "MATMUL_MAX_SCORES", 2 * 10 * 32 * 96 - 1)  # banded blocks over it: the flash kernel
+    attn.attention(q, q, q, window=32)
+    assert len(calls) == 3
+    assert calls[2][3].shape == (10, 1, 32, 96) and calls[2][3].dtype == torch.float32
+
+
+@needs_bf16_matmuls
+@pytest.mark.parametrize("batch,t,window,spread", [(1, 750, 128, 2), (2, 301, 32, 2), (1, 260, 64, 12)])
+def test_banded_matmul_attention_is_as_exact_as_the_masked_kernel(batch, t, window, spread):
+    gen = torch.Generator().manual_seed(t + window)
+    q = (spread * torch.randn(batch, 4, t, 64, generator=gen)).bfloat16()
+    k = (2 * torch.randn(batch, 2, t, 64, generator=gen)).bfloat16()
+    v = torch.randn(batch, 2, t, 64, generator=gen).bfloat16()
+    grad = torch.randn(batch, 4, t, 64, generator=gen).bfloat16()
+    band = attn._band_cached(t, window, q.device, False)
+
+    def dense(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=band, enable_gqa=True)
+
+    xs = [x.double().requires_grad_() for x in (q, k, v)]
+    out = dense(*xs)
+    exact = (out, *torch.autograd.grad(out, xs, grad.double()))
+    ours = _errors(lambda q, k, v: attn.attention(q, k, v, window=window), q, k, v, grad, exact)
+    kernel = _errors(dense, q, k, v, grad, exact)
+    for o, r in zip(ours, kernel):
+        assert o <= 1.2 * r + 1e-4, (ours, kernel)

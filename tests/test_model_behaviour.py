@@ -105,6 +105,20 @@ def test_checkpointing_gives_the_same_gradients(model):
     torch.testing.assert_close(grads[0], grads[1])
 
 
+@pytest.mark.parametrize("recompute_last", [False, True])
+def test_full_checkpointing_runs_the_last_layer_once(model, recompute_last):
+    m = AceStepModel(CFG)
+    m.load_state_dict(model.state_dict())
+    m.decoder.train()
+    m.decoder.checkpoint_ratio, m.decoder.recompute_last = 1.0, recompute_last
+    calls = [0] * len(m.decoder.layers)
+    for i, layer in enumerate(m.decoder.layers):
+        layer.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    m.decoder(**inputs()).square().mean().backward()
+    # every layer but the last is recomputed in backward; the last only when asked (offload of every layer)
+    assert calls == [2] * (len(calls) - 1) + [2 if recompute_last else 1]
+
+
 def test_tokenizer_roundtrip_shapes(model):
     silence = torch.zeros(1, 100, 64)
     q, idx = model.tokenize(torch.randn(2, 23, 64), silence)  # padded 23 -> 25 frames

@@ -79,6 +79,7 @@ class RandomStep:
         from ..training.adapters import inject_adapter
         from ..training.fused import FusedBackward
         from ..training.optim import build_optimizer
+        from . import recompute_last_layer
         from .load import quantized_names
         from .offload import LayerStreamer
         from .quant import keep_oft_rebuild, quantize_module_linears
@@ -101,6 +102,7 @@ class RandomStep:
         n = config.num_hidden_layers
         decoder.checkpoint_ratio = max(cfg.checkpointing_ratio if cfg.gradient_checkpointing else 0.0,
                                        offload_layers / n)
+        decoder.recompute_last = recompute_last_layer(cfg.fused_backward, offload_layers, n)
         streamer = LayerStreamer(list(decoder.layers[:offload_layers]), device) if offload_layers else None
         adapter.module.train()
         g = torch.Generator().manual_seed(1)

@@ -219,7 +219,7 @@ def weight_bytes(config: AceStepConfig, base_precision: str, compute_dtype: torc
 
 
 def _fake_step(config: AceStepConfig, cfg: TrainConfig, base_precision: str, frames: int, cond_tokens: int,
-               ratio: float) -> tuple[int, int]:
+               ratio: float, recompute_last: bool) -> tuple[int, int]:
     """(peak bytes created by one forward+backward, trainable parameters), on fake tensors.
 
     The decoder and the adapter are built on the meta device (PEFT and LyCORIS move modules around while
@@ -251,7 +251,7 @@ def _fake_step(config: AceStepConfig, cfg: TrainConfig, base_precision: str, fra
     with torch.device("meta"):  # LyCORIS creates its tensors on the default device
         adapter = inject_adapter(decoder, cfg)
     keep_oft_rebuild(adapter)
-    decoder.checkpoint_ratio = ratio
+    decoder.checkpoint_ratio, decoder.recompute_last = ratio, recompute_last
     adapter.module.train()
     n_params = adapter.num_parameters()
     with FakeTensorMode(allow_non_fake_inputs=True):
@@ -340,12 +340,15 @@ def step_bytes(config: AceStepConfig, cfg: TrainConfig, base_precision: str, fra
     """(peak bytes a step creates, trainable parameters). Layers are alike, so the step is measured at depth 2 and
     4 and extrapolated linearly to the real depth (seconds instead of minutes); settings that name single layers
     (target_modules, rank/alpha patterns) are measured at full depth."""
+    from . import recompute_last_layer
+
     n = config.num_hidden_layers
     ratio = max(cfg.checkpointing_ratio if cfg.gradient_checkpointing else 0.0, offload_layers / n)
+    last = recompute_last_layer(cfg.fused_backward, offload_layers, n)
     if n <= 4 or cfg.target_modules or cfg.rank_pattern or cfg.alpha_pattern:
-        return _fake_step(config, cfg, base_precision, frames, cond_tokens, ratio)
+        return _fake_step(config, cfg, base_precision, frames, cond_tokens, ratio, last)
     depth = [dataclasses.replace(config, num_hidden_layers=d, layer_types=config.layer_types[:d]) for d in (2, 4)]
-    (p2, n2), (p4, n4) = (_fake_step(c, cfg, base_precision, frames, cond_tokens, ratio) for c in depth)
+    (p2, n2), (p4, n4) = (_fake_step(c, cfg, base_precision, frames, cond_tokens, ratio, last) for c in depth)
     return p2 + (p4 - p2) * (n - 2) // 2, n2 + (n4 - n2) * (n - 2) // 2
 
 
@@ -393,8 +396,11 @@ def smallest_fit(config: AceStepConfig, cfg: TrainConfig, free: int, device: str
 def estimate_cached(config, cfg, bp, off, device, cache: dict, cond_tokens: int = CONDITION_TOKENS,
                     frames: Optional[int] = None) -> MemoryPlan:
     """``estimate`` that reuses the measured step of an earlier plan with the same precision and checkpointing."""
+    from . import recompute_last_layer
+
     n = config.num_hidden_layers
-    key = (bp, max(cfg.checkpointing_ratio if cfg.gradient_checkpointing else 0.0, off / n), cfg.fused_backward)
+    key = (bp, max(cfg.checkpointing_ratio if cfg.gradient_checkpointing else 0.0, off / n), cfg.fused_backward,
+           recompute_last_layer(cfg.fused_backward, off, n))
     if key not in cache:
         cache[key] = estimate(config, cfg, base_precision=bp, offload_layers=off, device=device,
                               cond_tokens=cond_tokens, frames=frames)

@@ -8,9 +8,9 @@ Sliding layers without key padding run banded: blocks of ``window`` queries atte
 time and memory grow linearly with length instead of quadratically (the dense masked product would compute and then
 discard all but a band of the scores).
 
-On CPUs with bf16 dot products and no AMX, unmasked bf16 attention of moderate size runs as matmuls
-(``sidestep::matmul_attention``): there PyTorch's CPU flash kernel is slower (~1.3× forward+backward at a 60 s clip's
-sizes, bench/RESULTS.md).
+On CPUs with bf16 dot products and no AMX, bf16 attention of moderate size (full and cross-attention, and the
+banded blocks with their band as a bias) runs as matmuls (``sidestep::matmul_attention``): there PyTorch's CPU flash
+kernel is slower (~1.3× forward+backward at a 60 s clip's sizes, bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -64,11 +64,19 @@ def _block_mask_cached(length: int, window: int, block: int, device: torch.devic
     return (band & (key >= 0) & (key < length))[:, None]
 
 
+@functools.lru_cache(maxsize=8)  # 4 bytes per element, 4× the mask's: 4.7 MB at 240 s
+def _block_bias_cached(length: int, window: int, block: int, device: torch.device, inference: bool) -> torch.Tensor:
+    """The block mask as the matmul attention's additive fp32 bias: 0 where a key is seen, −inf where not."""
+    mask = _block_mask_cached(length, window, block, device, inference)
+    return torch.zeros(mask.shape, device=device).masked_fill_(~mask, float("-inf"))
+
+
 def clear_mask_caches() -> None:
     """Forget the cached attention masks (e.g. the fake tensors a memory plan's step made, which must never reach
     a real forward)."""
     _band_cached.cache_clear()
     _block_mask_cached.cache_clear()
+    _block_bias_cached.cache_clear()
 
 
 def _banded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
@@ -84,9 +92,14 @@ def _banded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> t
         x = F.pad(x, (0, 0, window, window + extra)).unfold(2, block + 2 * window, block)  # [B, Hkv, n, D, W]
         return x.permute(0, 2, 1, 4, 3).reshape(b * n, hkv, block + 2 * window, d)
 
-    mask = _cached(_block_mask_cached, t, window, block, q.device)
-    mask = mask.expand(n, 1, block, block + 2 * window).repeat(b, 1, 1, 1) if b > 1 else mask
-    out = F.scaled_dot_product_attention(qb, windows(k), windows(v), attn_mask=mask, enable_gqa=h != hkv)
+    kw, vw = windows(k), windows(v)
+    if _use_matmuls(qb, kw):
+        bias = _cached(_block_bias_cached, t, window, block, q.device)
+        out = matmul_attention(qb, kw, vw, bias.repeat(b, 1, 1, 1) if b > 1 else bias)[0]
+    else:
+        mask = _cached(_block_mask_cached, t, window, block, q.device)
+        mask = mask.repeat(b, 1, 1, 1) if b > 1 else mask
+        out = F.scaled_dot_product_attention(qb, kw, vw, attn_mask=mask, enable_gqa=h != hkv)
     return out.view(b, n, h, block, d).transpose(1, 2).reshape(b, h, n * block, d)[:, :, :t]
 
 
@@ -112,7 +125,13 @@ def _precise_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     batch = high.shape[:-2]
     low = torch.baddbmm(high.flatten(0, -3), a.expand(*batch, *a.shape[-2:]).flatten(0, -3),
                         b.expand(*batch, *b.shape[-2:]).flatten(0, -3), beta=-1)
-    return low.view(high.shape).float().add_(high.float())
+    return high.float().add_(low.view(high.shape))  # the fp32 add reads the bf16 term as it goes: one cast less
+
+
+def _exp_(x: torch.Tensor) -> torch.Tensor:
+    # exp of inputs below -87 (results under fp32's normal range, masked -inf) takes a slow path, 2-13x the time
+    # of the rest; such terms are below 1e-37 of the row's largest, so clamping them changes no rounded result.
+    return x.clamp_(min=-87.0).exp_()
 
 
 def _grouped(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
@@ -120,27 +139,39 @@ def _grouped(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return x.reshape(x.shape[0], kv_heads, -1, x.shape[-1])
 
 
-def _row_blocks(rows: torch.Tensor, keys: int):
+def _row_blocks(rows: torch.Tensor, queries: int, keys: int):
+    """(grouped rows, their queries) in blocks of about ``_BLOCK_SCORES`` scores that never span two heads."""
     step = max(1, _BLOCK_SCORES // (rows.shape[0] * rows.shape[1] * keys))
-    return (slice(i, i + step) for i in range(0, rows.shape[2], step))
+    step = -(-queries // -(-queries // step))  # even blocks: 128 queries in 43 + 43 + 42, not 56 + 56 + 16
+    for head in range(0, rows.shape[2], queries):
+        for i in range(0, queries, step):
+            yield slice(head + i, head + min(i + step, queries)), slice(i, min(i + step, queries))
+
+
+def _scores(qg, kt, scale, bias, rows, queries):
+    s = _precise_mm(qg[:, :, rows], kt).mul_(scale)
+    return s if bias is None else s.add_(bias[:, :, queries])
 
 
 @torch.library.custom_op("sidestep::matmul_attention", mutates_args=())
-def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unmasked attention of bf16 q [B, H, Tq, D] and k, v [B, Hkv, Tk, D] → (out [B, H, Tq, D], log-sum-exp).
+def matmul_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of bf16 q [B, H, Tq, D] and k, v [B, Hkv, Tk, D] → (out [B, H, Tq, D], log-sum-exp).
 
-    The flash kernel's precision: fp32 scores, exponentials rounded to bf16 for the product with v, accumulated and
-    normalised in fp32 (normalising before the rounding would double the output's error). A custom op, so that
-    selective checkpointing can keep its output."""
+    ``bias``: optional fp32 [B, 1, Tq, Tk] added to the scores of every head (−inf hides a key; each query must
+    keep one). The flash kernel's precision: fp32 scores, exponentials rounded to bf16 for the product with v,
+    accumulated and normalised in fp32 (normalising before the rounding would double the output's error). A custom
+    op, so that selective checkpointing can keep its output."""
     b, h, t, d = q.shape
     k, v = k.contiguous(), v.contiguous()  # heads come transposed out of the projections; strided operands are slow
     qg, kt = _grouped(q, k.shape[1]), k.transpose(-1, -2)
     out = torch.empty(qg.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(*qg.shape[:-1], 1, device=q.device)
-    for rows in _row_blocks(qg, k.shape[2]):
-        s = _precise_mm(qg[:, :, rows], kt).mul_(d**-0.5)
+    for rows, queries in _row_blocks(qg, t, k.shape[2]):
+        s = _scores(qg, kt, d**-0.5, bias, rows, queries)
         top = s.amax(-1, keepdim=True)
-        e = s.sub_(top).exp_()
+        e = _exp_(s.sub_(top))
         total = e.sum(-1, keepdim=True)
         out[:, :, rows] = _precise_mm(e.to(q.dtype), v).div_(total)
         lse[:, :, rows] = total.log_().add_(top)
@@ -148,7 +179,7 @@ def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple
 
 
 @matmul_attention.register_fake
-def _(q, k, v):
+def _(q, k, v, bias=None):
     b, h, t, d = q.shape
     return q.new_empty(q.shape), q.new_empty(b, k.shape[1], h // k.shape[1] * t, 1, dtype=torch.float32)
 
@@ -160,7 +191,7 @@ def _matmul_attention_setup(ctx, inputs, output):
 def _matmul_attention_backward(ctx, grad_out, _grad_lse):
     """The flash kernel's backward: probabilities recomputed from the log-sum-exp, dP in fp32, the gradients of the
     scores rounded to bf16 for the products with q and k, each gradient one fp32-accumulated matmul."""
-    q, k, v, out, lse = ctx.saved_tensors
+    q, k, v, bias, out, lse = ctx.saved_tensors
     k, v = k.contiguous(), v.contiguous()
     hkv, scale = k.shape[1], q.shape[-1] ** -0.5
     qg, go = _grouped(q, hkv), _grouped(grad_out, hkv)
@@ -168,13 +199,13 @@ def _matmul_attention_backward(ctx, grad_out, _grad_lse):
     kt, vt = k.transpose(-1, -2), v.transpose(-1, -2)
     p = torch.empty(*qg.shape[:-1], k.shape[2], dtype=q.dtype, device=q.device)
     ds = torch.empty_like(p)
-    for rows in _row_blocks(qg, k.shape[2]):
-        pf = _precise_mm(qg[:, :, rows], kt).mul_(scale).sub_(lse[:, :, rows]).exp_()
+    for rows, queries in _row_blocks(qg, q.shape[2], k.shape[2]):
+        pf = _exp_(_scores(qg, kt, scale, bias, rows, queries).sub_(lse[:, :, rows]))
         p[:, :, rows] = pf
         ds[:, :, rows] = pf.mul_(_precise_mm(go[:, :, rows], vt).sub_(delta[:, :, rows])).mul_(scale)
     grad_v = torch.matmul(p.transpose(-1, -2), go)
     grad_q = torch.matmul(ds, k).view(q.shape)
-    return grad_q, torch.matmul(ds.transpose(-1, -2), qg), grad_v
+    return grad_q, torch.matmul(ds.transpose(-1, -2), qg), grad_v, None
 
 
 matmul_attention.register_autograd(_matmul_attention_backward, setup_context=_matmul_attention_setup)

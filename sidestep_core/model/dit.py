@@ -41,6 +41,18 @@ class PatchIn(nn.Sequential):
         return self[1](x.transpose(1, 2)).transpose(1, 2).contiguous()
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
 class PatchOut(nn.Sequential):
     """[B, T/p, H] → [B, T, C] through a ConvTranspose1d at index 1."""
 
@@ -48,6 +60,10 @@ class PatchOut(nn.Sequential):
         super().__init__(nn.Identity(), nn.ConvTranspose1d(cin, cout, kernel_size=patch, stride=patch))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The convolution's backward hands back a channels-first gradient; left so, the whole residual stream's
+        # backward would run strided (each add and mul on it ~3x slower). One copy makes it contiguous.
+        if torch.is_grad_enabled() and x.requires_grad:
+            x = _ContiguousGrad.apply(x)
         return self[1](x.transpose(1, 2)).transpose(1, 2)
 
 
@@ -93,6 +109,9 @@ class AceStepDiT(nn.Module):
         # attention kernels' outputs of checkpointed layers instead of recomputing them.
         self.checkpoint_ratio = 0.0
         self.checkpoint_selective = False
+        # With every layer checkpointed, the last still runs plainly unless this is set (offload of every layer): the
+        # backward needs its activations first, so recomputing them would cost a forward and save no peak memory.
+        self.recompute_last = False
 
     def compile_layers(self) -> None:
         """``torch.compile`` the decoder in place (state-dict keys unchanged). The whole forward is one compiled
@@ -126,6 +145,8 @@ class AceStepDiT(nn.Module):
         rope = self.rotary(x.shape[1], x)
 
         n_ckpt = round(self.checkpoint_ratio * len(self.layers)) if self.training and torch.is_grad_enabled() else 0
+        if n_ckpt == len(self.layers) and not self.recompute_last:
+            n_ckpt -= 1
         for i, layer in enumerate(self.layers):
             if i < n_ckpt:
                 kw = {"context_fn": _selective_context} if self.checkpoint_selective else {}

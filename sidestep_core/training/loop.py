@@ -271,7 +271,7 @@ class _Trainer:
 
     def _setup_dit(self) -> None:
         """Load the frozen DiT and add its adapter, optimizer, EMA, objective and previews."""
-        from ..device import load_frozen_base
+        from ..device import load_frozen_base, recompute_last_layer
 
         cfg = self.cfg
         loaded, self.holding = load_frozen_base(cfg, self.device, self.dtype, self.say)  # plan, precision, offload
@@ -297,6 +297,8 @@ class _Trainer:
             self.say("memory auto: fused_backward on (the optimizer steps inside backward)")
             self.cfg = cfg = cfg.replace(fused_backward=True)
         self.fused = FusedBackward(self.params, self.optimizer, cfg.max_grad_norm) if cfg.fused_backward else None
+        decoder.recompute_last = recompute_last_layer(cfg.fused_backward, self.holding.offload_layers,
+                                                      len(decoder.layers))
         self.ema = EMA.for_config(self.adapter, cfg)
         mu = cfg.timestep_mu if cfg.timestep_mu is not None else self.info.timestep_mu
         sigma = cfg.timestep_sigma if cfg.timestep_sigma is not None else self.info.timestep_sigma
