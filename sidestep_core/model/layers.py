@@ -22,9 +22,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # PyTorch computes x·rsqrt(mean(x²) + eps) of a bf16/fp16 x in fp32 and rounds once, as upstream's explicit
-        # casts do (bit-identical values and gradients), without the two casts as separate passes.
-        return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
+        # F.rms_norm: x·rsqrt(mean(x²) + eps) in fp32 (a fused kernel where PyTorch has one; composite on CPU).
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 class Rotary(nn.Module):
