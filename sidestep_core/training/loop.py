@@ -243,6 +243,7 @@ class _Trainer:
 
         self.adapter: Optional[Adapter] = None
         self.info = self.ema = self.previews = self.fused = None
+        self.requested: dict[str, Any] = {}  # the user's device settings the memory plan replaced
         self.params: list[torch.nn.Parameter] = []
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         if cfg.trains_dit:
@@ -289,9 +290,13 @@ class _Trainer:
         self.model = self.dist.wrap(self.adapter.module)
         self.params = self.adapter.parameters()
         self.optimizer = build_optimizer(self.params, cfg)
-        if self.holding.fused_backward and not cfg.fused_backward:  # chosen by memory auto
-            self.say("memory auto: fused_backward on (the optimizer steps inside backward)")
-            self.cfg = cfg = cfg.replace(fused_backward=True)
+        chosen = self.holding.chosen(cfg)
+        if chosen:  # memory / offload auto: the run's files record what it uses, and what was asked (requested)
+            self.requested = {k: getattr(cfg, k) for k in chosen}
+            self.say("device settings chosen by the memory plan: " + ", ".join(
+                f"{k} {v} (asked: {self.requested[k]})" for k, v in chosen.items())
+                + (" — the optimizer steps inside backward" if chosen.get("fused_backward") else ""))
+            self.cfg = cfg = cfg.replace(**chosen)
         self.fused = FusedBackward(self.params, self.optimizer, cfg.max_grad_norm) if cfg.fused_backward else None
         self.ema = EMA.for_config(self.adapter, cfg)
         mu = cfg.timestep_mu if cfg.timestep_mu is not None else self.info.timestep_mu
@@ -750,7 +755,8 @@ class _Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.out / "training_config.json", {
             "version": __version__,
-            "config": self.cfg.to_dict(),
+            "config": self.cfg.to_dict(),  # as used: with what memory / offload auto chose
+            "requested": self.requested,  # the user's values of the settings it changed
             "model": self.info.to_dict() if self.info else None,
             "adapter": {"kind": self.adapter.kind, "options": self.adapter.options, "targets": self.adapter.targets,
                         **self.adapter.extra} if self.adapter else None,
