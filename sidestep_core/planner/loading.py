@@ -260,7 +260,8 @@ def find_planner_tokenizer(lm_path: Path, explicit: Optional[str | Path] = None)
             if is_tokenizer_dir(cand):
                 return cand
             searched.append(str(cand))
-    for root in [*(p / "comfy" / "text_encoders" / "qwen25_tokenizer" for p in start.parents), *_comfy_tokenizer_dirs()]:
+    beside_comfy = (p / "comfy" / "text_encoders" / "qwen25_tokenizer" for p in start.parents)
+    for root in [*beside_comfy, *_comfy_tokenizer_dirs()]:
         if is_tokenizer_dir(root):
             return root
     raise PlannerError(

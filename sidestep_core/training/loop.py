@@ -174,9 +174,9 @@ def train(
     step is saved, with the live :class:`~sidestep_core.training.adapters.Adapter` (``adapter.module`` is the
     unwrapped module; ``adapter.comfyui_state_dict()`` gives detached CPU copies of its weights; ``adapter.lm`` is
     the planner LM's adapter in a run that trains both). It runs inside
-    :class:`sidestep_core.inference.previews.Isolated`: eval mode, no grad, and every global RNG restored after, so a hook
-    that renders (and draws random numbers) leaves training exactly as it would be without it. The hook decides
-    itself at which steps to do work; exceptions it raises propagate.
+    :class:`sidestep_core.inference.previews.Isolated`: eval mode, no grad, and every global RNG restored after, so
+    a hook that renders (and draws random numbers) leaves training exactly as it would be without it. The hook
+    decides itself at which steps to do work; exceptions it raises propagate.
     """
     overrides = {k: str(v) for k, v in (("checkpoint", checkpoint_path), ("dataset", dataset_path),
                                           ("out", out_dir)) if v is not None}
@@ -938,9 +938,10 @@ def _plan_text(plan: dict[str, Any]) -> str:
                      f"parameters), base {plan['base_variant']}, {plan['precision']} on {plan['device']} "
                      f"x{plan['processes']}")
     if "lm_targets" in plan:
-        lines.append(f"{'      ' if lines else 'plan: '}planner LM: LoRA rank {plan['lm_rank']} on {plan['lm_targets']} "
-                     f"modules ({plan['lm_params']:,} trainable parameters), loss on {plan['lm_loss']}, "
-                     f"{plan['lm_tokens']:,} tokens to learn in the dataset, {plan['precision']} on {plan['device']}")
+        lines.append(f"{'      ' if lines else 'plan: '}planner LM: LoRA rank {plan['lm_rank']} on "
+                     f"{plan['lm_targets']} modules ({plan['lm_params']:,} trainable parameters), loss on "
+                     f"{plan['lm_loss']}, {plan['lm_tokens']:,} tokens to learn in the dataset, {plan['precision']} "
+                     f"on {plan['device']}")
     crop = f"crop {plan['crop_frames']} frames" if plan["crop_frames"] else "whole clips (no crop)"
     lines.append(
         f"      {plan['clips']} clips ({plan['val_clips']} held out), batch {plan['batch_size']} x accumulation "
