@@ -53,7 +53,8 @@ def _gib(n) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", help="model to use (default: a tiny checkpoint written to a temp folder)")
-    ap.add_argument("--profile", default="tiny", help="tiny-checkpoint profile when no --checkpoint (tiny, comfyui-min)")
+    ap.add_argument("--profile", default="tiny",
+                    help="tiny-checkpoint profile when no --checkpoint (tiny, comfyui-min)")
     ap.add_argument("--layout", default="original", help="tiny-checkpoint layout when no --checkpoint")
     ap.add_argument("--files", type=int, default=2)
     ap.add_argument("--seconds", type=float, default=10.0, help="length of each synthetic file")

@@ -147,7 +147,8 @@ def main() -> int:
     ap.add_argument("--growth", default="30,240", help="two lengths for our growth exponent (checkpointing on)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--compile", action="store_true", help="torch.compile our decoder's layers (TrainConfig.torch_compile)")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile our decoder's layers (TrainConfig.torch_compile)")
     ap.add_argument("--profile", action="store_true",
                     help="print torch.profiler tables of our 60 s step, checkpointing on and off")
     args = ap.parse_args()

@@ -14,7 +14,6 @@ renders the graph's own conditioning and says why.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -89,14 +88,15 @@ class CompareAdapters(io.ComfyNode):
         return build_schema(S.COMPARE, hidden=(io.Hidden.unique_id, io.Hidden.prompt))
 
     @classmethod
-    def fingerprint_inputs(cls, adapter: Optional[AdapterRef] = None, run="", lora_names="", checkpoints="last 3",
-                           **_):
-        """Render again when the selection names other files (a run that gained checkpoints)."""
+    def fingerprint_inputs(cls, run="", lora_names="", checkpoints="last 3", **_):
+        """Render again when the selection names other files or one changed (a run that gained checkpoints, a
+        rewritten LoRA). ComfyUI passes widget values only (a linked input such as ``adapter`` is None here); a
+        connected adapter invalidates through its Train Adapter node."""
         try:
-            rows = _rows(adapter, run, lora_names, checkpoints)
+            rows = _rows(None, run, lora_names, checkpoints)
         except (ValueError, OSError):
             return ""  # execute reports it
-        return "|".join(f"{r.path}:{os.stat(r.path).st_mtime_ns}" for r in rows)
+        return calls.files_state(*(r.path for r in rows))
 
     @classmethod
     def execute(cls, model, positive, negative, latent: dict, vae, checkpoints="last 3", strengths="0.5, 0.8, 1.0",

@@ -104,7 +104,8 @@ VAE_ANCHOR = "decoder.layers.1.layers.0.beta"
 
 def classify(path: str | Path) -> Optional[str]:
     """``acestep`` (a DiT file), ``acestep_aio`` (DiT + text encoder + VAE), ``planner_lm`` (the 5 Hz LM),
-    ``qwen_0.6b`` (the 1024-wide Qwen3 text encoder), ``vae`` (an Oobleck VAE), or None. Reads only the safetensors header; cached by size and mtime."""
+    ``qwen_0.6b`` (the 1024-wide Qwen3 text encoder), ``vae`` (an Oobleck VAE), or None. Reads only the safetensors
+    header; cached by size and mtime."""
     p = Path(path)
     try:
         st = p.stat()

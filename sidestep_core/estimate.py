@@ -80,7 +80,8 @@ class EstimateSettings:
         self.groups = tuple(self.groups)
         bad = [g for g in self.groups if g not in GROUPS]
         if bad or not self.groups:
-            raise ValueError(f"groups: choose from {', '.join(GROUPS)} (got {', '.join(map(str, self.groups)) or 'none'})")
+            raise ValueError(f"groups: choose from {', '.join(GROUPS)} "
+                             f"(got {', '.join(map(str, self.groups)) or 'none'})")
         return self
 
 

@@ -69,7 +69,8 @@ def atomic_write_json(dest: str | Path, obj: Any) -> None:
     atomic_write_bytes(dest, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode("utf-8"))
 
 
-def atomic_save_file(tensors: Mapping[str, Any], dest: str | Path, metadata: Optional[Mapping[str, str]] = None) -> None:
+def atomic_save_file(tensors: Mapping[str, Any], dest: str | Path,
+                     metadata: Optional[Mapping[str, str]] = None) -> None:
     """``safetensors.torch.save_file`` made atomic; tensors are made contiguous first."""
     from safetensors.torch import save
 

@@ -440,7 +440,8 @@ def find_vae(checkpoint: str | Path) -> Path:
         for folder in (ckpt / "vae", ckpt.parent / "vae", ckpt.parent.parent / "vae"):
             if _is_diffusers_vae(folder):
                 return folder
-    raise VaeError(f"{ckpt}: no VAE found beside the checkpoint; pass --vae with a vae/ folder or ace_1.5_vae.safetensors")
+    raise VaeError(f"{ckpt}: no VAE found beside the checkpoint; pass --vae with a vae/ folder or "
+                   "ace_1.5_vae.safetensors")
 
 
 def vae_weight_files(path: Path) -> list[Path]:

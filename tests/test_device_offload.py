@@ -93,3 +93,27 @@ def test_training_is_identical_with_and_without_offload(tiny, tmp_path, kind):
         assert runs[off].losses == runs["0"].losses
         got = read_adapter(runs[off].final_dir).tensors
         assert all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def test_run_files_record_the_device_settings_used_and_the_ones_asked(tiny, tmp_path):
+    """``offload_layers auto`` (as ``memory auto``'s precision and fused backward) is resolved before loading:
+    training_config.json and the adapter's metadata hold the value used, ``requested`` the user's."""
+    import json
+
+    from safetensors import safe_open
+
+    from sidestep_core.adapters import detect_format
+    from sidestep_core.device import Holding
+
+    ck, ds = tiny
+    cfg = fast_config(max_steps=1, offload_layers="auto", fused_backward=False)
+    assert Holding("nf4", 2, fused_backward=True).chosen(cfg) == {
+        "base_precision": "nf4", "offload_layers": "2", "fused_backward": True}
+    assert Holding("bf16", 0).chosen(cfg.replace(offload_layers="0")) == {}
+    run = train(cfg, ck, ds, tmp_path / "auto")
+    conf = json.loads((tmp_path / "auto" / "training_config.json").read_text())
+    assert conf["config"]["offload_layers"] == "0" and conf["requested"] == {"offload_layers": "auto"}
+    with safe_open(str(detect_format(run.final_dir)[1]), framework="pt") as f:
+        assert json.loads(f.metadata()["sidestep_training"])["offload_layers"] == "0"
+    train(cfg.replace(offload_layers="0"), ck, ds, tmp_path / "manual")
+    assert json.loads((tmp_path / "manual" / "training_config.json").read_text())["requested"] == {}

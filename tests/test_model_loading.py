@@ -145,14 +145,17 @@ def test_unexpected_key(tmp_path, state):
     f = tmp_path / "x.safetensors"
     save_file({**{"diffusion_model." + k: v for k, v in state.items()},
                "diffusion_model.decoder.layers.0.extra.weight": torch.zeros(2)}, str(f))
-    with pytest.raises(CheckpointError, match=r"x\.safetensors.*unexpected keys \(1\): diffusion_model\.decoder\.layers\.0\.extra\.weight"):
+    with pytest.raises(CheckpointError,
+                       match=r"x\.safetensors.*unexpected keys \(1\): "
+                             r"diffusion_model\.decoder\.layers\.0\.extra\.weight"):
         load_acestep(f)
 
 
 def test_wrong_shape(tmp_path, state):
     broken = dict(state)
     broken["decoder.layers.0.mlp.up_proj.weight"] = torch.zeros(3, 3, dtype=torch.bfloat16)
-    with pytest.raises(CheckpointError, match=r"shape mismatches \(1\): decoder\.layers\.0\.mlp\.up_proj\.weight: file \(3, 3\) vs model \(128, 64\)"):
+    with pytest.raises(CheckpointError, match=r"shape mismatches \(1\): decoder\.layers\.0\.mlp\.up_proj\.weight: "
+                                              r"file \(3, 3\) vs model \(128, 64\)"):
         load_acestep(write_folder(tmp_path / "m", broken))
 
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sidestep_core.planner import vocab as V
-from sidestep_core.planner.loading import PlannerError, find_planner, load_planner, size_name
+from sidestep_core.planner.loading import PlannerError, find_planner, load_planner, load_planner_tokenizer, size_name
 from sidestep_core.text.encoder import load_text_encoder
 from sidestep_core.tiny import make_tiny_checkpoint
 
@@ -91,6 +91,19 @@ def test_comfyui_tokenizer_places_codes_by_offset(lm_layouts):
     assert not tok.has_code_tokens and tok.code_offset == 151669 and tok.codebook_size == 64000
     assert tok.token_id(V.IM_START) == 151644 and tok.token_id(V.THINK) == 151667
     assert tok.decode(tok.encode("hi") + tok.code_ids([5])) == "hi<|audio_code_5|>"
+
+
+def test_tokenizer_errors_are_the_planners(tmp_path, lm_layouts):
+    # the text encoder's tokenizer loader underneath; its errors reach planner users as PlannerError, path first
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(PlannerError, match=f"^{empty}: not a tokenizer folder"):
+        load_planner_tokenizer(empty)
+    broken = tmp_path / "broken"
+    shutil.copytree(lm_layouts["original"].planner, broken)
+    (broken / "tokenizer.json").write_text("{not json")
+    with pytest.raises(PlannerError, match=f"^{broken}: cannot load tokenizer"):
+        load_planner_tokenizer(broken)
 
 
 def test_size_names():

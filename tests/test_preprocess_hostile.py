@@ -115,7 +115,8 @@ def test_wrong_json_types_never_reach_the_prompts(tmp_path):
     assert sorted(s["warnings"]) == ["bpm ignored: an object is not a valid bpm",
                                      "caption ignored: a list is not a valid caption",
                                      "custom_tag ignored: a list is not a valid custom_tag"]
-    assert {"path": str(ds), "warning": "metadata.custom_tag ignored: a list is not a valid custom_tag"} in m["warnings"]
+    warning = "metadata.custom_tag ignored: a list is not a valid custom_tag"
+    assert {"path": str(ds), "warning": warning} in m["warnings"]
 
 
 def test_said_early_with_exit_two(tmp_path, capsys):

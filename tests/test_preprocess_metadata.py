@@ -331,7 +331,8 @@ def test_file_names_that_are_not_utf8_are_skipped_with_a_reason(tmp_path):
         fh.write(b"RIFF")
     items, failures, _ = collect_items(tmp_path)
     assert [i.id for i in items] == ["ok.wav"]
-    assert [(f.path, f.reason) for f in failures] == [("caf\ufffd.wav", "the file name is not valid UTF-8 (rename the file)")]
+    assert [(f.path, f.reason) for f in failures] == [
+        ("caf\ufffd.wav", "the file name is not valid UTF-8 (rename the file)")]
     json.dumps([f.to_dict() for f in failures]).encode("utf-8")  # the manifest can hold it
 
 

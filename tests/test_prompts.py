@@ -97,7 +97,8 @@ def test_comfyui_caption_and_lyrics_token_for_token(tok):
 def test_comfyui_strips_the_caption_and_rounds_duration_up(tok):
     p = P.PromptInputs(caption="  lofi beat \n", lyrics="[Instrumental]", language="en", duration=10.01)
     text = P.caption_prompt(p, P.COMFYUI)
-    assert "# Caption\nlofi beat\n\n# Metas\n- bpm: N/A\n- timesignature: N/A\n- keyscale: N/A\n- duration: 11 seconds\n" in text
+    assert ("# Caption\nlofi beat\n\n# Metas\n- bpm: N/A\n- timesignature: N/A\n- keyscale: N/A\n"
+            "- duration: 11 seconds\n") in text
     ace = P.caption_prompt(p, P.ACESTEP)
     assert "# Caption\n  lofi beat \n\n\n# Metas" in ace and "- duration: 10 seconds\n" in ace
 

@@ -190,8 +190,10 @@ def test_other_optimizers(tiny_original, two_clips, tmp_path, opt):
 
 
 def test_learning_rate_schedules():
-    f = lambda s, kind, total=100, warm=10: lr_factor(s, {"total": total, "warmup": warm, "anchor_step": warm,  # noqa: E731
-                                                          "anchor_progress": 0.0}, kind, 0.01, 4)
+    def f(s, kind, total=100, warm=10):
+        return lr_factor(s, {"total": total, "warmup": warm, "anchor_step": warm, "anchor_progress": 0.0}, kind,
+                         0.01, 4)
+
     assert [f(s, "cosine") for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
     assert f(10, "cosine") == pytest.approx(1.0) and f(99, "cosine") == pytest.approx(0.01, abs=2e-3)
     assert f(55, "linear") == pytest.approx(0.505)

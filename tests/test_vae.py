@@ -55,7 +55,8 @@ def test_from_comfy_accepts_legacy_weight_norm_and_folded_weights():
     sd = _state(small_vae())
     comfy = V.vae_state_dict_to_comfy(sd)
     legacy = {
-        k.replace("parametrizations.weight.original0", "weight_g").replace("parametrizations.weight.original1", "weight_v"): v
+        k.replace("parametrizations.weight.original0", "weight_g")
+         .replace("parametrizations.weight.original1", "weight_v"): v
         for k, v in comfy.items()
     }
     prefixed = {"vae." + k: v for k, v in legacy.items()}

@@ -182,7 +182,8 @@ def decode_audio(
         raise AudioError(f"{path}: {header['nonfinite']} NaN/Inf samples (the file is corrupt)")
     peak = float(header["peak"])
     if peak > HUGE_PEAK:
-        raise AudioError(f"{path}: samples up to {peak:.3g} times full scale (corrupt, or float audio not scaled to ±1)")
+        raise AudioError(f"{path}: samples up to {peak:.3g} times full scale (corrupt, or float audio not scaled "
+                         "to ±1)")
     warnings = []
     if peak > 1.0:
         warnings.append(f"float samples up to {20 * math.log10(peak):+.1f} dB over full scale were clipped to ±1")

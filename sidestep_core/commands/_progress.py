@@ -58,7 +58,8 @@ class Renderer:
             extra = _postfix(ev)
             if self.plain:
                 if step == 1 or step % self.every == 0 or step == total:
-                    self.write(f"{self.label}{' ' if self.label else ''}{step}/{total}" + (f" {extra}" if extra else ""))
+                    self.write(f"{self.label}{' ' if self.label else ''}{step}/{total}"
+                               + (f" {extra}" if extra else ""))
                 return
             if self.bar is None:
                 from tqdm import tqdm

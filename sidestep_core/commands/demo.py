@@ -44,7 +44,8 @@ def register(sub, name):
                    help="adapter type to train (default: %(default)s)")
     p.add_argument("--steps", type=int, default=8,
                    help="training steps, of both adapters at once (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the audio, training and estimation (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the audio, training and estimation (default: %(default)s)")
     add_plain(p)
     return p
 

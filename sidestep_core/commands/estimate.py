@@ -23,20 +23,27 @@ def register(sub, name):
     p.add_argument("--checkpoint", required=True, help="ACE-Step 1.5 model (folder, ComfyUI file or all-in-one)")
     p.add_argument("--dataset", required=True, help="preprocessed dataset (tensor cache folder)")
     p.add_argument("--out", default="estimate.json", help="where to write the JSON result (default: %(default)s)")
-    p.add_argument("--batches", type=int, default=d.batches, help="batches per run, batch size 1 (default: %(default)s)")
-    p.add_argument("--runs", type=int, default=d.runs, help="independent runs; their spread is reported (default: %(default)s)")
+    p.add_argument("--batches", type=int, default=d.batches,
+                   help="batches per run, batch size 1 (default: %(default)s)")
+    p.add_argument("--runs", type=int, default=d.runs,
+                   help="independent runs; their spread is reported (default: %(default)s)")
     p.add_argument("--focus", default=d.focus,
                    help=f"timesteps: {', '.join(FOCUSES)} (texture = t in [0, 0.4], structure = [0.6, 1]) "
                    "or a range 'lo,hi' (default: %(default)s)")
-    p.add_argument("--groups", nargs="+", choices=GROUPS, default=list(GROUPS), help="module groups to score (default: all)")
+    p.add_argument("--groups", nargs="+", choices=GROUPS, default=list(GROUPS),
+                   help="module groups to score (default: all)")
     p.add_argument("--top-k", type=int, default=None,
                    help="modules to suggest (default: half of them, every group represented)")
-    p.add_argument("--base-rank", type=int, default=d.base_rank, help="rank of a module with the median score (default: %(default)s)")
+    p.add_argument("--base-rank", type=int, default=d.base_rank,
+                   help="rank of a module with the median score (default: %(default)s)")
     p.add_argument("--rank-min", type=int, default=d.rank_min, help="smallest suggested rank (default: %(default)s)")
     p.add_argument("--rank-max", type=int, default=d.rank_max, help="largest suggested rank (default: %(default)s)")
-    p.add_argument("--alpha-ratio", type=float, default=d.alpha_ratio, help="alpha = ratio × rank (default: %(default)s)")
-    p.add_argument("--crop-seconds", type=float, default=d.crop_seconds, help="crop length in seconds, 0 = whole clips (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of clips, crops, timesteps and noise (default: %(default)s)")
+    p.add_argument("--alpha-ratio", type=float, default=d.alpha_ratio,
+                   help="alpha = ratio × rank (default: %(default)s)")
+    p.add_argument("--crop-seconds", type=float, default=d.crop_seconds,
+                   help="crop length in seconds, 0 = whole clips (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help="seed of clips, crops, timesteps and noise (default: %(default)s)")
     p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:N or auto (default: %(default)s)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=d.precision,
                    help="weights dtype; auto = bf16 on CUDA, fp32 otherwise (default: %(default)s)")

@@ -56,7 +56,8 @@ def register(sub, name):
                    help="comfy: diffusion_model.decoder.<path>; peft: base_model.model.<path>; "
                    "lycoris: lycoris_<path>; all three load in ComfyUI >= 0.16 (default: %(default)s)")
     p.add_argument("--dtype", choices=DTYPES, default="keep",
-                   help="dtype of the adapter tensors in the file; alpha and DoRA scales stay fp32 (default: %(default)s)")
+                   help="dtype of the adapter tensors in the file; alpha and DoRA scales stay fp32 "
+                        "(default: %(default)s)")
     p.add_argument("--no-overwrite", dest="overwrite", action="store_false", help="refuse to replace a file")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip reading the written file back and comparing merged weights")

@@ -69,7 +69,8 @@ def register(sub, name):
     p.add_argument("--text-encoder", help="Qwen3-Embedding-0.6B folder or qwen_0.6b_ace15.safetensors")
     p.add_argument("--tokenizer", help="tokenizer folder (needed for ComfyUI files outside a ComfyUI installation)")
     p.add_argument("--prompt-style", choices=PROMPT_STYLES, default="acestep",
-                   help="acestep: the official pipeline's prompts; comfyui: TextEncodeAceStepAudio1.5's (default: acestep)")
+                   help="acestep: the official pipeline's prompts; comfyui: TextEncodeAceStepAudio1.5's "
+                        "(default: acestep)")
     p.add_argument("--max-duration", type=float, default=MODEL_MAX_SECONDS,
                    help=f"trim longer files to this many seconds (default: {MODEL_MAX_SECONDS:g}, the model maximum)")
     p.add_argument("--normalize", choices=LOUDNESS_MODES, default="none",

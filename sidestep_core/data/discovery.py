@@ -246,7 +246,8 @@ def _from_json(
             continue
         if not allow_outside and not _inside(path, audio_dir):
             failures.append(
-                Failure(named, f"resolves outside the dataset folder to {path.resolve()} (allow outside paths to use it)")
+                Failure(named, f"resolves outside the dataset folder to {path.resolve()} (allow outside paths to "
+                               "use it)")
             )
             continue
         rel = relpath(path, audio_dir)

@@ -181,7 +181,8 @@ def _duplicates(songs: list[dict]) -> tuple[list[dict], int]:
             out.append(_warn("exact_duplicate", f"same audio: {', '.join(s['audio'] for s in g)}",
                              [s["audio"] for s in g]))
             redundant += len(g) - 1
-    firsts = [g[0] for g in groups.values() if isinstance(g[0].get("quality"), dict) and g[0]["quality"].get("fingerprint")]
+    firsts = [g[0] for g in groups.values()
+              if isinstance(g[0].get("quality"), dict) and g[0]["quality"].get("fingerprint")]
     matched: set[str] = set()
     for i, a in enumerate(firsts):
         for b in firsts[i + 1:]:

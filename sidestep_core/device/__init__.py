@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -48,6 +48,13 @@ class Holding:
     plan: Optional[object] = None  # plan.MemoryPlan
     fused_backward: bool = False  # the plan needs the optimizer step fused into backward (memory auto)
     streamer: Optional[LayerStreamer] = field(default=None, repr=False)
+
+    def chosen(self, cfg) -> dict[str, Any]:
+        """The ``TrainConfig`` device settings this run uses instead of ``cfg``'s (``memory auto`` or
+        ``offload_layers auto`` picked them), as ``{field: value used}``; empty when it uses the requested ones."""
+        used = {"base_precision": self.base_precision, "offload_layers": str(self.offload_layers),
+                "fused_backward": cfg.fused_backward or self.fused_backward}
+        return {k: v for k, v in used.items() if getattr(cfg, k) != v}
 
     def attach(self, adapter, device: torch.device, say: Optional[Say] = None) -> None:
         """After ``inject_adapter``: every trainable tensor on ``device``; offloaded layers start streaming."""

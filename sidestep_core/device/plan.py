@@ -37,8 +37,17 @@ from torch.utils._pytree import tree_flatten
 
 from ..config import BASE_PRECISIONS, TrainConfig
 from ..model.config import AceStepConfig
-from .quant import BYTES_PER_WEIGHT, DEQUANT_CHUNK, FP8, NF4_BLOCK, NF4_SCALE_BLOCK, NF4_TABLE_BYTES, ROW_SCALE_BYTES, QuantLinear, \
-    keep_oft_rebuild
+from .quant import (
+    BYTES_PER_WEIGHT,
+    DEQUANT_CHUNK,
+    FP8,
+    NF4_BLOCK,
+    NF4_SCALE_BLOCK,
+    NF4_TABLE_BYTES,
+    ROW_SCALE_BYTES,
+    QuantLinear,
+    keep_oft_rebuild,
+)
 
 if TYPE_CHECKING:
     from .plan_lm import LMMemoryPlan

@@ -30,7 +30,8 @@ def _selective_context():
 
 
 class PatchIn(nn.Sequential):
-    """[B, T, C] → [B, T/p, H]. The Conv1d sits at index 1, where upstream's Sequential(Lambda, Conv, Lambda) keeps it."""
+    """[B, T, C] → [B, T/p, H]. The Conv1d sits at index 1, where upstream's Sequential(Lambda, Conv, Lambda)
+    keeps it."""
 
     def __init__(self, cin: int, cout: int, patch: int):
         super().__init__(nn.Identity(), nn.Conv1d(cin, cout, kernel_size=patch, stride=patch))

@@ -20,7 +20,13 @@ from typing import Any, Iterable, Optional, Sequence
 
 import torch
 
-from ..text.encoder import folder_weight_files, qwen3_config_from_shapes
+from ..text.encoder import (
+    TextEncoderError,
+    folder_weight_files,
+    hf_tokenizer,
+    is_tokenizer_dir,
+    qwen3_config_from_shapes,
+)
 from . import vocab as V
 
 LAYOUT_ORIGINAL = "original"
@@ -118,27 +124,13 @@ class PlannerTokenizer:
         return h.hexdigest()[:16]
 
 
-def _is_tokenizer_dir(path: Path) -> bool:
-    return path.is_dir() and ((path / "tokenizer.json").is_file()
-                              or ((path / "vocab.json").is_file() and (path / "merges.txt").is_file()))
-
-
 def load_planner_tokenizer(path: str | Path) -> PlannerTokenizer:
     """An LM's own tokenizer folder (codes as added tokens) or ComfyUI's Qwen tokenizer (codes at 151,669 + N)."""
     path = Path(path).expanduser()
-    if not _is_tokenizer_dir(path):
-        raise PlannerError(f"{path}: not a tokenizer folder (needs tokenizer.json, or vocab.json + merges.txt)")
     try:
-        if (path / "tokenizer.json").is_file():
-            from transformers import PreTrainedTokenizerFast
-
-            tok = PreTrainedTokenizerFast.from_pretrained(str(path))
-        else:  # ComfyUI's qwen25_tokenizer: vocabulary and merges only
-            from transformers import Qwen2Tokenizer
-
-            tok = Qwen2Tokenizer.from_pretrained(str(path))
-    except Exception as exc:  # transformers raises many kinds on broken files
-        raise PlannerError(f"{path}: cannot load tokenizer ({exc})") from exc
+        tok = hf_tokenizer(path)
+    except TextEncoderError as exc:  # same message (it starts with the path), in the planner's error class
+        raise PlannerError(str(exc)) from exc
     offset = tok.convert_tokens_to_ids(V.code_token(0))
     has_codes = isinstance(offset, int) and offset != tok.unk_token_id and offset is not None
     if has_codes:
@@ -255,21 +247,22 @@ def find_planner_tokenizer(lm_path: Path, explicit: Optional[str | Path] = None)
     ComfyUI file (up to three levels up); ComfyUI's own Qwen tokenizer (the running ComfyUI, $COMFYUI_DIR)."""
     if explicit is not None:
         p = Path(explicit).expanduser()
-        if not _is_tokenizer_dir(p):
+        if not is_tokenizer_dir(p):
             raise PlannerError(f"{p}: not a tokenizer folder (needs tokenizer.json, or vocab.json + merges.txt)")
         return p
-    if lm_path.is_dir() and _is_tokenizer_dir(lm_path):
+    if lm_path.is_dir() and is_tokenizer_dir(lm_path):
         return lm_path
     searched = []
     start = lm_path if lm_path.is_dir() else lm_path.parent
     for folder in [start, *list(start.parents)[:3]]:
         for name in (TOKENIZER_FOLDER, *ORIGINAL_FOLDERS):
             cand = folder / name
-            if _is_tokenizer_dir(cand):
+            if is_tokenizer_dir(cand):
                 return cand
             searched.append(str(cand))
-    for root in [*(p / "comfy" / "text_encoders" / "qwen25_tokenizer" for p in start.parents), *_comfy_tokenizer_dirs()]:
-        if _is_tokenizer_dir(root):
+    beside_comfy = (p / "comfy" / "text_encoders" / "qwen25_tokenizer" for p in start.parents)
+    for root in [*beside_comfy, *_comfy_tokenizer_dirs()]:
+        if is_tokenizer_dir(root):
             return root
     raise PlannerError(
         f"{lm_path}: no tokenizer for the planner LM. ComfyUI's LM files carry none; pass --lm-tokenizer with an "
@@ -300,7 +293,7 @@ def planner_architecture(path: str | Path) -> PlannerArchitecture:
     path = Path(path).expanduser()
     if not path.exists():
         raise PlannerError(f"{path}: no such file or folder; {WHERE_TO_PUT}")
-    if path.is_dir() and not ((path / "config.json").is_file() and _is_tokenizer_dir(path)):
+    if path.is_dir() and not ((path / "config.json").is_file() and is_tokenizer_dir(path)):
         path = find_planner(path)  # a checkpoint or DiT folder: the LM beside it
     if path.is_dir():
         files = folder_weight_files(path, PlannerError, "planner LM folder", WHERE_TO_PUT)

@@ -145,7 +145,8 @@ def build_planner_tokenizer():
     tok.decoder = decoders.ByteLevel()
     special = [AddedToken(t, special=True, normalized=False) for t in V.QWEN3_ADDED_TOKENS[:V.QWEN3_SPECIAL_COUNT]]
     tok.add_special_tokens(special)
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in V.QWEN3_ADDED_TOKENS[V.QWEN3_SPECIAL_COUNT:]])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False)
+                    for t in V.QWEN3_ADDED_TOKENS[V.QWEN3_SPECIAL_COUNT:]])
     tok.add_tokens([AddedToken(V.code_token(n), special=False, normalized=False) for n in range(V.CODEBOOK_SIZE)])
     if tok.token_to_id(V.code_token(0)) != V.AUDIO_CODE_OFFSET:
         raise AssertionError("tiny planner tokenizer: audio codes are not at their real ids")

@@ -257,7 +257,9 @@ def is_tokenizer_dir(path: Path) -> bool:
     )
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
+def hf_tokenizer(path: str | Path):
+    """The transformers tokenizer in a folder: ``tokenizer.json``, else ComfyUI's ``qwen25_tokenizer`` layout
+    (``vocab.json`` + ``merges.txt``). Shared by the text encoder and the planner LM; raises TextEncoderError."""
     path = Path(path).expanduser()
     if not is_tokenizer_dir(path):
         raise TextEncoderError(f"{path}: not a tokenizer folder (needs tokenizer.json, or vocab.json + merges.txt)")
@@ -265,14 +267,17 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         if (path / "tokenizer.json").is_file():
             from transformers import PreTrainedTokenizerFast
 
-            tok = PreTrainedTokenizerFast.from_pretrained(str(path))
-        else:  # ComfyUI's qwen25_tokenizer: BPE vocabulary and merges only
-            from transformers import Qwen2Tokenizer
+            return PreTrainedTokenizerFast.from_pretrained(str(path))
+        from transformers import Qwen2Tokenizer  # ComfyUI's qwen25_tokenizer: BPE vocabulary and merges only
 
-            tok = Qwen2Tokenizer.from_pretrained(str(path))
+        return Qwen2Tokenizer.from_pretrained(str(path))
     except Exception as exc:  # transformers raises many kinds on broken files
         raise TextEncoderError(f"{path}: cannot load tokenizer ({exc})") from exc
-    wrapped = Tokenizer(tok, path)
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    path = Path(path).expanduser()
+    wrapped = Tokenizer(hf_tokenizer(path), path)
     wrapped.token_id(ENDOFTEXT)  # every ACE-Step prompt needs it as a single token
     return wrapped
 

@@ -38,7 +38,8 @@ def seeded_tensor(seed: int, key: str, shape: tuple[int, ...], fan_in_dim: int =
         return noise
     if leaf == "scale_shift_table":
         return noise / math.sqrt(shape[-1])
-    if leaf == "weight" and "embed_tokens" in key and len(shape) == 2 and not key.startswith(("encoder", "tokenizer", "detokenizer")):
+    if (leaf == "weight" and "embed_tokens" in key and len(shape) == 2
+            and not key.startswith(("encoder", "tokenizer", "detokenizer"))):
         return noise * 0.5  # token embedding table of the text encoder
     if len(shape) >= 2:
         fan_in = math.prod(shape[fan_in_dim:]) if fan_in_dim else shape[0]

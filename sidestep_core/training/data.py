@@ -4,8 +4,9 @@ The data order is a pure function of (seed, epoch, rank): resuming at any step r
 skips to the saved position, so no sampler object has to be pickled.
 
 Crops: a clip of T frames longer than the crop length C is split into K = floor(T / C) + 1 evenly spaced,
-overlapping windows that together cover every frame. Each visit (one per epoch) takes the next window of a seeded permutation of the K windows, with
-a jitter small enough to keep the cover, so every part of a long song is seen once every K epochs.
+overlapping windows that together cover every frame. Each visit (one per epoch) takes the next window of a seeded
+permutation of the K windows, with a jitter small enough to keep the cover, so every part of a long song is seen
+once every K epochs.
 """
 
 from __future__ import annotations

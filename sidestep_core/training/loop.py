@@ -174,9 +174,9 @@ def train(
     step is saved, with the live :class:`~sidestep_core.training.adapters.Adapter` (``adapter.module`` is the
     unwrapped module; ``adapter.comfyui_state_dict()`` gives detached CPU copies of its weights; ``adapter.lm`` is
     the planner LM's adapter in a run that trains both). It runs inside
-    :class:`sidestep_core.inference.previews.Isolated`: eval mode, no grad, and every global RNG restored after, so a hook
-    that renders (and draws random numbers) leaves training exactly as it would be without it. The hook decides
-    itself at which steps to do work; exceptions it raises propagate.
+    :class:`sidestep_core.inference.previews.Isolated`: eval mode, no grad, and every global RNG restored after, so
+    a hook that renders (and draws random numbers) leaves training exactly as it would be without it. The hook
+    decides itself at which steps to do work; exceptions it raises propagate.
     """
     overrides = {k: str(v) for k, v in (("checkpoint", checkpoint_path), ("dataset", dataset_path),
                                           ("out", out_dir)) if v is not None}
@@ -243,6 +243,7 @@ class _Trainer:
 
         self.adapter: Optional[Adapter] = None
         self.info = self.ema = self.previews = self.fused = None
+        self.requested: dict[str, Any] = {}  # the user's device settings the memory plan replaced
         self.params: list[torch.nn.Parameter] = []
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         if cfg.trains_dit:
@@ -293,9 +294,13 @@ class _Trainer:
         self.model = self.dist.wrap(self.adapter.module)
         self.params = self.adapter.parameters()
         self.optimizer = build_optimizer(self.params, cfg)
-        if self.holding.fused_backward and not cfg.fused_backward:  # chosen by memory auto
-            self.say("memory auto: fused_backward on (the optimizer steps inside backward)")
-            self.cfg = cfg = cfg.replace(fused_backward=True)
+        chosen = self.holding.chosen(cfg)
+        if chosen:  # memory / offload auto: the run's files record what it uses, and what was asked (requested)
+            self.requested = {k: getattr(cfg, k) for k in chosen}
+            self.say("device settings chosen by the memory plan: " + ", ".join(
+                f"{k} {v} (asked: {self.requested[k]})" for k, v in chosen.items())
+                + (" — the optimizer steps inside backward" if chosen.get("fused_backward") else ""))
+            self.cfg = cfg = cfg.replace(**chosen)
         self.fused = FusedBackward(self.params, self.optimizer, cfg.max_grad_norm) if cfg.fused_backward else None
         decoder.recompute_last = recompute_last_layer(cfg.fused_backward, self.holding.offload_layers,
                                                       len(decoder.layers))
@@ -756,7 +761,8 @@ class _Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.out / "training_config.json", {
             "version": __version__,
-            "config": self.cfg.to_dict(),
+            "config": self.cfg.to_dict(),  # as used: with what memory / offload auto chose
+            "requested": self.requested,  # the user's values of the settings it changed
             "model": self.info.to_dict() if self.info else None,
             "adapter": {"kind": self.adapter.kind, "options": self.adapter.options, "targets": self.adapter.targets,
                         **self.adapter.extra} if self.adapter else None,
@@ -938,9 +944,10 @@ def _plan_text(plan: dict[str, Any]) -> str:
                      f"parameters), base {plan['base_variant']}, {plan['precision']} on {plan['device']} "
                      f"x{plan['processes']}")
     if "lm_targets" in plan:
-        lines.append(f"{'      ' if lines else 'plan: '}planner LM: LoRA rank {plan['lm_rank']} on {plan['lm_targets']} "
-                     f"modules ({plan['lm_params']:,} trainable parameters), loss on {plan['lm_loss']}, "
-                     f"{plan['lm_tokens']:,} tokens to learn in the dataset, {plan['precision']} on {plan['device']}")
+        lines.append(f"{'      ' if lines else 'plan: '}planner LM: LoRA rank {plan['lm_rank']} on "
+                     f"{plan['lm_targets']} modules ({plan['lm_params']:,} trainable parameters), loss on "
+                     f"{plan['lm_loss']}, {plan['lm_tokens']:,} tokens to learn in the dataset, {plan['precision']} "
+                     f"on {plan['device']}")
     crop = f"crop {plan['crop_frames']} frames" if plan["crop_frames"] else "whole clips (no crop)"
     lines.append(
         f"      {plan['clips']} clips ({plan['val_clips']} held out), batch {plan['batch_size']} x accumulation "

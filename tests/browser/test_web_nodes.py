@@ -240,7 +240,8 @@ def write_loss_csv(server, run: str, rows: int) -> dict:
         w = csv.writer(fh)
         w.writerow(CSV_FIELDS)
         for s in range(1, rows + 1):
-            w.writerow([{"step": s, "epoch": 0, "loss": 2.0 / s, "smoothed_loss": 2.2 / s}.get(k, "") for k in CSV_FIELDS])
+            row = {"step": s, "epoch": 0, "loss": 2.0 / s, "smoothed_loss": 2.2 / s}
+            w.writerow([row.get(k, "") for k in CSV_FIELDS])
     return {"filename": "loss.csv", "subfolder": f"sidestep/{run}", "type": "output"}
 
 

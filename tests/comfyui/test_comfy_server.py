@@ -9,6 +9,7 @@ for the CPU: training steps, the generated duration and the estimation batches (
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -242,6 +243,34 @@ def test_run_apply_saved_adapter(server, my_style_adapter):
     assert "applied" in history_text(entry, "SideStepApplyAdapter")
     # exported into models/loras, so ComfyUI's own LoRA loaders list it too
     assert "my_style.safetensors" in object_info["LoraLoaderModelOnly"]["input"]["required"]["lora_name"][0]
+
+
+def cached_nodes(entry: dict) -> set[str]:
+    """The nodes ComfyUI answered from its cache in a history entry."""
+    return {n for event, data in entry["status"]["messages"] if event == "execution_cached" for n in data["nodes"]}
+
+
+def test_compare_runs_again_only_when_its_files_change(server, my_style_adapter, object_info):
+    """Compare Adapters' cache key holds the files its widgets name (``fingerprint_inputs`` sees widget values
+    only): the same prompt again is answered from ComfyUI's cache, a rewritten LoRA file renders again."""
+    prompt = shorten(H.ui_to_api(load_workflow("apply_saved_adapter"), object_info))
+    by_type = {v["class_type"]: k for k, v in prompt.items()}
+    # the example's generation inputs without its Apply Adapter (which reads the same file) and sampler
+    for kind in ("SideStepApplyAdapter", "KSampler", "VAEDecodeAudio", "SaveAudioAdvanced"):
+        del prompt[by_type[kind]]
+    prompt[by_type["ModelSamplingAuraFlow"]]["inputs"]["model"] = [by_type["UNETLoader"], 0]
+    prompt["90"] = {"class_type": "SideStepCompareAdapters", "inputs": {
+        "model": [by_type["ModelSamplingAuraFlow"], 0], "positive": [by_type["TextEncodeAceStepAudio1.5"], 0],
+        "negative": [by_type["ConditioningZeroOut"], 0], "latent": [by_type["EmptyAceStep1.5LatentAudio"], 0],
+        "vae": [by_type["VAELoader"], 0], "checkpoints": "final", "strengths": "1.0", "seed": 0, "steps": 1,
+        "cfg": 1.0, "sampler": "euler", "scheduler": "simple", "run": "", "lora_names": my_style_adapter.name}}
+    first = server.run(prompt)
+    assert "90" not in cached_nodes(first) and first["outputs"]["90"]["sidestep_grid"]
+    assert "90" in cached_nodes(server.run(prompt))
+    st = my_style_adapter.stat()
+    os.utime(my_style_adapter, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    again = server.run(prompt)
+    assert "90" not in cached_nodes(again) and by_type["VAELoader"] in cached_nodes(again)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -79,7 +79,8 @@ def test_previews_render_the_users_graph_and_change_nothing(setup):
     ui_out = with_prev.ui
     assert ui_out["audio"] and ui_out["audio"][0]["type"] == "temp"
     assert "preview of step 3" in ui_out["text"][0] and "2 preview(s)" in ui_out["text"][0]
-    temp = Path(ext.folder_paths.get_temp_directory()) / ui_out["audio"][0]["subfolder"] / ui_out["audio"][0]["filename"]
+    ref = ui_out["audio"][0]
+    temp = Path(ext.folder_paths.get_temp_directory()) / ref["subfolder"] / ref["filename"]
     shown = decode_audio(temp).waveform
     last = decode_audio(run / "previews" / "step_3.flac").waveform
     assert shown.shape == last.shape and (shown - last).abs().max() < 1e-3

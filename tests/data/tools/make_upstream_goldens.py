@@ -23,7 +23,8 @@ Usage (in a virtualenv with transformers==4.57.6, vector-quantize-pytorch==1.27.
 
   # self test on a random tiny model (no external checkpoint needed)
   python make_upstream_goldens.py --upstream-root ACE-Step-1.5 --make-random-tiny /tmp/rt --seed 123
-  python make_upstream_goldens.py --upstream-root ACE-Step-1.5 --checkpoint /tmp/rt --out /tmp/rt/g.safetensors --check-sliding
+  python make_upstream_goldens.py --upstream-root ACE-Step-1.5 --checkpoint /tmp/rt --out /tmp/rt/g.safetensors \\
+      --check-sliding
 
 DIR must hold config.json + model.safetensors (or shards + model.safetensors.index.json) in the upstream key layout
 (decoder.*, encoder.*, tokenizer.*, detokenizer.*, null_condition_emb).
@@ -751,7 +752,8 @@ def main():
             flat[f"apg.call{i}.out.guided"] = apg_mod.apg_forward(pc, pu, 3.0, buf, dims=[1])
             flat[f"apg.call{i}.out.momentum_running_average"] = buf.running_average.clone()
         meta["apg_unit"] = ("apg_forward(pred_cond, pred_uncond, guidance_scale=3.0, momentum_buffer=<one "
-                            "MomentumBuffer(momentum=-0.75) shared by call0..2>, eta=0.0, norm_threshold=2.5, dims=[1])")
+                            "MomentumBuffer(momentum=-0.75) shared by call0..2>, eta=0.0, norm_threshold=2.5, "
+                            "dims=[1])")
 
         # the two runs share the same noise (same seed, same context shape)
         assert torch.equal(f_t["turbo.noise"], f_b["base.noise"])
