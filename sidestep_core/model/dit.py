@@ -110,8 +110,9 @@ class AceStepDiT(nn.Module):
         # attention kernels' outputs of checkpointed layers instead of recomputing them.
         self.checkpoint_ratio = 0.0
         self.checkpoint_selective = False
-        # With every layer checkpointed, the last still runs plainly unless this is set (offload of every layer): the
-        # backward needs its activations first, so recomputing them would cost a forward and save no peak memory.
+        # With every layer checkpointed, the last still runs plainly unless this is set (device.recompute_last_layer:
+        # fused backward, or every layer offloaded): backward needs its activations first, so recomputing them would
+        # cost a forward and save no peak memory.
         self.recompute_last = False
 
     def compile_layers(self) -> None:
