@@ -29,7 +29,9 @@ def register(subparsers, name: str = "plan") -> argparse.ArgumentParser:
     src = p.add_argument_group("what to plan for")
     src.add_argument("--shape", choices=SHAPES, help="a released architecture instead of --checkpoint")
     src.add_argument("--free", type=float, metavar="GIB", help="free device memory in GiB (default: the device's)")
-    src.add_argument("--cond-tokens", type=int, default=512, help="condition length (default: %(default)s)")
+    src.add_argument("--cond-tokens", type=int, default=512,
+                     help="condition length (default: %(default)s); also the planner LM's prompt when no --dataset "
+                     "gives its real one")
     src.add_argument("--table", action="store_true", help="every base precision, with and without full offload")
     src.add_argument("--tiers", action="store_true",
                      help="markdown table: the least change of each vram_* preset that fits its card, 2B and XL")
