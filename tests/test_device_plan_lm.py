@@ -8,7 +8,7 @@ import torch
 
 from sidestep_core.config import TrainConfig
 from sidestep_core.device.measure import cpu_peak_bytes, tensor_bytes
-from sidestep_core.device.plan_lm import estimate_lm, joint_peak, load_dtype
+from sidestep_core.device.plan_lm import estimate_lm, joint_peak, load_dtype, longest_sequence
 from train_helpers import single_thread  # noqa: F401
 
 
@@ -129,9 +129,11 @@ def run_cfg(tiny_with_lm, tmp_path):
 def test_the_check_before_loading_counts_the_lm(run_cfg, monkeypatch):
     from sidestep_core.device.plan import CONDITION_TOKENS, GIB, checkpoint_config, estimate
 
-    # the joint peak is the one `sidestep plan` prints: the same functions on the longest clip (56 frames)
+    # the joint peak is the one `sidestep plan` prints: the same functions on the longest clip (56 frames) and the
+    # LM's longest training sequence
     dit = estimate(checkpoint_config(run_cfg.checkpoint), run_cfg, offload_layers=0, device="cpu", frames=56)
-    lm = estimate_lm(run_cfg.lm, run_cfg, frames=56, prompt_tokens=CONDITION_TOKENS)
+    frames, prompt = longest_sequence(run_cfg, CONDITION_TOKENS)
+    lm = estimate_lm(run_cfg.lm, run_cfg, frames=frames, prompt_tokens=prompt)
     holding, said = settle_with(monkeypatch, run_cfg, 4 * GIB)
     assert holding.plan.peak == holding.plan.needed == joint_peak(dit, lm) > dit.peak
     assert holding.plan.lm_share == joint_peak(dit, lm) - dit.peak
@@ -168,9 +170,51 @@ def test_an_lm_only_run_is_checked_too(run_cfg, monkeypatch):
     from sidestep_core.device.plan_lm import lm_needed
 
     cfg = run_cfg.replace(train_models="lm", checkpoint="")
-    lm = estimate_lm(cfg.lm, cfg, frames=56, prompt_tokens=512)
+    frames, prompt = longest_sequence(cfg, 512)
+    lm = estimate_lm(cfg.lm, cfg, frames=frames, prompt_tokens=prompt)
     holding, said = settle_with(monkeypatch, cfg, lm_needed(lm, "cpu"))
     assert holding is None and said[0].startswith("memory plan: planner LM: ") and "cpu has" in said[0]
     with pytest.raises(ValueError, match=r"training the planner LM needs about .* but cpu has .* lower batch_size or "
                                          r"lm_rank, or shorten the longest song"):
         settle_with(monkeypatch, cfg, lm_needed(lm, "cpu") - 1)
+
+
+def test_the_lm_plan_takes_the_datasets_longest_training_sequence(tiny_with_lm, tmp_path, monkeypatch, capsys):
+    """A long lyric makes a shorter song the LM's longest sequence, longer than the longest song with a 512-token
+    prompt: the check before loading and ``sidestep plan --dataset`` plan exactly the tokens training feeds."""
+    from sidestep_core.cli import main
+    from sidestep_core.device.plan import CONDITION_TOKENS, GIB
+    from sidestep_core.planner.training import build_planner_training
+    from sidestep_core.training.data import open_dataset
+    from sidestep_core.training.optim import new_schedule
+    from train_helpers import fast_config, make_cache
+
+    lyric = "[verse]\n" + "\n".join(f"line {i}: the tide rolls in and the harbour lights are low" for i in range(60))
+    ds = make_cache(tmp_path / "ds", frames=(56, 40), metadata=[
+        {"caption": "tst, short piano piece", "lyrics": "[Instrumental]"},
+        {"caption": "tst, slow ballad", "lyrics": lyric, "bpm": "80", "keyscale": "A minor"}])
+    cfg = fast_config(train_models="both", lm=str(tiny_with_lm.planner), checkpoint=str(tiny_with_lm.dit),
+                      dataset=str(ds), lm_rank=4, lm_alpha=8.0)
+
+    # what training feeds the LM: the real sequences (prompt, CoT, the codes of the audio tokenizer, end token)
+    training = build_planner_training(cfg, open_dataset(ds), torch.device("cpu"), None, new_schedule(cfg, 1),
+                                      seed=0, say=lambda message: None)
+    longest = max(len(s.ids) for s in training.sequences)
+    frames, prompt = longest_sequence(cfg, CONDITION_TOKENS)
+    assert frames == 40 and prompt > CONDITION_TOKENS  # the long lyric's clip, not the longest song
+
+    holding, said = settle_with(monkeypatch, cfg, 4 * GIB)
+    lm = holding.plan.lm
+    assert lm.settings["tokens"] == longest and lm.settings["prompt_tokens"] == prompt
+    assumed = estimate_lm(cfg.lm, cfg, frames=56, prompt_tokens=CONDITION_TOKENS)  # the longest song, 512 tokens
+    assert longest > assumed.settings["tokens"] and lm.step > assumed.step
+    assert f"for 1 × {longest} tokens ({prompt} of prompt)" in said[0]
+    alone = settle_with(monkeypatch, cfg.replace(train_models="lm", checkpoint=""), 4 * GIB)[1]
+    assert f"for 1 × {longest} tokens ({prompt} of prompt)" in alone[0]
+
+    assert main(["plan", "--checkpoint", cfg.checkpoint, "--train-models", "both", "--lm", cfg.lm, "--dataset",
+                 str(ds), "--device", "cpu", "--free", "64"]) == 0
+    out = capsys.readouterr().out
+    assert (f"songs of 1.6 s (the dataset's longest training sequence; the LM trains on whole songs), {prompt} "
+            "prompt tokens") in out
+    assert f"for 1 × {longest} tokens ({prompt} of prompt)" in out

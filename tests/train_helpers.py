@@ -20,10 +20,11 @@ def make_checkpoint(root: Path) -> Path:
 
 
 def make_cache(root: Path, frames=(40, 56), cond_len=(6, 9), hidden: int = 64, seed: int = 0,
-               trigger: str = "tst", repeat=None) -> Path:
+               trigger: str = "tst", repeat=None, metadata=None) -> Path:
     """A preprocessed cache written with the cache module's own writers (manifest + one safetensors per clip:
     target_latents [T,64], encoder_hidden_states [L,H], encoder_attention_mask [L], context_latents [T,128]).
-    Latents are smooth, learnable patterns so overfitting shows."""
+    Latents are smooth, learnable patterns so overfitting shows. ``metadata``: per clip, more of its record
+    (caption, lyrics, … as preprocessing resolves them)."""
     from sidestep_core.data import cache
 
     root.mkdir(parents=True, exist_ok=True)
@@ -36,7 +37,8 @@ def make_cache(root: Path, frames=(40, 56), cond_len=(6, 9), hidden: int = 64, s
         ctx = torch.cat([torch.randn(1, 64, generator=g).expand(t, 64) * 0.1, torch.ones(t, 64)], dim=-1)
         key = cache.content_key(test=f"{seed}-{i}-{t}-{length}")
         record = {"key": key, "id": f"clip{i:02d}", "file": cache.sample_filename(key), "frames": t,
-                  "duration": t / 25, "custom_tag": trigger, "repeat": (repeat[i] if repeat else 1)}
+                  "duration": t / 25, "custom_tag": trigger, "repeat": (repeat[i] if repeat else 1),
+                  **(metadata[i] if metadata else {})}
         cache.write_tensors(root / record["file"], {
             "target_latents": lat,
             "context_latents": ctx,

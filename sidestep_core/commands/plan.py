@@ -29,7 +29,9 @@ def register(subparsers, name: str = "plan") -> argparse.ArgumentParser:
     src = p.add_argument_group("what to plan for")
     src.add_argument("--shape", choices=SHAPES, help="a released architecture instead of --checkpoint")
     src.add_argument("--free", type=float, metavar="GIB", help="free device memory in GiB (default: the device's)")
-    src.add_argument("--cond-tokens", type=int, default=512, help="condition length (default: %(default)s)")
+    src.add_argument("--cond-tokens", type=int, default=512,
+                     help="condition length (default: %(default)s); also the planner LM's prompt when no --dataset "
+                     "gives its real one")
     src.add_argument("--table", action="store_true", help="every base precision, with and without full offload")
     src.add_argument("--tiers", action="store_true",
                      help="markdown table: the least change of each vram_* preset that fits its card, 2B and XL")
@@ -107,11 +109,12 @@ def _lm_plan(args: argparse.Namespace, cfg: TrainConfig):
     from ..device import plan_lm
 
     cfg.check_lm()
-    frames = plan_lm.song_frames(cfg)
+    frames, prompt_tokens = plan_lm.longest_sequence(cfg, args.cond_tokens)
+    where = "the dataset's longest training sequence" if cfg.dataset else "assumed"
     print(f"planner LM {cfg.lm}: LoRA r{cfg.lm_rank}{' + MLP' if cfg.lm_target_mlp else ''}, loss on "
-          f"{cfg.lm_loss}, songs of {frames / 25:g} s ({'the longest of the dataset' if cfg.dataset else 'assumed'}; "
-          f"the LM trains on whole songs), {args.cond_tokens} prompt tokens")
-    return plan_lm.estimate_lm(cfg.lm, cfg, frames=frames, prompt_tokens=args.cond_tokens)
+          f"{cfg.lm_loss}, songs of {frames / 25:g} s ({where}; the LM trains on whole songs), {prompt_tokens} prompt "
+          "tokens")
+    return plan_lm.estimate_lm(cfg.lm, cfg, frames=frames, prompt_tokens=prompt_tokens)
 
 
 def _with_lm(args: argparse.Namespace, cfg: TrainConfig, config, dit, free, target: str, cache: dict) -> int:

@@ -116,10 +116,10 @@ class MemoryPlan:
     def describe(self) -> str:
         parts = f"weights {size(self.weights)}, adapter+optimizer {size(self.adapter)}, step {size(self.step)}"
         if self.lm is not None:
-            lm, s = self.lm, self.lm.settings
+            lm = self.lm
             parts = (f"DiT {parts}; planner LM {size(self.lm_share)} more: weights {size(lm.weights)} in "
-                     f"{s['dtype']}, LoRA+optimizer {size(lm.adapter)}, step {size(lm.step)} for {s['batch_size']} × "
-                     f"{s['tokens']} tokens, its gradients kept through the DiT's step")
+                     f"{lm.settings['dtype']}, LoRA+optimizer {size(lm.adapter)}, {lm.step_text()}, its gradients "
+                     "kept through the DiT's step")
         text = (f"{self.label}{' + planner LM' if self.lm is not None else ''}: {size(self.needed)} ({parts}; "
                 f"slack {size(self.slack)})")
         if self.free is not None:
@@ -499,11 +499,11 @@ LM_CHANGES = "lower batch_size or lm_rank, or shorten the longest song (the plan
 
 
 def _lm_plan(cfg: TrainConfig) -> LMMemoryPlan:
-    """The planner LM's plan as ``sidestep plan`` makes it: the dataset's longest song, ``CONDITION_TOKENS`` of
-    prompt."""
-    from .plan_lm import estimate_lm, song_frames
+    """The planner LM's plan as ``sidestep plan`` makes it: the dataset's longest LM training sequence."""
+    from .plan_lm import estimate_lm, longest_sequence
 
-    return estimate_lm(cfg.lm, cfg, frames=song_frames(cfg), prompt_tokens=CONDITION_TOKENS)
+    frames, prompt_tokens = longest_sequence(cfg, CONDITION_TOKENS)
+    return estimate_lm(cfg.lm, cfg, frames=frames, prompt_tokens=prompt_tokens)
 
 
 def _settle_lm_only(lm: LMMemoryPlan, device: torch.device, free: Optional[int], say: Optional[Say]) -> None:

@@ -9,8 +9,10 @@ Made as the DiT's plan (:mod:`.plan`), from the LM's headers and config only:
   real PEFT LoRA and the real loss (:func:`~sidestep_core.planner.training.lm_loss`) on fake tensors at the real
   shape, counted by :class:`.plan.LiveBytes`; measured at depth 2 and 4 and extrapolated when the LM is deeper.
 
-An LM sequence is its clip's whole prompt and all its codes (the LM is not cropped): ``prompt_tokens`` (the
-plan's condition length) + one code per 5 latent frames + the end token, and a micro-batch pads to the longest.
+An LM sequence is its clip's whole prompt and all its codes (the LM is not cropped): ``prompt_tokens`` + one code
+per 5 latent frames + the end token, and a micro-batch pads to the longest. With a dataset the plan takes its longest
+sequence (:func:`longest_sequence`: each clip's prompt tokenized as training builds it, with the LM's tokenizer only);
+without one, a 240 s song and ``sidestep plan``'s ``--cond-tokens``.
 
 In a joint run the LM's gradients are made first and kept while the DiT's step runs (nothing is applied before
 both are checked), so the run's peak is both models' weights and adapters plus the larger of the LM's step and the
@@ -55,9 +57,13 @@ class LMMemoryPlan:
         return 4 * self.trainable_params
 
     def describe(self) -> str:
+        return (f"planner LM: {size(self.peak)} (weights {size(self.weights)} in {self.settings['dtype']}, "
+                f"LoRA+optimizer {size(self.adapter)}, {self.step_text()})")
+
+    def step_text(self) -> str:
         s = self.settings
-        return (f"planner LM: {size(self.peak)} (weights {size(self.weights)} in {s['dtype']}, LoRA+optimizer "
-                f"{size(self.adapter)}, step {size(self.step)} for {s['batch_size']} × {s['tokens']} tokens)")
+        return (f"step {size(self.step)} for {s['batch_size']} × {s['tokens']} tokens ({s['prompt_tokens']} of "
+                "prompt)")
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "peak": self.peak}
@@ -159,8 +165,8 @@ def estimate_lm(lm: str | Path, cfg: TrainConfig, *, frames: int, prompt_tokens:
     step, n_params = lm_step_bytes(config, cfg, tokens, labelled)
     adapter = n_params * (4 + OPTIMIZER_BYTES.get(cfg.optimizer, 8))
     return LMMemoryPlan(lm_weight_bytes(config, dtype), adapter, step, n_params, settings={
-        "tokens": tokens, "labelled": labelled, "batch_size": cfg.batch_size, "rank": cfg.lm_rank,
-        "dtype": str(dtype).removeprefix("torch."), "hidden_size": int(config.hidden_size),
+        "tokens": tokens, "prompt_tokens": prompt_tokens, "labelled": labelled, "batch_size": cfg.batch_size,
+        "rank": cfg.lm_rank, "dtype": str(dtype).removeprefix("torch."), "hidden_size": int(config.hidden_size),
         "layers": int(config.num_hidden_layers)})
 
 
@@ -177,11 +183,23 @@ def lm_needed(lm: LMMemoryPlan, device: str) -> int:
     return lm.peak + slack_bytes(lm.peak, device)
 
 
-def song_frames(cfg: TrainConfig, default_seconds: float = 240.0) -> int:
-    """The longest song of ``cfg.dataset`` in latent frames (the LM trains on whole songs), else
-    ``default_seconds``."""
-    if cfg.dataset:
-        from ..training.data import open_dataset
+def longest_sequence(cfg: TrainConfig, prompt_tokens: int, default_seconds: float = 240.0) -> tuple[int, int]:
+    """(latent frames, prompt tokens) of the LM's longest training sequence. With ``cfg.dataset``: its clips as
+    :func:`~sidestep_core.planner.training.build_planner_training` makes them — each whole song and its prompt and
+    CoT in the dataset's prompt style, tokenized with the LM's tokenizer (no weights read). Without one: a song of
+    ``default_seconds`` and ``prompt_tokens``."""
+    if not cfg.dataset:
+        return int(round(default_seconds * 25)), prompt_tokens
+    from ..planner.loading import find_planner_tokenizer, load_planner_tokenizer, planner_architecture
+    from ..planner.prompts import training_prompt_ids
+    from ..planner.training import clip_inputs, prompt_style
+    from ..training.data import open_dataset
 
-        return max(c.frames for c in open_dataset(cfg.dataset).clips)
-    return int(round(default_seconds * 25))
+    dataset = open_dataset(cfg.dataset)
+    tokenizer = load_planner_tokenizer(find_planner_tokenizer(planner_architecture(cfg.lm).path))
+    style = prompt_style(dataset.root)
+
+    def lengths(clip) -> tuple[int, int]:
+        return clip.frames, sum(map(len, training_prompt_ids(tokenizer, clip_inputs(clip.sample), style)))
+
+    return max((lengths(c) for c in dataset.clips), key=lambda fp: sequence_tokens(*fp, cfg.lm_loss)[0])

@@ -141,12 +141,18 @@ def understand_prompt_ids(tokenizer, codes: Sequence[int]) -> list[int]:
     return tokenizer.encode(head) + tokenizer.code_ids(codes) + tokenizer.encode(tail)
 
 
+def training_prompt_ids(tokenizer, inputs: LMInputs, style: str = ACESTEP) -> tuple[list[int], list[int]]:
+    """What a training sequence holds before the codes: (the generation prompt's ids, the CoT's ids with the end of
+    the assistant turn)."""
+    return (encode(tokenizer, generation_prompt(inputs, style), style),
+            encode(tokenizer, f"{cot_text(inputs, style)}\n\n{V.IM_END}\n", style))
+
+
 def training_example(tokenizer, inputs: LMInputs, codes: Sequence[int], style: str = ACESTEP) -> TrainingExample:
     """The sequence inference conditions code generation on, completed with the song's codes and ``<|im_end|>``.
 
     Splits fall on added tokens (``<think>``, ``<|im_end|>``), so the ids equal those of the whole text."""
-    prompt = encode(tokenizer, generation_prompt(inputs, style), style)
-    cot = encode(tokenizer, f"{cot_text(inputs, style)}\n\n{V.IM_END}\n", style)
+    prompt, cot = training_prompt_ids(tokenizer, inputs, style)
     tail = tokenizer.code_ids(codes) + [tokenizer.token_id(V.IM_END)]
     ids = prompt + cot + tail
     n_p, n_c = len(prompt), len(cot)

@@ -181,7 +181,6 @@ def build_planner_training(cfg: TrainConfig, dataset, device: torch.device, dtyp
     """Load the planner LM named by ``cfg.lm`` (frozen, in ``dtype``), turn every clip of ``dataset`` into a
     training sequence (its codes from the checkpoint's own audio tokenizer, cached beside the dataset) and add the
     LoRA, initialised from ``seed``."""
-    from ..data.cache import read_manifest
     from ..model import load_acestep
     from .codes import check_codebook, dataset_codes
     from .loading import load_planner
@@ -193,7 +192,7 @@ def build_planner_training(cfg: TrainConfig, dataset, device: torch.device, dtyp
     check_codebook(loaded.model, planner)
     codes = dataset_codes(dataset.root, loaded.model, _silence_latent(loaded, dataset.root))
     del loaded
-    style = (read_manifest(dataset.root) or {}).get("prompt_style", "acestep")
+    style = prompt_style(dataset.root)
     flags = ("code_mask",) if cfg.lm_loss == "codes" else ("code_mask", "cot_mask")
     seqs = [clip_sequence(planner.tokenizer, clip.sample, codes[clip.sample.id], style, flags)
             for clip in dataset.clips]
@@ -204,16 +203,30 @@ def build_planner_training(cfg: TrainConfig, dataset, device: torch.device, dtyp
     return training
 
 
-def clip_sequence(tokenizer, sample, codes: torch.Tensor, style: str, flags: tuple[str, ...]) -> LMSequence:
-    """A clip's training sequence: what inference conditions the codes on (its caption — trigger tag included —,
-    lyrics and metadata as preprocessing resolved them), its codes and the end token; loss on ``flags``' tokens."""
-    from .prompts import LMInputs, training_example
+def prompt_style(dataset_root: Path) -> str:
+    """The prompt style the dataset was preprocessed for (its manifest's; upstream's when it names none)."""
+    from ..data.cache import read_manifest
+
+    return (read_manifest(dataset_root) or {}).get("prompt_style", "acestep")
+
+
+def clip_inputs(sample):
+    """What inference conditions a clip's codes on: its caption — trigger tag included —, lyrics and metadata as
+    preprocessing resolved them (a ``prompts.LMInputs``)."""
+    from .prompts import LMInputs
 
     m = sample.metadata
-    inputs = LMInputs(caption=str(m.get("caption") or ""), lyrics=str(m.get("lyrics") or ""), bpm=m.get("bpm"),
-                      keyscale=m.get("keyscale"), timesignature=m.get("timesignature"),
-                      duration=m.get("duration"), language=m.get("language"))
-    ex = training_example(tokenizer, inputs, codes.tolist(), style)
+    return LMInputs(caption=str(m.get("caption") or ""), lyrics=str(m.get("lyrics") or ""), bpm=m.get("bpm"),
+                    keyscale=m.get("keyscale"), timesignature=m.get("timesignature"),
+                    duration=m.get("duration"), language=m.get("language"))
+
+
+def clip_sequence(tokenizer, sample, codes: torch.Tensor, style: str, flags: tuple[str, ...]) -> LMSequence:
+    """A clip's training sequence: its prompt (:func:`clip_inputs`), its codes and the end token; loss on
+    ``flags``' tokens."""
+    from .prompts import training_example
+
+    ex = training_example(tokenizer, clip_inputs(sample), codes.tolist(), style)
     trained = [any(getattr(ex, f)[i] for f in flags) for i in range(len(ex.ids))]
     return LMSequence(tuple(ex.ids), tuple(t if keep else IGNORE for t, keep in zip(ex.ids, trained)))
 
