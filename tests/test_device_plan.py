@@ -139,3 +139,65 @@ def test_vram_presets_fit_their_card(name):
     assert two_b.needed <= card * GIB - CUDA_RESERVED, two_b.describe()
     xl = fit_on_card(real_shape("xl"), cfg, card, cache={})
     assert xl is not None and xl.offload_layers == 0, name
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the dataset's shape: every plan made before loading, and `sidestep plan --dataset`
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def long_condition_run(tiny_original, tmp_path):
+    from adapter_helpers import DIT
+    from train_helpers import fast_config, make_cache
+
+    # whole songs (crop 0): the plan must size the longest clip (90 frames) and the longest condition (700 tokens,
+    # a long lyric), not the 240 s and 512 tokens assumed without a dataset
+    ds = make_cache(tmp_path / "ds", frames=(40, 90), cond_len=(700, 9))
+    return fast_config(checkpoint=str(tiny_original / DIT), dataset=str(ds), precision="bf16")
+
+
+def settle_on(monkeypatch, cfg: TrainConfig, free: int):
+    """``settle`` with ``free`` bytes free: a CPU reports none, so the budget stands in for a GPU's free memory."""
+    from sidestep_core.device import plan as P
+
+    monkeypatch.setattr(P, "free_memory", lambda device: free)
+    said: list[str] = []
+    return P.settle(cfg, torch.device("cpu"), lambda message, *_: said.append(message)), said
+
+
+def test_every_plan_before_loading_sizes_the_datasets_largest_batch(long_condition_run, monkeypatch):
+    from sidestep_core.device.plan import checkpoint_config, dataset_shape
+
+    cfg = long_condition_run
+    assert dataset_shape(cfg) == (90, 700)
+    assert dataset_shape(cfg.replace(crop_seconds=2)) == (50, 700)  # the crop when it is shorter than the clip
+    config = checkpoint_config(cfg.checkpoint)
+    real = estimate(config, cfg, offload_layers=0, device="cpu", frames=90, cond_tokens=700)
+    assumed = estimate(config, cfg, offload_layers=0, device="cpu")
+    assert real.step != assumed.step
+
+    def shape(plan):
+        return plan.settings["frames"], plan.settings["cond_tokens"]
+
+    plain = settle_on(monkeypatch, cfg, 4 * GIB)[0].plan
+    assert shape(plain) == (90, 700) and plain.peak == real.peak
+    for auto in ({"memory": "auto"}, {"offload_layers": "auto"}):  # the branches that choose settings
+        assert shape(settle_on(monkeypatch, cfg.replace(**auto), 4 * GIB)[0].plan) == (90, 700), auto
+    # refused: the needed memory and the smallest change named are the dataset's too
+    with pytest.raises(ValueError, match=f"need about {real.needed / GIB:.2f} GiB"):
+        settle_on(monkeypatch, cfg, real.needed - 1)
+    with pytest.raises(ValueError, match=r"memory auto: nothing fits .*\(smallest: nf4 base"):
+        settle_on(monkeypatch, cfg.replace(memory="auto"), 1)
+
+
+def test_plan_command_takes_the_datasets_shape(long_condition_run, capsys):
+    from sidestep_core.cli import main
+
+    cfg = long_condition_run
+    args = ["plan", "--checkpoint", cfg.checkpoint, "--dataset", cfg.dataset, "--device", "cpu", "--free", "64"]
+    assert main(args) == 0
+    head = capsys.readouterr().out.splitlines()[0]
+    assert "the dataset's largest micro-batch: 3.6 s, 700 condition tokens" in head
+    assert main([*args, "--cond-tokens", "64", "--crop-seconds", "2"]) == 0
+    assert "the dataset's largest micro-batch: 2 s, 64 condition tokens" in capsys.readouterr().out

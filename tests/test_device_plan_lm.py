@@ -129,11 +129,12 @@ def run_cfg(tiny_with_lm, tmp_path):
 def test_the_check_before_loading_counts_the_lm(run_cfg, monkeypatch):
     from sidestep_core.device.plan import CONDITION_TOKENS, GIB, checkpoint_config, estimate
 
-    # the joint peak is the one `sidestep plan` prints: the same functions on the longest clip (56 frames) and the
-    # LM's longest training sequence
-    dit = estimate(checkpoint_config(run_cfg.checkpoint), run_cfg, offload_layers=0, device="cpu", frames=56)
-    frames, prompt = longest_sequence(run_cfg, CONDITION_TOKENS)
-    lm = estimate_lm(run_cfg.lm, run_cfg, frames=frames, prompt_tokens=prompt)
+    # the joint peak is the one `sidestep plan` prints: the same functions on the longest clip (56 frames), the
+    # longest condition (9 tokens) and the LM's longest training sequence
+    dit = estimate(checkpoint_config(run_cfg.checkpoint), run_cfg, offload_layers=0, device="cpu", frames=56,
+                   cond_tokens=9)
+    frames, prompt, cot = longest_sequence(run_cfg, CONDITION_TOKENS)
+    lm = estimate_lm(run_cfg.lm, run_cfg, frames=frames, prompt_tokens=prompt, cot_tokens=cot)
     holding, said = settle_with(monkeypatch, run_cfg, 4 * GIB)
     assert holding.plan.peak == holding.plan.needed == joint_peak(dit, lm) > dit.peak
     assert holding.plan.lm_share == joint_peak(dit, lm) - dit.peak
@@ -170,8 +171,8 @@ def test_an_lm_only_run_is_checked_too(run_cfg, monkeypatch):
     from sidestep_core.device.plan_lm import lm_needed
 
     cfg = run_cfg.replace(train_models="lm", checkpoint="")
-    frames, prompt = longest_sequence(cfg, 512)
-    lm = estimate_lm(cfg.lm, cfg, frames=frames, prompt_tokens=prompt)
+    frames, prompt, cot = longest_sequence(cfg, 512)
+    lm = estimate_lm(cfg.lm, cfg, frames=frames, prompt_tokens=prompt, cot_tokens=cot)
     holding, said = settle_with(monkeypatch, cfg, lm_needed(lm, "cpu"))
     assert holding is None and said[0].startswith("memory plan: planner LM: ") and "cpu has" in said[0]
     with pytest.raises(ValueError, match=r"training the planner LM needs about .* but cpu has .* lower batch_size or "
@@ -200,7 +201,7 @@ def test_the_lm_plan_takes_the_datasets_longest_training_sequence(tiny_with_lm, 
     training = build_planner_training(cfg, open_dataset(ds), torch.device("cpu"), None, new_schedule(cfg, 1),
                                       seed=0, say=lambda message: None)
     longest = max(len(s.ids) for s in training.sequences)
-    frames, prompt = longest_sequence(cfg, CONDITION_TOKENS)
+    frames, prompt, _ = longest_sequence(cfg, CONDITION_TOKENS)
     assert frames == 40 and prompt > CONDITION_TOKENS  # the long lyric's clip, not the longest song
 
     holding, said = settle_with(monkeypatch, cfg, 4 * GIB)
@@ -218,3 +219,23 @@ def test_the_lm_plan_takes_the_datasets_longest_training_sequence(tiny_with_lm, 
     assert (f"songs of 1.6 s (the dataset's longest training sequence; the LM trains on whole songs), {prompt} "
             "prompt tokens") in out
     assert f"for 1 × {longest} tokens ({prompt} of prompt)" in out
+
+
+def test_the_lm_plan_counts_the_cots_own_tokens_with_a_loss_on_metadata(run_cfg, monkeypatch):
+    """``lm_loss`` codes_and_metadata trains the CoT too: the plan counts the tokens with a loss that training has
+    (the longest sequence's codes, end token and its own CoT), not an assumed CoT length."""
+    from sidestep_core.device.plan import GIB
+    from sidestep_core.device.plan_lm import METADATA_TOKENS
+    from sidestep_core.planner.training import IGNORE, build_planner_training
+    from sidestep_core.training.data import open_dataset
+    from sidestep_core.training.optim import new_schedule
+
+    cfg = run_cfg.replace(lm_loss="codes_and_metadata")
+    training = build_planner_training(cfg, open_dataset(cfg.dataset), torch.device("cpu"), None,
+                                      new_schedule(cfg, 1), seed=0, say=lambda message: None)
+    longest = max(training.sequences, key=lambda s: len(s.ids))
+    labelled = sum(label != IGNORE for label in longest.labels)
+    plan = settle_with(monkeypatch, cfg, 4 * GIB)[0].plan.lm
+    assert plan.settings["tokens"] == len(longest.ids) and plan.settings["labelled"] == labelled
+    codes_only = settle_with(monkeypatch, run_cfg, 4 * GIB)[0].plan.lm.settings["labelled"]
+    assert labelled - codes_only != METADATA_TOKENS  # this CoT is not the assumed length

@@ -29,9 +29,9 @@ def register(subparsers, name: str = "plan") -> argparse.ArgumentParser:
     src = p.add_argument_group("what to plan for")
     src.add_argument("--shape", choices=SHAPES, help="a released architecture instead of --checkpoint")
     src.add_argument("--free", type=float, metavar="GIB", help="free device memory in GiB (default: the device's)")
-    src.add_argument("--cond-tokens", type=int, default=512,
-                     help="condition length (default: %(default)s); also the planner LM's prompt when no --dataset "
-                     "gives its real one")
+    src.add_argument("--cond-tokens", type=int,
+                     help="condition length (default: the --dataset's longest, else 512); also the planner LM's "
+                     "prompt when no --dataset gives its real one")
     src.add_argument("--table", action="store_true", help="every base precision, with and without full offload")
     src.add_argument("--tiers", action="store_true",
                      help="markdown table: the least change of each vram_* preset that fits its card, 2B and XL")
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from .train import build_config
 
     if args.tiers:
-        print(tier_table(args.cond_tokens))
+        print(tier_table(args.cond_tokens or P.CONDITION_TOKENS))
         return 0
     cfg = build_config(args).validate()
     if cfg.train_models == "lm":
@@ -67,15 +67,19 @@ def run(args: argparse.Namespace) -> int:
         if torch.cuda.is_available() else None)
     target = "cpu" if device == "cpu" else "cuda"
     what = args.shape or cfg.checkpoint
+    frames, cond_tokens = P.dataset_shape(cfg)
+    cond_tokens = args.cond_tokens or cond_tokens
+    batch = f"the dataset's largest micro-batch: {frames / 25:g} s, " if cfg.dataset else ""
     print(f"plan for {what}: decoder {config.hidden_size} wide, {config.num_hidden_layers} layers; {cfg.adapter} "
           f"r{cfg.rank}, {cfg.optimizer}, crop {cfg.crop_seconds:g} s, batch {cfg.batch_size}, checkpointing "
           f"{'on' if cfg.gradient_checkpointing else 'off'}, fused backward {'on' if cfg.fused_backward else 'off'}, "
-          f"{args.cond_tokens} condition tokens, {cfg.precision} compute; device {device}"
+          f"{batch}{cond_tokens} condition tokens, {cfg.precision} compute; device {device}"
           + (f", {P.size(free)} free" if free is not None else ""))
     cache: dict = {}
+    shape = {"frames": frames, "cond_tokens": cond_tokens}
 
     def plan_of(bp: str, off: int):
-        return P.estimate_cached(config, cfg, bp, off, target, cache, cond_tokens=args.cond_tokens)
+        return P.estimate_cached(config, cfg, bp, off, target, cache, **shape)
 
     if args.table:
         grads = ("only those of the layer backward is in are alive at once (fused backward)" if cfg.fused_backward
@@ -96,38 +100,40 @@ def run(args: argparse.Namespace) -> int:
     plan.free = free
     print("plan: " + plan.describe())
     if cfg.trains_lm:
-        return _with_lm(args, cfg, config, plan, free, target, cache)
+        return _with_lm(cfg, config, plan, free, target, cache, shape)
     if plan.fits is False:
-        better = P.smallest_fit(config, cfg, free, target, cache=cache, cond_tokens=args.cond_tokens)
+        better = P.smallest_fit(config, cfg, free, target, cache=cache, **shape)
         print("does not fit; " + (f"smallest change that fits: {better.describe()}" if better else
                                    "nothing fits: lower crop_seconds, batch_size or rank"))
         return 1
     return 0
 
 
-def _lm_plan(args: argparse.Namespace, cfg: TrainConfig):
+def _lm_plan(cfg: TrainConfig, prompt_tokens: int):
+    """The planner LM's plan; ``prompt_tokens`` stands for its prompt when no dataset gives the real ones."""
     from ..device import plan_lm
 
     cfg.check_lm()
-    frames, prompt_tokens = plan_lm.longest_sequence(cfg, args.cond_tokens)
+    lm = plan_lm.plan_for_run(cfg, prompt_tokens)
+    s = lm.settings
     where = "the dataset's longest training sequence" if cfg.dataset else "assumed"
     print(f"planner LM {cfg.lm}: LoRA r{cfg.lm_rank}{' + MLP' if cfg.lm_target_mlp else ''}, loss on "
-          f"{cfg.lm_loss}, songs of {frames / 25:g} s ({where}; the LM trains on whole songs), {prompt_tokens} prompt "
-          "tokens")
-    return plan_lm.estimate_lm(cfg.lm, cfg, frames=frames, prompt_tokens=prompt_tokens)
+          f"{cfg.lm_loss} ({s['labelled']} tokens), songs of {s['frames'] / 25:g} s ({where}; the LM trains on whole "
+          f"songs), {s['prompt_tokens']} prompt tokens")
+    return lm
 
 
-def _with_lm(args: argparse.Namespace, cfg: TrainConfig, config, dit, free, target: str, cache: dict) -> int:
+def _with_lm(cfg: TrainConfig, config, dit, free, target: str, cache: dict, shape: dict) -> int:
     """``train_models`` both: the LM's share and the joint run's peak against the free memory."""
     from ..device import plan as P
 
-    lm = _lm_plan(args, cfg)
+    lm = _lm_plan(cfg, shape["cond_tokens"])
     print("      " + lm.describe())
     joint = dataclasses.replace(dit, lm=lm)
     print(f"both: {P.size(joint.needed)} (peak {P.size(joint.peak)}: both models' weights and adapters, and the larger "
           "of the LM's step and the DiT's step beside the LM's gradients)" + (f"; {P.size(free)} free" if free else ""))
     if joint.fits is False:
-        better = P.smallest_fit(config, cfg, free, target, cache=cache, cond_tokens=args.cond_tokens, lm=lm)
+        better = P.smallest_fit(config, cfg, free, target, cache=cache, lm=lm, **shape)
         print("does not fit; " + (f"smallest change of the DiT's settings that fits: {better.describe()}" if better
                                    else f"no DiT setting fits beside the LM: {P.LM_CHANGES}, or train the LM in its "
                                    "own run"))
@@ -146,7 +152,7 @@ def run_lm_only(args: argparse.Namespace, cfg: TrainConfig) -> int:
     free = int(args.free * P.GIB) if args.free else (
         P.free_memory(torch.device(cfg.device if cfg.device != "auto" else "cuda"))
         if torch.cuda.is_available() else None)
-    lm = _lm_plan(args, cfg)
+    lm = _lm_plan(cfg, args.cond_tokens or P.CONDITION_TOKENS)
     needed = lm_needed(lm, target)
     print(f"plan: {lm.describe()}; needed {P.size(needed)}" + (f", {P.size(free)} free" if free else ""))
     if free is not None and needed > free:

@@ -462,16 +462,19 @@ def settle(cfg: TrainConfig, device: torch.device, say: Optional[Say] = None):
     DiT's settings that fits (beside the LM); refuse (ValueError) when the settings cannot fit. Returns a
     ``Holding`` (None for ``train_models lm``: no DiT is loaded)."""
     from . import Holding
+    from .plan_lm import plan_for_run  # it imports this module
 
     device = torch.device(device)
     free = free_memory(device)
     auto_off = cfg.offload_layers == "auto"
     try:
-        lm = _lm_plan(cfg) if cfg.trains_lm else None
+        lm = plan_for_run(cfg, CONDITION_TOKENS) if cfg.trains_lm else None
         if not cfg.trains_dit:
             return _settle_lm_only(lm, device, free, say)
         config = checkpoint_config(cfg.checkpoint)
-        plan = _plan_for(config, cfg, device, free, auto_off, lm)
+        frames, cond_tokens = dataset_shape(cfg)
+        shape = {"frames": frames, "cond_tokens": cond_tokens}
+        plan = _plan_for(config, cfg, device, free, auto_off, lm, shape)
     except ValueError:
         raise
     except Exception as exc:  # the estimate must never be what stops a run that could train
@@ -481,7 +484,7 @@ def settle(cfg: TrainConfig, device: torch.device, say: Optional[Say] = None):
     if say:
         say("memory plan: " + plan.describe())
     if plan.fits is False:
-        better = smallest_fit(config, cfg, free, str(device), lm=lm)
+        better = smallest_fit(config, cfg, free, str(device), lm=lm, **shape)
         if better:
             hint = f"smallest change that fits: {better.describe()} (use --memory auto to pick it)"
         elif lm is not None:
@@ -496,14 +499,6 @@ def settle(cfg: TrainConfig, device: torch.device, say: Optional[Say] = None):
 
 
 LM_CHANGES = "lower batch_size or lm_rank, or shorten the longest song (the planner LM trains on whole songs)"
-
-
-def _lm_plan(cfg: TrainConfig) -> LMMemoryPlan:
-    """The planner LM's plan as ``sidestep plan`` makes it: the dataset's longest LM training sequence."""
-    from .plan_lm import estimate_lm, longest_sequence
-
-    frames, prompt_tokens = longest_sequence(cfg, CONDITION_TOKENS)
-    return estimate_lm(cfg.lm, cfg, frames=frames, prompt_tokens=prompt_tokens)
 
 
 def _settle_lm_only(lm: LMMemoryPlan, device: torch.device, free: Optional[int], say: Optional[Say]) -> None:
@@ -521,11 +516,12 @@ def _settle_lm_only(lm: LMMemoryPlan, device: torch.device, free: Optional[int],
 
 
 def _plan_for(config: AceStepConfig, cfg: TrainConfig, device: torch.device, free: Optional[int],
-              auto_off: bool, lm: Optional[LMMemoryPlan] = None) -> MemoryPlan:
+              auto_off: bool, lm: Optional[LMMemoryPlan], shape: dict) -> MemoryPlan:
+    """``shape``: the dataset's largest micro-batch (``dataset_shape``), for every plan made here."""
     if cfg.memory == "auto" and free is not None:
-        plan = smallest_fit(config, cfg, free, str(device), start=cfg.base_precision, lm=lm)
+        plan = smallest_fit(config, cfg, free, str(device), start=cfg.base_precision, lm=lm, **shape)
         if plan is None:
-            smallest = dataclasses.replace(_smallest(config, cfg, device), lm=lm)
+            smallest = dataclasses.replace(_smallest(config, cfg, device, shape), lm=lm)
             beside = f" beside the planner LM ({LM_CHANGES})" if lm is not None else ""
             raise ValueError(f"memory auto: nothing fits in {free / GIB:.2f} GiB free on {device}{beside} "
                              f"(smallest: {smallest.describe()}); lower crop_seconds or rank")
@@ -533,26 +529,30 @@ def _plan_for(config: AceStepConfig, cfg: TrainConfig, device: torch.device, fre
         cache: dict = {}
         plan = None
         for n in range(config.num_hidden_layers + 1):
-            plan = estimate_cached(config, cfg, cfg.base_precision, n, str(device), cache)
+            plan = estimate_cached(config, cfg, cfg.base_precision, n, str(device), cache, **shape)
             plan.free, plan.lm = free, lm
             if plan.fits:
                 break
     else:
-        plan = estimate(config, cfg, offload_layers=0 if auto_off else None, device=str(device),
-                        frames=_dataset_frames(cfg))
+        plan = estimate(config, cfg, offload_layers=0 if auto_off else None, device=str(device), **shape)
         plan.free, plan.lm = free, lm
     return plan
 
 
-def _dataset_frames(cfg: TrainConfig) -> Optional[int]:
-    """The longest micro-batch's frames: the crop, or the longest clip when shorter or not cropping."""
+def dataset_shape(cfg: TrainConfig) -> tuple[Optional[int], int]:
+    """(frames, condition tokens) of the largest micro-batch the dataset can make: the crop, or the longest clip when
+    shorter or not cropping, beside the longest condition (a batch is padded to both). Without a dataset: the
+    crop's frames (``None``: ``estimate`` decides) and ``CONDITION_TOKENS``."""
     from ..training.data import FRAMES_PER_SECOND, open_dataset
 
-    longest = max(c.frames for c in open_dataset(cfg.dataset).clips)
+    if not cfg.dataset:
+        return None, CONDITION_TOKENS
+    clips = open_dataset(cfg.dataset).clips
+    longest = max(c.frames for c in clips)
     crop = int(round(cfg.crop_seconds * FRAMES_PER_SECOND))
-    return min(longest, crop) if crop else longest
+    return (min(longest, crop) if crop else longest), max(c.cond_len for c in clips)
 
 
-def _smallest(config, cfg, device) -> MemoryPlan:
+def _smallest(config, cfg, device, shape: dict) -> MemoryPlan:
     return estimate(config, cfg.replace(fused_backward=cfg.fused_backward or can_fuse(cfg)), base_precision="nf4",
-                    offload_layers=config.num_hidden_layers, device=str(device))
+                    offload_layers=config.num_hidden_layers, device=str(device), **shape)

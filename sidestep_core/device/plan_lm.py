@@ -12,7 +12,8 @@ Made as the DiT's plan (:mod:`.plan`), from the LM's headers and config only:
 An LM sequence is its clip's whole prompt and all its codes (the LM is not cropped): ``prompt_tokens`` + one code
 per 5 latent frames + the end token, and a micro-batch pads to the longest. With a dataset the plan takes its longest
 sequence (:func:`longest_sequence`: each clip's prompt tokenized as training builds it, with the LM's tokenizer only);
-without one, a 240 s song and ``sidestep plan``'s ``--cond-tokens``.
+without one, a 240 s song and ``sidestep plan``'s ``--cond-tokens``. With ``lm_loss`` codes_and_metadata the CoT's
+tokens have a loss too: the sequence's own count with a dataset, ``METADATA_TOKENS`` without.
 
 In a joint run the LM's gradients are made first and kept while the DiT's step runs (nothing is applied before
 both are checked), so the run's peak is both models' weights and adapters plus the larger of the LM's step and the
@@ -36,7 +37,7 @@ from ..config import TrainConfig
 from .plan import DTYPES, OPTIMIZER_BYTES, LiveBytes, MemoryPlan, make_fake, size, slack_bytes
 
 POOL = 5  # latent frames per audio code
-METADATA_TOKENS = 48  # the CoT's tokens, trained with lm_loss codes_and_metadata (bpm, duration, key, time, …)
+METADATA_TOKENS = 48  # the CoT's tokens assumed without a dataset (bpm, duration, key, time, …)
 
 
 @dataclass
@@ -69,10 +70,12 @@ class LMMemoryPlan:
         return {**dataclasses.asdict(self), "peak": self.peak}
 
 
-def sequence_tokens(frames: int, prompt_tokens: int, lm_loss: str) -> tuple[int, int]:
-    """(tokens in the sequence, tokens with a loss) of a song of ``frames`` latent frames."""
+def sequence_tokens(frames: int, prompt_tokens: int, lm_loss: str,
+                    cot_tokens: int = METADATA_TOKENS) -> tuple[int, int]:
+    """(tokens in the sequence, tokens with a loss) of a song of ``frames`` latent frames after ``prompt_tokens``
+    (the CoT's ``cot_tokens`` among them: trained with ``codes_and_metadata``)."""
     codes = math.ceil(frames / POOL) + 1  # its codes and the end token
-    return prompt_tokens + codes, codes + (METADATA_TOKENS if lm_loss == "codes_and_metadata" else 0)
+    return prompt_tokens + codes, codes + (cot_tokens if lm_loss == "codes_and_metadata" else 0)
 
 
 def load_dtype(cfg: TrainConfig) -> torch.dtype:
@@ -154,18 +157,21 @@ def _with_depth(config, depth: int):
     return out
 
 
-def estimate_lm(lm: str | Path, cfg: TrainConfig, *, frames: int, prompt_tokens: int) -> LMMemoryPlan:
+def estimate_lm(lm: str | Path, cfg: TrainConfig, *, frames: int, prompt_tokens: int,
+                cot_tokens: int = METADATA_TOKENS) -> LMMemoryPlan:
     """Plan the planner LM's part of a run of ``cfg`` on the LM at ``lm`` (headers and config only), for songs of
-    ``frames`` latent frames (the longest of the dataset) and prompts of ``prompt_tokens`` tokens."""
+    ``frames`` latent frames (the longest of the dataset) and prompts of ``prompt_tokens`` tokens, ``cot_tokens``
+    of them the CoT's."""
     from ..planner.loading import planner_architecture
 
     config = planner_architecture(lm).config
-    tokens, labelled = sequence_tokens(frames, prompt_tokens, cfg.lm_loss)
+    tokens, labelled = sequence_tokens(frames, prompt_tokens, cfg.lm_loss, cot_tokens)
     dtype = load_dtype(cfg)
     step, n_params = lm_step_bytes(config, cfg, tokens, labelled)
     adapter = n_params * (4 + OPTIMIZER_BYTES.get(cfg.optimizer, 8))
     return LMMemoryPlan(lm_weight_bytes(config, dtype), adapter, step, n_params, settings={
-        "tokens": tokens, "prompt_tokens": prompt_tokens, "labelled": labelled, "batch_size": cfg.batch_size,
+        "frames": frames, "tokens": tokens, "prompt_tokens": prompt_tokens, "labelled": labelled,
+        "batch_size": cfg.batch_size,
         "rank": cfg.lm_rank, "dtype": str(dtype).removeprefix("torch."), "hidden_size": int(config.hidden_size),
         "layers": int(config.num_hidden_layers)})
 
@@ -183,13 +189,21 @@ def lm_needed(lm: LMMemoryPlan, device: str) -> int:
     return lm.peak + slack_bytes(lm.peak, device)
 
 
-def longest_sequence(cfg: TrainConfig, prompt_tokens: int, default_seconds: float = 240.0) -> tuple[int, int]:
-    """(latent frames, prompt tokens) of the LM's longest training sequence. With ``cfg.dataset``: its clips as
-    :func:`~sidestep_core.planner.training.build_planner_training` makes them — each whole song and its prompt and
-    CoT in the dataset's prompt style, tokenized with the LM's tokenizer (no weights read). Without one: a song of
-    ``default_seconds`` and ``prompt_tokens``."""
+def plan_for_run(cfg: TrainConfig, prompt_tokens: int) -> LMMemoryPlan:
+    """The planner LM's plan for a run of ``cfg``: at its dataset's longest training sequence (or, without a dataset,
+    a 240 s song after ``prompt_tokens``), as both ``sidestep plan`` and the check before loading make it."""
+    frames, prompt, cot = longest_sequence(cfg, prompt_tokens)
+    return estimate_lm(cfg.lm, cfg, frames=frames, prompt_tokens=prompt, cot_tokens=cot)
+
+
+def longest_sequence(cfg: TrainConfig, prompt_tokens: int,
+                     default_seconds: float = 240.0) -> tuple[int, int, int]:
+    """(latent frames, prompt tokens, the CoT's tokens among them) of the LM's longest training sequence. With
+    ``cfg.dataset``: its clips as :func:`~sidestep_core.planner.training.build_planner_training` makes them — each
+    whole song and its prompt and CoT in the dataset's prompt style, tokenized with the LM's tokenizer (no weights
+    read). Without one: a song of ``default_seconds`` and ``prompt_tokens`` (``METADATA_TOKENS`` of CoT)."""
     if not cfg.dataset:
-        return int(round(default_seconds * 25)), prompt_tokens
+        return int(round(default_seconds * 25)), prompt_tokens, METADATA_TOKENS
     from ..planner.loading import find_planner_tokenizer, load_planner_tokenizer, planner_architecture
     from ..planner.prompts import training_prompt_ids
     from ..planner.training import clip_inputs, prompt_style
@@ -199,7 +213,8 @@ def longest_sequence(cfg: TrainConfig, prompt_tokens: int, default_seconds: floa
     tokenizer = load_planner_tokenizer(find_planner_tokenizer(planner_architecture(cfg.lm).path))
     style = prompt_style(dataset.root)
 
-    def lengths(clip) -> tuple[int, int]:
-        return clip.frames, sum(map(len, training_prompt_ids(tokenizer, clip_inputs(clip.sample), style)))
+    def lengths(clip) -> tuple[int, int, int]:
+        prompt, cot = training_prompt_ids(tokenizer, clip_inputs(clip.sample), style)
+        return clip.frames, len(prompt) + len(cot), len(cot)
 
-    return max((lengths(c) for c in dataset.clips), key=lambda fp: sequence_tokens(*fp, cfg.lm_loss)[0])
+    return max((lengths(c) for c in dataset.clips), key=lambda seq: sequence_tokens(*seq[:2], cfg.lm_loss, seq[2]))
