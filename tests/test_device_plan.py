@@ -201,3 +201,18 @@ def test_plan_command_takes_the_datasets_shape(long_condition_run, capsys):
     assert "the dataset's largest micro-batch: 3.6 s, 700 condition tokens" in head
     assert main([*args, "--cond-tokens", "64", "--crop-seconds", "2"]) == 0
     assert "the dataset's largest micro-batch: 2 s, 64 condition tokens" in capsys.readouterr().out
+
+
+def test_adamw8bit_state_is_what_bitsandbytes_allocates():
+    """2 bytes per value of its two 8-bit states plus an fp32 absmax per 256 values of each (LoRA factors at the real
+    shapes are above bitsandbytes' 4096-value minimum for 8-bit state)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from sidestep_core.device.plan import adapter_bytes
+
+    p = torch.nn.Parameter(torch.randn(64, 2048))
+    opt = bnb.optim.AdamW8bit([p], lr=1e-3)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    # the quantization maps (qmap1/2, 256 values each) are per tensor, not per value
+    state = sum(t.numel() * t.element_size() for k, t in opt.state[p].items() if k.startswith(("state", "absmax")))
+    assert adapter_bytes("adamw8bit", p.numel()) == 4 * p.numel() + state

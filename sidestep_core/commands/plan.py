@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         grads = ("only those of the layer backward is in are alive at once (fused backward)" if cfg.fused_backward
                  else "all of them are alive at the end of backward")
         print(f"adapter: {plan_of(cfg.base_precision, 0).trainable_params / 1e6:.1f} M trainable parameters, 4 B "
-              f"each (fp32) + {P.OPTIMIZER_BYTES.get(cfg.optimizer, 8)} B of {cfg.optimizer} state; their fp32 "
+              f"each (fp32) + {P.OPTIMIZER_BYTES.get(cfg.optimizer, 8):.3g} B of {cfg.optimizer} state; their fp32 "
               f"gradients are part of 'step': {grads}. 'peak' is what torch.cuda.max_memory_allocated would "
               "report; '+ slack' is what must be free on CUDA.")
         plans = [plan_of(bp, off) for bp in BASE_PRECISIONS for off in (0, config.num_hidden_layers)]

@@ -57,7 +57,9 @@ MIB = 2**20
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # optimizer state per trainable parameter; adamw8bit: bitsandbytes keeps 32-bit state for tensors under 4096
 # values, which no LoRA factor of rank >= 2 at the real shapes is
-OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "adafactor": 1, "prodigy": 16}
+# optimizer state per trainable parameter; bitsandbytes' 8-bit AdamW adds an fp32 absmax per 256 values of each of
+# its two states
+OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2 + 2 * 4 / 256, "adafactor": 1, "prodigy": 16}
 CONDITION_TOKENS = 512  # condition length assumed when no dataset tells (caption + lyrics + timbre)
 IN_FLIGHT_LAYERS = 2  # offload: the running layer and the prefetched one
 CUDA_RESERVED = 512 * MIB  # a card's memory the allocator cannot have: CUDA context, cuBLAS/cuDNN, display
@@ -336,12 +338,17 @@ def estimate(config: AceStepConfig, cfg: TrainConfig, *, base_precision: Optiona
         frames = max(int(round(cfg.crop_seconds * 25)), 1) if cfg.crop_seconds else 25 * 240
     weights = weight_bytes(config, bp, dtype, off)
     step, n_params = step_bytes(config, cfg, bp, frames, cond_tokens, off)
-    adapter = n_params * (4 + OPTIMIZER_BYTES.get(cfg.optimizer, 8))
+    adapter = adapter_bytes(cfg.optimizer, n_params)
     return MemoryPlan(bp, off, weights, adapter, step, n_params, device=str(device),
                       settings={"frames": frames, "batch_size": cfg.batch_size, "cond_tokens": cond_tokens,
                                 "adapter": cfg.adapter, "rank": cfg.rank, "optimizer": cfg.optimizer,
                                 "gradient_checkpointing": cfg.gradient_checkpointing},
                       fused_backward=cfg.fused_backward)
+
+
+def adapter_bytes(optimizer: str, n_params: int) -> int:
+    """fp32 trainable parameters and their optimizer state."""
+    return int(n_params * (4 + OPTIMIZER_BYTES.get(optimizer, 8)))
 
 
 def step_bytes(config: AceStepConfig, cfg: TrainConfig, base_precision: str, frames: int, cond_tokens: int,

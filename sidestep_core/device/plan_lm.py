@@ -34,7 +34,7 @@ from typing import Any, Optional
 import torch
 
 from ..config import TrainConfig
-from .plan import DTYPES, OPTIMIZER_BYTES, LiveBytes, MemoryPlan, make_fake, size, slack_bytes
+from .plan import DTYPES, LiveBytes, MemoryPlan, adapter_bytes, make_fake, size, slack_bytes
 
 POOL = 5  # latent frames per audio code
 METADATA_TOKENS = 48  # the CoT's tokens assumed without a dataset (bpm, duration, key, time, …)
@@ -168,7 +168,7 @@ def estimate_lm(lm: str | Path, cfg: TrainConfig, *, frames: int, prompt_tokens:
     tokens, labelled = sequence_tokens(frames, prompt_tokens, cfg.lm_loss, cot_tokens)
     dtype = load_dtype(cfg)
     step, n_params = lm_step_bytes(config, cfg, tokens, labelled)
-    adapter = n_params * (4 + OPTIMIZER_BYTES.get(cfg.optimizer, 8))
+    adapter = adapter_bytes(cfg.optimizer, n_params)
     return LMMemoryPlan(lm_weight_bytes(config, dtype), adapter, step, n_params, settings={
         "frames": frames, "tokens": tokens, "prompt_tokens": prompt_tokens, "labelled": labelled,
         "batch_size": cfg.batch_size,

@@ -51,7 +51,6 @@ Progress = Callable[[dict], None]
 StepHook = Callable[[int, Adapter], None]  # (step, live adapter); see train()
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Optimizer-state bytes per trainable parameter, for the memory estimate (fp32 master weights + grads are extra).
-OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "adafactor": 1, "prodigy": 16}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -543,7 +542,9 @@ class _Trainer:
             per_step = per_micro * len(batches) / self.steps_per_epoch
             out.update(seconds_per_step=per_step, estimated_seconds=per_step * (self.total - self.step))
         if cuda:
-            opt_bytes = OPTIMIZER_BYTES.get(self.cfg.optimizer, 8) * n_params
+            from ..device.plan import OPTIMIZER_BYTES  # the plan's figures: its estimate and this one agree
+
+            opt_bytes = int(OPTIMIZER_BYTES.get(self.cfg.optimizer, 8) * n_params)
             out["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(self.device) + opt_bytes)
             out["memory_kind"] = "cuda"
         else:
