@@ -141,6 +141,13 @@ def read_manifest(folder: Path) -> Optional[dict]:
     return data if isinstance(data, dict) else None
 
 
+def prompt_style(folder: Path) -> str:
+    """The prompt style the dataset was preprocessed for (its manifest's; upstream's when it names none)."""
+    from ..text.prompts import ACESTEP
+
+    return (read_manifest(Path(folder)) or {}).get("prompt_style", ACESTEP)
+
+
 def write_manifest(folder: Path, manifest: dict) -> Path:
     path = folder / MANIFEST
     with _naming(path):

@@ -206,7 +206,8 @@ def longest_sequence(cfg: TrainConfig, prompt_tokens: int,
         return int(round(default_seconds * 25)), prompt_tokens, METADATA_TOKENS
     from ..planner.loading import find_planner_tokenizer, load_planner_tokenizer, planner_architecture
     from ..planner.prompts import training_prompt_ids
-    from ..planner.training import clip_inputs, prompt_style
+    from ..data.cache import prompt_style
+    from ..planner.training import clip_inputs
     from ..training.data import open_dataset
 
     dataset = open_dataset(cfg.dataset)

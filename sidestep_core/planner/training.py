@@ -181,6 +181,7 @@ def build_planner_training(cfg: TrainConfig, dataset, device: torch.device, dtyp
     """Load the planner LM named by ``cfg.lm`` (frozen, in ``dtype``), turn every clip of ``dataset`` into a
     training sequence (its codes from the checkpoint's own audio tokenizer, cached beside the dataset) and add the
     LoRA, initialised from ``seed``."""
+    from ..data.cache import prompt_style
     from ..model import load_acestep
     from .codes import check_codebook, dataset_codes
     from .loading import load_planner
@@ -201,13 +202,6 @@ def build_planner_training(cfg: TrainConfig, dataset, device: torch.device, dtyp
                                dtype, planner.identity)
     training.planner = planner  # its model is the LM being trained (the LoRA is injected in place): previews use it
     return training
-
-
-def prompt_style(dataset_root: Path) -> str:
-    """The prompt style the dataset was preprocessed for (its manifest's; upstream's when it names none)."""
-    from ..data.cache import read_manifest
-
-    return (read_manifest(dataset_root) or {}).get("prompt_style", "acestep")
 
 
 def clip_inputs(sample):

@@ -777,17 +777,16 @@ class _Trainer:
     # ----- main -----
     def _build_previews(self):
         """Preview renderer (rank 0): prompts encoded once, in the style the dataset was preprocessed with."""
-        from ..data.cache import read_manifest
+        from ..data.cache import prompt_style
         from ..inference.generate import SamplerSettings
         from ..inference.previews import PreviewRenderer, load_preview_prompts
 
         cfg = self.cfg
-        manifest = read_manifest(Path(cfg.dataset)) or {}
         settings = SamplerSettings(steps=cfg.preview_steps, shift=cfg.preview_shift, guidance=cfg.preview_guidance)
         return PreviewRenderer.build(
             cfg.checkpoint, self.out, load_preview_prompts(cfg.preview_prompts), cfg.preview_every,
             device=self.device, variant=cfg.base_variant or None, null_condition_emb=self.null, settings=settings,
-            prompt_style=manifest.get("prompt_style", "acestep"), progress=self._progress,
+            prompt_style=prompt_style(cfg.dataset), progress=self._progress,
             lm=cfg.lm if cfg.preview_codes else None, live_lm=cfg.trains_lm and cfg.preview_codes,
         )
 
