@@ -4,6 +4,9 @@ import logging as _logging
 
 __version__ = "0.1.0"
 
+# a log record's flag (``extra``): its message also went to the progress callback, which shows it
+LOG_SHOWN = "sidestep_shown"
+
 
 def _drop_bitsandbytes_kernel_notice(record: _logging.LogRecord) -> bool:
     # bitsandbytes warns on every import (peft imports it) that an optional CPU 4-bit kernel package is missing;

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 from typing import Optional, Sequence
 
-from . import __version__
+from . import LOG_SHOWN, __version__
 from .fsutil import os_error_message
 
 # Subcommand name -> module in sidestep_core.commands exposing register(subparsers) and run(args) -> int.
@@ -51,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _print_warnings()
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
@@ -68,6 +70,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except OSError as exc:  # unreadable input, read-only or full output folder, …: the path and the reason
         print(f"error: {os_error_message(exc)}", file=sys.stderr)
         return 2
+
+
+class _WarningsToStderr(logging.Handler):
+    """The package's warnings on stderr (the one it is at the time: tests swap it), except those the command's
+    progress renderer already printed (``LOG_SHOWN``)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, LOG_SHOWN, False) and bool(super().filter(record))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr)
+
+
+def _print_warnings() -> None:
+    """Installed once: without a handler Python's last-resort one prints every warning, those the progress
+    renderer shows a second time."""
+    logger = logging.getLogger("sidestep")
+    if not any(isinstance(h, _WarningsToStderr) for h in logger.handlers):
+        logger.addHandler(_WarningsToStderr())
 
 
 def _silence_stdout() -> None:

@@ -231,6 +231,8 @@ def estimate(
     if not modules:
         raise ValueError(f"{checkpoint}: the decoder has no adaptable projections")
     data = open_dataset(dataset)
+    for note in data.skipped_notes():
+        emit({"event": "log", "message": note, "level": "warning"})
     frames = [c.frames for c in data.clips]
     crop = int(round(s.crop_seconds * FRAMES_PER_SECOND))
     mu, sigma = loaded.info.timestep_mu, loaded.info.timestep_sigma

@@ -72,15 +72,16 @@ def test_dataset_codes_of_a_preprocessed_folder(tmp_path, loaded):
 
     from sidestep_core.data.cache import load_dataset
     from sidestep_core.planner.codes import CODES_DIR, dataset_codes
+    from sidestep_core.training.data import open_dataset
 
     folder = make_cache(tmp_path / "cache", frames=(40, 57))
-    codes = dataset_codes(folder, loaded.model, loaded.silence_latent)
+    codes = dataset_codes(open_dataset(folder), loaded.model, loaded.silence_latent)
     assert set(codes) == {"clip00", "clip01"}
     assert codes["clip00"].shape == (8,) and codes["clip01"].shape == (12,)  # ceil(T / 5)
     lat = {s.id: s.load()["target_latents"] for s in load_dataset(folder)}
     assert torch.equal(codes["clip01"], codes_from_latents(loaded.model, lat["clip01"], loaded.silence_latent))
     files = sorted((folder / CODES_DIR).iterdir())
     assert len(files) == 2
-    again = dataset_codes(folder, loaded.model, loaded.silence_latent)
+    again = dataset_codes(open_dataset(folder), loaded.model, loaded.silence_latent)
     assert all(torch.equal(again[k], codes[k]) for k in codes)
     assert sorted((folder / CODES_DIR).iterdir()) == files and len(load_dataset(folder)) == 2

@@ -352,3 +352,26 @@ def test_every_run_folder_gets_a_loss_png(tiny_original, two_clips, tmp_path):
     with Image.open(png) as img:
         assert img.format == "PNG" and img.size == (768, 384)
         assert len(set(img.convert("RGB").getdata())) > 3  # a drawn curve, not a blank image
+
+
+def test_a_damaged_or_missing_cache_sample_is_named_and_the_run_goes_on(tiny_original, tmp_path, capsys):
+    """One sample file of the cache truncated (a failing disk) and one deleted (a song removed by hand): the run
+    trains on the rest and names both; a cache with nothing readable is one line and exit 2."""
+    data = make_cache(tmp_path / "cache", frames=(40, 56, 48), cond_len=(6, 9, 7))
+    samples = json.loads((data / "manifest.json").read_text())["samples"]
+    damaged, removed = (data / samples[0]["file"]), (data / samples[1]["file"])
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    removed.unlink()
+    out = tmp_path / "run"
+    assert run_cli(*_args(tiny_original, data, out, "--max-steps", "2")) == 0
+    err = capsys.readouterr()
+    said = err.out + err.err
+    # each once: the progress renderer prints the run's messages, the log handler only what it did not show
+    assert said.count(f"skipped {damaged}: not a readable safetensors sample") == 1
+    assert said.count(f"skipped {removed}: listed in the dataset but missing") == 1
+    assert len(_rows(out)) == 2 and (out / "final").is_dir()
+
+    (data / samples[2]["file"]).write_bytes(b"not a tensor file")
+    assert run_cli(*_args(tiny_original, data, tmp_path / "run2", "--max-steps", "2")) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "no readable preprocessed sample" in ln]
+    assert len(lines) == 1 and str(damaged) in lines[0] and str(removed) in lines[0]

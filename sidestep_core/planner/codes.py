@@ -132,11 +132,8 @@ def check_codebook(model, planner) -> None:
             f"tokenizer makes {size}; the LM and the DiT are from different model families")
 
 
-def dataset_codes(folder: str | Path, model, silence_latent: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Codes of every sample of a preprocessed folder (from its ``target_latents``), cached in
-    ``<folder>/planner_codes/``; keyed by sample id."""
-    from ..data.cache import load_dataset
-
-    folder = Path(folder).expanduser()
-    cache = CodeCache(folder / CODES_DIR, model, silence_latent)
-    return {s.id: cache.codes(s.load()["target_latents"].float()) for s in load_dataset(folder)}
+def dataset_codes(dataset, model, silence_latent: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Codes of every clip of a ``training.data.LatentDataset`` (from its ``target_latents``; the samples it left
+    out as unreadable are not read), cached in ``<its folder>/planner_codes/``; keyed by sample id."""
+    cache = CodeCache(Path(dataset.root) / CODES_DIR, model, silence_latent)
+    return {c.sample.id: cache.codes(c.sample.load()["target_latents"].float()) for c in dataset.clips}

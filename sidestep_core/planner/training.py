@@ -191,7 +191,7 @@ def build_planner_training(cfg: TrainConfig, dataset, device: torch.device, dtyp
     loaded = load_acestep(cfg.checkpoint, variant=cfg.base_variant or None, dtype=torch.float32,
                           parts={"tokenizer"})
     check_codebook(loaded.model, planner)
-    codes = dataset_codes(dataset.root, loaded.model, _silence_latent(loaded, dataset.root))
+    codes = dataset_codes(dataset, loaded.model, _silence_latent(loaded, dataset.root))
     del loaded
     style = prompt_style(dataset.root)
     flags = ("code_mask",) if cfg.lm_loss == "codes" else ("code_mask", "cot_mask")

@@ -71,10 +71,15 @@ class Batch:
 class LatentDataset:
     """Clips of a preprocessed cache; tensors are read lazily per batch (memory-mapped slices of the crop)."""
 
-    def __init__(self, clips: list[Clip], trigger_tag: str = "", root: Optional[Path] = None):
+    def __init__(self, clips: list[Clip], trigger_tag: str = "", root: Optional[Path] = None,
+                 skipped: Optional[list[str]] = None):
         self.clips = clips
         self.trigger_tag = trigger_tag
         self.root = root
+        self.skipped = skipped or []  # why each unreadable sample was left out (its path first)
+
+    def skipped_notes(self) -> list[str]:
+        return [f"skipped {reason} — preprocess its song again to train on it" for reason in self.skipped]
 
     def __len__(self) -> int:
         return len(self.clips)
@@ -110,28 +115,41 @@ class LatentDataset:
 
 def open_dataset(path: str | Path) -> LatentDataset:
     """Open a preprocessed folder through ``sidestep_core.data.cache.load_dataset`` (our cache, or legacy ACE-Step /
-    Side-Step ``.pt`` folders). Only shapes are read here; tensors are read per batch."""
+    Side-Step ``.pt`` folders). Only shapes are read here; tensors are read per batch. A sample that cannot be read
+    (a damaged or foreign file) is left out and named in ``skipped``; only a folder with none readable is refused."""
     from ..data.cache import load_dataset, read_manifest
 
     root = Path(path).expanduser()
     samples = load_dataset(root)
     if not samples:
         raise ValueError(f"{root}: no preprocessed samples (run `sidestep preprocess` first)")
-    clips = [_clip(s) for s in samples]
+    clips, skipped = [], []
+    for sample in samples:
+        try:
+            clips.append(_clip(sample))
+        except ValueError as exc:
+            skipped.append(str(exc))
+    if not clips:
+        raise ValueError(f"{root}: no readable preprocessed sample ({'; '.join(skipped)})")
     manifest = read_manifest(root) or {}
     trigger = str(manifest.get("trigger_tag") or "")
     if not trigger:  # the tag the samples share, if they all have one
         tags = {str(s.metadata.get("custom_tag") or "") for s in samples if s.format == "sidestep"}
         trigger = tags.pop() if len(tags) == 1 else ""
-    return LatentDataset(clips, trigger, root)
+    return LatentDataset(clips, trigger, root, skipped)
 
 
 def _clip(sample: Any) -> Clip:
     path = Path(sample.path)
     repeat = sample.metadata.get("repeat") if sample.format == "sidestep" else None
     repeat = int(repeat) if isinstance(repeat, (int, float)) and repeat >= 1 else 1
+    if not path.is_file():
+        raise ValueError(f"{path}: listed in the dataset but missing")
     if path.suffix != ".safetensors":
-        data = sample.load()
+        try:
+            data = sample.load()
+        except Exception as exc:
+            raise ValueError(f"{path}: not a readable sample ({exc})") from exc
         return Clip(str(sample.id), path, int(data["target_latents"].shape[0]),
                     int(data["encoder_hidden_states"].shape[0]), repeat, sample)
     try:

@@ -31,7 +31,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from .. import __version__
+from .. import LOG_SHOWN, __version__
 from ..config import TrainConfig
 from ..fsutil import RunLock, atomic_write_json, clean_stale_temps
 from . import state as st
@@ -209,7 +209,8 @@ class _Trainer:
 
     def say(self, message: str, level: int = logging.INFO) -> None:
         if self.dist.main:
-            log.log(level, message)
+            # marked when the progress callback shows it too, so the CLI's log handler does not print it twice
+            log.log(level, message, extra={LOG_SHOWN: self._progress is not None})
             self.emit("log", message=message, level=logging.getLevelName(level).lower())
 
     # ----- setup -----
@@ -228,6 +229,8 @@ class _Trainer:
         self._check_out_dir()
 
         self.dataset = open_dataset(cfg.dataset)
+        for note in self.dataset.skipped_notes():
+            self.say(note, logging.WARNING)
         self.train_idx, self.val_idx = split_validation(len(self.dataset), cfg.val_split, cfg.seed)
         self.train_ds = self.dataset.subset(self.train_idx)
         self.val_ds: Optional[LatentDataset] = self.dataset.subset(self.val_idx) if self.val_idx else None
