@@ -22,8 +22,11 @@ class EstimateGradients(io.ComfyNode):
         from sidestep_core.estimate import estimate
 
         bar: dict[str, comfy.utils.ProgressBar] = {}
+        notes: list[str] = []  # the core's warnings (samples it left out), shown above the result
 
         def progress(ev: dict) -> None:
+            if ev.get("event") == "log":
+                notes.append(str(ev.get("message", "")))
             if ev.get("event") == "step" and ev.get("total") and not mm.processing_interrupted():
                 b = bar.get("bar") or bar.setdefault("bar", comfy.utils.ProgressBar(ev["total"],
                                                                                    node_id=cls.hidden.unique_id))
@@ -40,4 +43,5 @@ class EstimateGradients(io.ComfyNode):
         finally:
             release_memory()
         ref = calls.estimate_ref(result)
-        return io.NodeOutput(ref, ref.text, ui=text(ref.text))
+        shown = "\n".join([*notes, ref.text])
+        return io.NodeOutput(ref, shown, ui=text(shown))
