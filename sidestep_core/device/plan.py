@@ -55,10 +55,9 @@ if TYPE_CHECKING:
 GIB = 2**30
 MIB = 2**20
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# optimizer state per trainable parameter; adamw8bit: bitsandbytes keeps 32-bit state for tensors under 4096
-# values, which no LoRA factor of rank >= 2 at the real shapes is
-# optimizer state per trainable parameter; bitsandbytes' 8-bit AdamW adds an fp32 absmax per 256 values of each of
-# its two states
+# optimizer state per trainable parameter; adamw8bit: two 8-bit states, each with an fp32 absmax per 256 values
+# (bitsandbytes keeps 32-bit state for tensors under 4096 values, which no LoRA factor of rank >= 2 at the real
+# shapes is)
 OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2 + 2 * 4 / 256, "adafactor": 1, "prodigy": 16}
 CONDITION_TOKENS = 512  # condition length assumed when no dataset tells (caption + lyrics + timbre)
 IN_FLIGHT_LAYERS = 2  # offload: the running layer and the prefetched one

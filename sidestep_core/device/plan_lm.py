@@ -204,9 +204,9 @@ def longest_sequence(cfg: TrainConfig, prompt_tokens: int,
     read). Without one: a song of ``default_seconds`` and ``prompt_tokens`` (``METADATA_TOKENS`` of CoT)."""
     if not cfg.dataset:
         return int(round(default_seconds * 25)), prompt_tokens, METADATA_TOKENS
+    from ..data.cache import prompt_style
     from ..planner.loading import find_planner_tokenizer, load_planner_tokenizer, planner_architecture
     from ..planner.prompts import training_prompt_ids
-    from ..data.cache import prompt_style
     from ..planner.training import clip_inputs
     from ..training.data import open_dataset
 

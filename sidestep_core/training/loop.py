@@ -50,7 +50,6 @@ log = logging.getLogger("sidestep.train")
 Progress = Callable[[dict], None]
 StepHook = Callable[[int, Adapter], None]  # (step, live adapter); see train()
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# Optimizer-state bytes per trainable parameter, for the memory estimate (fp32 master weights + grads are extra).
 
 
 class NonFiniteLossError(RuntimeError):
