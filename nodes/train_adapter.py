@@ -38,6 +38,7 @@ class _TrainReporter:
         self.bar: Optional[comfy.utils.ProgressBar] = None
         self.total = 0
         self.cancelled = False
+        self.warnings: list[str] = []  # the run's warnings (samples left out, …): listed in the node's result
 
     def should_stop(self) -> bool:
         # Read the flag without clearing it (ComfyUI's own check clears it); re-raised after the save.
@@ -58,6 +59,8 @@ class _TrainReporter:
                                                    "steps_per_s", "epoch")})
             self._bar(int(ev["step"]))
         elif kind in ("checkpoint", "validation", "done", "log"):
+            if kind == "log" and ev.get("level") == "warning":
+                self.warnings.append(str(ev.get("message", "")))
             payload.update({k: v for k, v in ev.items() if k != "event" and _jsonable(v)})
         else:
             return
@@ -225,6 +228,7 @@ class TrainAdapter(io.ComfyNode):
                 if previews.error:
                     notes.append(previews.error)
             runs.write_marker(plan.out, cfg, result.status, result.step, result.total_steps)
+            notes.extend(reporter.warnings)
             if reporter.cancelled or result.interrupted:
                 log.info("Side-Step: cancelled at step %d; checkpoint %s, adapter %s", result.step,
                          result.checkpoint, result.final_dir)

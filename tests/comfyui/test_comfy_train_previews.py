@@ -100,3 +100,26 @@ def test_a_half_wired_preview_graph_is_refused(setup):
     ext, bundle, dataset, graph, _ = setup
     with pytest.raises(ValueError, match="preview_vae"):
         ext.TrainAdapter.execute(bundle, dataset, **settings("half"), **{**graph, "preview_vae": None})
+
+
+def test_the_node_lists_the_samples_it_left_out(setup, tmp_path):
+    """A damaged sample in the dataset folder: the run trains on the rest and the node's result names the file (and
+    Estimate Gradients' does)."""
+    from pack_loader import pack_module
+    from train_helpers import make_cache
+
+    ext, bundle, _, _, _ = setup
+    cache = make_cache(tmp_path / "cache", frames=(24, 32, 28), cond_len=(5, 7, 6), hidden=2048)
+    damaged = cache / json.loads((cache / "manifest.json").read_text())["samples"][1]["file"]
+    damaged.write_bytes(damaged.read_bytes()[:64])
+    dataset = pack_module("values").DatasetRef(cache, 3, 3, 0, (), "ds-damaged")
+    out = ext.TrainAdapter.execute(bundle, dataset, **{**settings("damaged"), "max_steps": 2})
+    assert out.result[0].steps == 2
+    assert f"skipped {damaged}: not a readable safetensors sample" in out.ui["text"][0]
+    # Estimate Gradients on the same folder: its result lists the file too
+    from comfy_api.latest import _io
+
+    estimate = pack_module("estimate_gradients").EstimateGradients
+    estimate.hidden = _io.HiddenHolder.from_dict({})
+    ranked = estimate.execute(bundle, dataset, batches=1, runs=1)
+    assert ranked.result[0].targets and f"skipped {damaged}" in ranked.ui.as_dict()["text"][0]
