@@ -209,14 +209,10 @@ def measure(comfyui_dir: Path, base: Path) -> list[dict]:
     models = H.write_model_set()
     H.write_dataset(base / "input" / "sidestep_dataset")
     H.write_dataset(base / "input" / "sidestep_dataset2")
-    import importlib.util
-
     # the tests' torchvision/torchaudio import stand-ins (ComfyUI imports both at start-up)
-    spec = importlib.util.spec_from_file_location("comfy_conftest", ROOT / "tests" / "comfyui" / "conftest.py")
-    conftest = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(conftest)
-    folder = Path(tempfile.mkdtemp(prefix="comfy_standins_"))
-    stand_ins = folder if conftest._write_standins(folder) else None
+    folder = base / "standins"
+    folder.mkdir()
+    stand_ins = folder if H.write_standins(folder) else None
     server = H.ComfyServer(comfyui_dir, base, models, stand_ins).start(timeout=1200)
     rows = []
     try:

@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -95,7 +94,7 @@ def comfy_server(tmp_path_factory):
     """A ComfyUI server for the whole session: the tiny model set (cached between runs, see comfy_harness), two
     short test songs with captions in ``input/sidestep_dataset`` and ``models/loras/my_style.safetensors``."""
     comfyui_dir = Path(os.environ["COMFYUI_DIR"]).expanduser().resolve()
-    standins = Path(tempfile.mkdtemp(prefix="comfy_standins_"))
+    standins = tmp_path_factory.mktemp("comfy_standins")
     stood_in = H.write_standins(standins)
     models = H.write_model_set()
     base = tmp_path_factory.mktemp("browser_comfy_base")

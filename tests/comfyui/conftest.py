@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import os
 import sys
-import tempfile
 import types
 from pathlib import Path
 
@@ -59,7 +58,7 @@ def _own_model_folders():
 
 
 @pytest.fixture(scope="session")
-def comfy():
+def comfy(tmp_path_factory):
     """ComfyUI's modules, imported in-process on the CPU: ``comfy.sd``, ``comfy.lora``, ``comfy.utils``, … plus
     ``dir`` (the checkout), ``standins`` (packages replaced by import stand-ins) and ``standin_dir`` (the folder
     holding them, to put on a ComfyUI subprocess's PYTHONPATH; None when nothing is stood in)."""
@@ -68,7 +67,7 @@ def comfy():
     root = Path(COMFYUI_DIR).expanduser().resolve()
     if not (root / "comfy" / "sd.py").is_file():
         pytest.fail(f"COMFYUI_DIR={COMFYUI_DIR}: not a ComfyUI checkout (comfy/sd.py missing)")
-    standin_dir = Path(tempfile.mkdtemp(prefix="comfy_standins_"))
+    standin_dir = tmp_path_factory.mktemp("comfy_standins")
     standins = H.write_standins(standin_dir)
     if standins:
         sys.path.insert(0, str(standin_dir))
