@@ -82,10 +82,33 @@ def _patches(row: C.Row, model, adapter: Optional[AdapterRef]) -> Optional[dict]
             release_memory()
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 class CompareAdapters(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return build_schema(S.COMPARE, hidden=(io.Hidden.unique_id, io.Hidden.prompt))
+
+    @classmethod
+    def validate_inputs(cls, strengths=None):
+        """A typo in ``strengths`` is named when the prompt is queued, not after the training run before it.
+        (A linked value arrives as None: it is checked when the node runs.)"""
+        if strengths is None:
+            return True
+        try:
+            C.parse_strengths(strengths)
+        except ValueError:
+            # no quotes: the front end's error panel shows an apostrophe as "&amp;amp;apos;"
+            bad = [s for s in strengths.replace(",", " ").split() if not _is_number(s)]
+            return (f"{', '.join(bad)} is not a number" if bad else "give at least one") + \
+                " (strengths are numbers separated by commas, e.g. 0.5, 0.8, 1.0)"
+        return True
 
     @classmethod
     def fingerprint_inputs(cls, run="", lora_names="", checkpoints="last 3", **_):

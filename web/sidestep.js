@@ -149,13 +149,20 @@ function panel(node) {
   const widget = node.addDOMWidget(PANEL, "sidestep", root, {
     serialize: false,
     hideOnZoom: false,
-    getMinHeight: () => panelHeight(st),
-    getMaxHeight: () => panelHeight(st),
+    getMinHeight: () => panelSpace(st),
+    getMaxHeight: () => panelSpace(st),
   });
   widget.serialize = false; // not in widgets_values (options.serialize keeps it out of the API prompt)
   st.widget = widget;
   render(st);
   return st;
+}
+
+// The height the widget asks for: the classic canvas draws a DOM widget 2 × its margin shorter than that (Nodes 2.0
+// lays the element out at its content's height).
+function panelSpace(st) {
+  const h = panelHeight(st);
+  return h && !LiteGraph.vueNodesMode ? h + 2 * (st.widget?.margin ?? 0) : h;
 }
 
 function panelHeight(st) {

@@ -56,3 +56,29 @@ def test_train_compare_export_from_the_run_button(page, comfy_server, canvas):
     with page.expect_response(lambda r: "/view" in r.url and want in unquote(r.url), timeout=30_000) as got:
         cell.click()
     assert got.value.status in (200, 206)
+
+
+def test_a_typo_in_strengths_is_named_when_run_is_pressed(page, comfy_server, canvas):
+    """Compare Adapters runs after the training: its ``strengths`` are checked when Run is pressed, so a typo is
+    reported on the spot (ComfyUI's validation error on the node, naming the input and the value) instead of after
+    the training. ComfyUI still runs the outputs that do not depend on the node: the training is stopped here."""
+    ids = ui.open_for_a_run(page, comfy_server, canvas, "train_compare_export",
+                            {"SideStepCompareAdapters": {"strengths": "0.5, O.8"},
+                             "SideStepTrainAdapter": {"max_steps": 1}}, f"cmp_typo_{canvas}")
+    try:
+        with page.expect_response(lambda r: r.url.endswith("/api/prompt") and r.request.method == "POST") as got:
+            page.get_by_test_id("queue-button").click()
+        errors = got.value.json()["node_errors"]
+        compare = str(ids["SideStepCompareAdapters"])
+        assert list(errors) == [compare], errors
+        details = " ".join(e["details"] for e in errors[compare]["errors"])
+        assert "strengths" in details and "O.8 is not a number" in details, details
+        # the front end outlines the node and lists the error; "See Errors" shows the message
+        page.get_by_role("button", name="See Errors").click()
+        shown = page.get_by_text("O.8 is not a number").first
+        shown.wait_for(timeout=30_000)
+        assert "&amp;" not in shown.inner_text()
+    finally:
+        comfy_server.post("/queue", {"clear": True})
+        comfy_server.post("/interrupt", {})
+        ui.wait_idle(comfy_server)

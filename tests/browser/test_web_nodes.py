@@ -231,6 +231,33 @@ def test_panel_chart_newest_preview_and_wrapped_text(page, comfy_server, canvas)
     assert not buttons.is_visible()
 
 
+@pytest.mark.parametrize("node_type", [TRAIN, "SideStepExportAdapter", "SideStepLoadCheckpoint"])
+def test_panel_shows_all_of_its_content(page, comfy_server, canvas, node_type):
+    """The panel is as tall as what it holds: no line of the result (nor the chart's legend) is cut off at the
+    node's bottom. The classic canvas draws a DOM widget 2 × its margin shorter than the height it asks for."""
+    fresh(page, comfy_server, canvas)
+    page.evaluate("() => { app.canvas.ds.scale = 1; app.canvas.setDirty(true, true); }")
+    node = add_node(page, node_type)
+    if node_type == TRAIN:
+        run_messages(page, node, f"web_fit_{canvas}", steps=3)
+    lines = ["wrote /home/someone/ComfyUI/models/loras/my_style.safetensors", "from /home/someone/run/final",
+             "the last line of the result"]
+    send(page, "executed", {"node": str(node), "display_node": str(node), "prompt_id": "web",
+                            "output": {"text": lines}})
+    ui.settle(page)
+    panel = PANEL.format(id=node)
+    page.wait_for_function("(sel) => document.querySelector(sel)?.offsetHeight > 0", arg=f"{panel} .sidestep-result",
+                           timeout=10_000)
+    ui.settle(page)
+    cut = page.evaluate("""(sel) => { const p = document.querySelector(sel), box = p.getBoundingClientRect();
+      return [...p.children].filter(c => !c.hidden).map(c => [c.className, c.getBoundingClientRect().bottom - box.bottom])
+        .filter(([, over]) => over > 1); }""", panel)
+    assert not cut, f"cut off at the panel's bottom (class, px): {cut}"
+    bottom = page.evaluate("(sel) => document.querySelector(sel).getBoundingClientRect().bottom", panel)
+    assert bottom <= node_rect(page, node, canvas)[3] + 1
+    assert "the last line of the result" in page.locator(f"{panel} .sidestep-result").inner_text()
+
+
 def write_loss_csv(server, run: str, rows: int) -> dict:
     from sidestep_core.training.logs import CSV_FIELDS
 

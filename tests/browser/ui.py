@@ -164,3 +164,14 @@ def queue_from_ui(page, server, timeout: float = 1200.0) -> dict:
 
 def dumps(obj: Any) -> str:
     return json.dumps(obj, indent=1, default=str)[:6000]
+
+
+def wait_idle(server, timeout: float = 300.0) -> None:
+    """Until the server's queue is empty (nothing running, nothing pending)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        queue = server.get("/queue")
+        if not queue["queue_running"] and not queue["queue_pending"]:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"the queue is still busy after {timeout:.0f} s: {queue}")
