@@ -60,13 +60,15 @@ class AudioHashIndex:
     """sha256 of audio files, reused while a file's size and mtime are unchanged (no re-reading on re-runs)."""
 
     def __init__(self, previous: Optional[dict] = None):
-        self._old = previous or {}
+        # an index of another shape (another version, an edit) is only a cache: unusable entries are re-hashed
+        self._old = {k: v for k, v in previous.items() if isinstance(v, dict)} if isinstance(previous, dict) else {}
         self.entries: dict[str, dict] = {}
 
     def sha256(self, path: Path, rel: str) -> str:
         st = path.stat()
         old = self._old.get(rel) or self.entries.get(rel)
-        if old and old.get("size") == st.st_size and old.get("mtime_ns") == st.st_mtime_ns and old.get("sha256"):
+        if (old and old.get("size") == st.st_size and old.get("mtime_ns") == st.st_mtime_ns
+                and isinstance(old.get("sha256"), str)):
             digest = old["sha256"]
         else:
             digest = file_sha256(path)

@@ -486,16 +486,22 @@ def preprocess(
         return out / sample_filename(key)
 
     done_records = {p.key: read_record(final_path(p.key)) for p in plans}
-    unique: dict[str, _Plan] = {}
+    same_key: dict[str, list[_Plan]] = {}  # files of identical audio and metadata are encoded once
     for p in plans:
-        unique.setdefault(p.key, p)
-    todo = [p for k, p in unique.items() if done_records.get(k) is None]
+        same_key.setdefault(p.key, []).append(p)
+    todo = [group[0] for k, group in same_key.items() if done_records.get(k) is None]
     passes: list[PassReport] = []
     failed_keys: set[str] = set()
+
+    def fail(key: str, reason: str) -> None:
+        """A sample that failed while encoding: every file holding it is listed (not only the one encoded)."""
+        failures.extend(Failure(p.item.rel, reason, key) for p in same_key[key])
+        failed_keys.add(key)
     # Files that failed while encoding fail the same way while nothing about them changed: report, don't retry.
     known_bad = {}
     if previous.get("format") == FORMAT:
-        known_bad = {f["key"]: f["reason"] for f in previous.get("failed", []) if isinstance(f, dict) and f.get("key")}
+        known_bad = {f["key"]: f["reason"] for f in _list(previous.get("failed"))
+                     if isinstance(f, dict) and isinstance(f.get("key"), str) and isinstance(f.get("reason"), str)}
     for p in plans:
         if p.key in known_bad:
             failures.append(Failure(p.item.rel, known_bad[p.key], p.key))
@@ -539,8 +545,7 @@ def preprocess(
                         reason = str(exc)
                         prefix = f"{plan.item.path}: "
                         reason = reason[len(prefix):] if reason.startswith(prefix) else reason
-                        failures.append(Failure(plan.item.rel, reason, plan.key))
-                        failed_keys.add(plan.key)
+                        fail(plan.key, reason)
                         continue
                     for note in record["notes"] + record["audio_warnings"]:
                         report.note("pass1", plan.item.rel, note)
@@ -572,8 +577,7 @@ def preprocess(
                     record.pop("_tensors", None)
                     tensors = _pass2_item(inter, record, model, sil, cfg.prompt_style)
                 except ValueError as exc:
-                    failures.append(Failure(plan.item.rel, str(exc), plan.key))
-                    failed_keys.add(plan.key)
+                    fail(plan.key, str(exc))
                     continue
                 record["dtype"] = str(dtype).removeprefix("torch.")
                 write_tensors(final_path(plan.key), tensors, record)
@@ -655,6 +659,11 @@ def preprocess(
     path = write_manifest(out, manifest)
     report("done", len(samples), len(plans))
     return PreprocessResult(out, path, len(samples), encoded, reused, failures, passes, warnings, dataset_report)
+
+
+def _list(value) -> list:
+    """A list from an earlier manifest, or none when it holds something else (another version, an edit)."""
+    return value if isinstance(value, list) else []
 
 
 def _inside_or_same(path: Path, folder: Path) -> bool:
