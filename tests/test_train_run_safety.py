@@ -127,6 +127,27 @@ def test_full_disk_during_a_checkpoint_keeps_the_last_good_one(tiny_original, tw
     assert "resumed from" in capsys.readouterr().err and [r["step"] for r in _rows(out)] == list("123456")
 
 
+def test_a_file_size_limit_during_a_checkpoint_names_the_file(tiny_original, two_clips, tmp_path):
+    """A real failing write (RLIMIT_FSIZE: EFBIG from write(), as a full disk gives ENOSPC) carries no file name;
+    the message names the file all the same, and the interrupted save leaves nothing behind."""
+    out = tmp_path / "o"
+    code = (
+        "import resource, sys\n"
+        "from sidestep_core.cli import main\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, resource.RLIM_INFINITY))\n"  # the adapter is 57 kB
+        "sys.exit(main(['train', *sys.argv[1:]]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, *_args(tiny_original, two_clips, out, "--max-steps", "2",
+                                                               "--save-every", "1")],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {out / 'checkpoints'}/.step_1.tmp-") and last.endswith(
+        "/adapter_model.safetensors: file too large"), last
+    assert "Traceback" not in proc.stderr
+    assert not (out / "checkpoints").exists() or not list((out / "checkpoints").iterdir())
+
+
 # ----------------------------------------------------------------------------------------------------------
 # damaged and tampered training state
 # ----------------------------------------------------------------------------------------------------------

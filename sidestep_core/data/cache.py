@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -97,19 +96,7 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     from safetensors.torch import save
 
     data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
-    with _naming(path):
-        atomic_write_bytes(path, data)
-
-
-@contextmanager
-def _naming(path: Path):
-    """OS errors of a write name the file (a failed ``write()`` on an open file carries no name)."""
-    try:
-        yield
-    except OSError as exc:
-        if exc.filename or exc.errno is None:
-            raise
-        raise OSError(exc.errno, exc.strerror, str(path)) from exc
+    atomic_write_bytes(path, data)
 
 
 def read_record(path: Path) -> Optional[dict]:
@@ -152,8 +139,7 @@ def prompt_style(folder: Path) -> str:
 
 def write_manifest(folder: Path, manifest: dict) -> Path:
     path = folder / MANIFEST
-    with _naming(path):
-        atomic_write_json(path, manifest)
+    atomic_write_json(path, manifest)
     return path
 
 

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..fsutil import atomic_write_bytes
+from ..fsutil import atomic_write_bytes, naming
 
 log = logging.getLogger("sidestep.train")
 
@@ -64,8 +64,9 @@ class CsvLog:
         atomic_write_bytes(self.path, buf.getvalue().encode("utf-8"))
 
     def write(self, **row) -> None:
-        self._w.writerow([_fmt(row.get(k)) for k in CSV_FIELDS])
-        self._fh.flush()
+        with naming(self.path):
+            self._w.writerow([_fmt(row.get(k)) for k in CSV_FIELDS])
+            self._fh.flush()
 
     def close(self) -> None:
         self._fh.close()
