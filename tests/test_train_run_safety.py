@@ -188,6 +188,41 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tiny_origina
     assert [r["step"] for r in _rows(out)] == list("12345")
 
 
+def _nan_weights(folder: Path) -> None:
+    path = folder / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    key = sorted(tensors)[0]
+    tensors[key] = tensors[key] * float("nan")
+    save_file(tensors, str(path))
+
+
+ADAPTER_DAMAGE = {
+    "truncated weights": (lambda f: (f / "adapter_model.safetensors").write_bytes(
+        (f / "adapter_model.safetensors").read_bytes()[:100]), "adapter_model.safetensors: cannot read adapter weights"),
+    "weights deleted": (lambda f: (f / "adapter_model.safetensors").unlink(), "no adapter found"),
+    "config not JSON": (lambda f: (f / "adapter_config.json").write_text("{"), "unreadable PEFT adapter config"),
+    "NaN weights": (_nan_weights, "holds NaN or infinite values"),
+}
+
+
+@pytest.mark.parametrize("case", list(ADAPTER_DAMAGE))
+def test_a_checkpoint_with_damaged_adapter_files_is_skipped_like_damaged_state(tiny_original, two_clips, tmp_path,
+                                                                                capsys, case):
+    """Resume loads the checkpoint's adapter files too: a damaged one (a failing disk, a hand edit) makes
+    ``--resume auto`` fall back to the previous checkpoint instead of ending the run."""
+    damage, reason = ADAPTER_DAMAGE[case]
+    out = tmp_path / "o"
+    train(fast_config(max_steps=4, save_every=2, keep_checkpoints=0), tiny_original, two_clips, out)
+    damage(out / "checkpoints" / "step_4")
+    assert not is_valid(out / "checkpoints" / "step_4") and is_valid(out / "checkpoints" / "step_2")
+    capsys.readouterr()
+    assert run_cli(*_args(tiny_original, two_clips, out, "--max-steps", "5", "--resume", "auto")) == 0
+    err = capsys.readouterr().err
+    assert f"skipping {out / 'checkpoints' / 'step_4'}: " in err and reason in err, err
+    assert f"resumed from {out / 'checkpoints' / 'step_2'} at step 2" in err
+    assert [r["step"] for r in _rows(out)] == list("12345")
+
+
 def test_only_damaged_checkpoints_exit_2_with_a_message(tiny_original, two_clips, tmp_path, capsys):
     out = tmp_path / "o"
     train(fast_config(max_steps=2, save_every=1, keep_checkpoints=0), tiny_original, two_clips, out)
