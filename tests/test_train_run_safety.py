@@ -393,6 +393,32 @@ def test_the_time_estimate_matches_the_measured_step_time(tiny_original, tmp_pat
     assert 1 / 1.5 < plan["seconds_per_step"] / measured < 1.5, (plan["seconds_per_step"], measured)
 
 
+@pytest.mark.parametrize("mangle", ["latin-1 row", "binary junk", "one endless line"])
+def test_a_loss_csv_mangled_by_another_program_does_not_stop_the_resume(tiny_original, two_clips, tmp_path, capsys,
+                                                                         mangle):
+    """loss.csv is only a log; opened and saved by a spreadsheet (another encoding), or damaged, it used to end the
+    resume with a bare UnicodeDecodeError line naming no file. The rows that still parse are kept."""
+    from sidestep_core.training.chart import read_loss_csv
+
+    out = tmp_path / "o"
+    train(fast_config(max_steps=2, save_every=2), tiny_original, two_clips, out)
+    path = out / "loss.csv"
+    if mangle == "latin-1 row":
+        path.write_bytes(path.read_bytes() + "note,café au lait\n".encode("latin-1"))
+    elif mangle == "binary junk":
+        path.write_bytes(bytes(range(256)) * 8)
+    else:
+        path.write_bytes(path.read_bytes() + b'"' + b"x" * 200_000)  # past the csv module's field limit
+    capsys.readouterr()
+    assert run_cli(*_args(tiny_original, two_clips, out, "--max-steps", "4", "--save-every", "2",
+                          "--resume", "auto")) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    steps = [int(r["step"]) for r in _rows(out) if r["step"].isdigit()]
+    assert steps[-2:] == [3, 4] and (steps == [1, 2, 3, 4] or mangle == "binary junk"), steps
+    assert read_loss_csv(path)[0][-2:] == [3, 4]
+    assert (out / "loss.png").stat().st_size > 1000
+
+
 def test_every_run_folder_gets_a_loss_png(tiny_original, two_clips, tmp_path):
     from PIL import Image
 
