@@ -436,6 +436,31 @@ def test_every_run_folder_gets_a_loss_png(tiny_original, two_clips, tmp_path):
         assert len(set(img.convert("RGB").getdata())) > 3  # a drawn curve, not a blank image
 
 
+def test_a_manifest_edited_or_written_elsewhere_cannot_blow_up_the_run(tiny_original, tmp_path, capsys):
+    """Preprocessing caps ``repeat`` at MAX_REPEAT, but training trusted the manifest: repeat 10**12 made the epoch
+    plan a list of 10**13 visits (the process was killed for memory) and Infinity an OverflowError. A
+    format_version that is no number was a traceback."""
+    from sidestep_core.data.metadata import MAX_REPEAT
+    from sidestep_core.training.data import open_dataset
+
+    data = make_cache(tmp_path / "cache", frames=(40, 56, 48), cond_len=(6, 9, 7))
+    manifest = json.loads((data / "manifest.json").read_text())
+    for entry, repeat in zip(manifest["samples"], (10**12, float("inf"), 3)):
+        entry["repeat"] = repeat
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    assert [c.repeat for c in open_dataset(data).clips] == [MAX_REPEAT, 1, 3]
+    assert run_cli(*_args(tiny_original, data, tmp_path / "run", "--max-steps", "1")) == 0
+
+    for version in ([1], "one"):
+        manifest["format_version"] = version
+        (data / "manifest.json").write_text(json.dumps(manifest))
+        capsys.readouterr()
+        assert run_cli(*_args(tiny_original, data, tmp_path / "run2", "--max-steps", "1")) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: {data / 'manifest.json'}: format_version {str(version)!r} is not a number; re-run " \
+                      "preprocessing\n", err
+
+
 def test_a_damaged_or_missing_cache_sample_is_named_and_the_run_goes_on(tiny_original, tmp_path, capsys):
     """One sample file of the cache truncated (a failing disk) and one deleted (a song removed by hand): the run
     trains on the rest and names both; a cache with nothing readable is one line and exit 2."""

@@ -204,7 +204,11 @@ def load_dataset(path: str | Path) -> list[Sample]:
         raise ValueError(f"{folder}: preprocessed tensor folder does not exist")
     manifest = read_manifest(folder)
     if manifest is not None and manifest.get("format") == FORMAT:
-        version = int(manifest.get("format_version", 0))
+        try:
+            version = int(manifest.get("format_version", 0))
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(f"{folder / MANIFEST}: format_version {str(manifest['format_version'])[:40]!r} is not "
+                             "a number; re-run preprocessing") from None
         if version > FORMAT_VERSION:
             raise ValueError(f"{folder / MANIFEST}: cache format {version} is newer than this version understands")
         samples = []

@@ -11,6 +11,7 @@ once every K epochs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -18,6 +19,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 from safetensors import safe_open
+
+from ..data.metadata import MAX_REPEAT
 
 FRAMES_PER_SECOND = 25  # 48 kHz / 1920
 REQUIRED = ("target_latents", "encoder_hidden_states", "context_latents")
@@ -142,7 +145,9 @@ def open_dataset(path: str | Path) -> LatentDataset:
 def _clip(sample: Any) -> Clip:
     path = Path(sample.path)
     repeat = sample.metadata.get("repeat") if sample.format == "sidestep" else None
-    repeat = int(repeat) if isinstance(repeat, (int, float)) and repeat >= 1 else 1
+    # preprocessing lowers repeat to MAX_REPEAT; a manifest edited or written elsewhere is held to it too (10**12
+    # visits per epoch would be a list that fills the memory; Infinity would not even convert)
+    repeat = min(int(repeat), MAX_REPEAT) if isinstance(repeat, (int, float)) and 1 <= repeat < math.inf else 1
     if not path.is_file():
         raise ValueError(f"{path}: listed in the dataset but missing")
     if path.suffix != ".safetensors":
