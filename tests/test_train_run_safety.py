@@ -461,6 +461,50 @@ def test_a_manifest_edited_or_written_elsewhere_cannot_blow_up_the_run(tiny_orig
                       "preprocessing\n", err
 
 
+class _Evil:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # would create the file if it were ever unpickled
+
+
+def test_a_legacy_pt_folder_trains_and_its_bad_files_are_named(tiny_original, tmp_path, capsys):
+    """ACE-Step / Side-Step ``.pt`` folders are a documented input, but training on one ended in a traceback
+    (the model check read sample 0 as safetensors). Their hostile files are each one line: a pickle with code
+    in it (never run), tensors of the wrong rank or of another model's width."""
+    import torch
+
+    folder = tmp_path / "legacy"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+
+    def sample(frames=40, cond=9, hidden=64, extra_dim=False):
+        lat = torch.randn(frames, 64, *((2,) if extra_dim else ()), generator=g)
+        return {"target_latents": lat, "attention_mask": torch.ones(frames),
+                "encoder_hidden_states": torch.randn(cond, hidden, generator=g),
+                "encoder_attention_mask": torch.ones(cond), "context_latents": torch.randn(frames, 128, generator=g),
+                "metadata": {"caption": "x"}}
+
+    torch.save(sample(), folder / "a.pt")
+    torch.save(sample(48, 7), folder / "b.pt")
+    torch.save(sample(extra_dim=True), folder / "rank3.pt")
+    torch.save(sample(hidden=32), folder / "width.pt")
+    marker = tmp_path / "pwned"
+    torch.save({"x": _Evil(str(marker))}, folder / "evil.pt")
+    out = tmp_path / "run"
+    assert run_cli(*_args(tiny_original, folder, out, "--max-steps", "4")) == 0
+    said = capsys.readouterr()
+    text = said.out + said.err
+    assert "Traceback" not in text and not marker.exists() and len(_rows(out)) == 4
+    assert f"skipped {folder / 'evil.pt'}: not a readable sample ({folder / 'evil.pt'}: holds Python objects other " \
+           "than tensors (not loaded, for safety))" in text
+    assert f"skipped {folder / 'rank3.pt'}: expected target_latents [T,64]" in text
+    assert f"skipped {folder / 'width.pt'}: widths [64, 128, 32] differ from the rest of the dataset's " \
+           "[64, 128, 64]" in text
+    assert all(line.count("skipped") <= 1 for line in text.splitlines())  # one line each
+
+
 def test_a_damaged_or_missing_cache_sample_is_named_and_the_run_goes_on(tiny_original, tmp_path, capsys):
     """One sample file of the cache truncated (a failing disk) and one deleted (a song removed by hand): the run
     trains on the rest and names both; a cache with nothing readable is one line and exit 2."""

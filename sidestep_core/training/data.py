@@ -12,6 +12,7 @@ once every K epochs.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -34,6 +35,7 @@ class Clip:
     cond_len: int  # L of encoder_hidden_states
     repeat: int = 1  # visits per epoch (the dataset's per-sample "repeat")
     sample: Any = None  # the data.cache.Sample it came from (legacy .pt samples are read through it)
+    widths: tuple[int, ...] = ()  # of target_latents, context_latents, encoder_hidden_states
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,12 @@ def open_dataset(path: str | Path) -> LatentDataset:
             skipped.append(str(exc))
     if not clips:
         raise ValueError(f"{root}: no readable preprocessed sample ({'; '.join(skipped)})")
+    # files of another model's cache mixed in (copied over, a manifest edited) would fail mid-run when drawn: the
+    # widths most clips share are the dataset's (the model is checked against them before training)
+    common = Counter(c.widths for c in clips).most_common(1)[0][0]
+    skipped += [f"{c.path}: widths {list(c.widths)} differ from the rest of the dataset's {list(common)}"
+                for c in clips if c.widths != common]
+    clips = [c for c in clips if c.widths == common]
     manifest = read_manifest(root) or {}
     trigger = str(manifest.get("trigger_tag") or "")
     if not trigger:  # the tag the samples share, if they all have one
@@ -155,8 +163,8 @@ def _clip(sample: Any) -> Clip:
             data = sample.load()
         except Exception as exc:
             raise ValueError(f"{path}: not a readable sample ({exc})") from exc
-        return Clip(str(sample.id), path, int(data["target_latents"].shape[0]),
-                    int(data["encoder_hidden_states"].shape[0]), repeat, sample)
+        t, c, e = (tuple(data[k].shape) for k in ("target_latents", "context_latents", "encoder_hidden_states"))
+        return _checked_clip(sample, path, t, c, e, repeat)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             keys = set(f.keys())
@@ -170,10 +178,14 @@ def _clip(sample: Any) -> Clip:
         raise
     except Exception as exc:
         raise ValueError(f"{path}: not a readable safetensors sample ({exc})") from exc
+    return _checked_clip(sample, path, t, c, e, repeat)
+
+
+def _checked_clip(sample: Any, path: Path, t, c, e, repeat: int) -> Clip:
     if len(t) != 2 or len(c) != 2 or c[0] != t[0] or len(e) != 2:
         raise ValueError(f"{path}: expected target_latents [T,64], context_latents [T,128], "
-                         f"encoder_hidden_states [L,H]; got {t}, {c}, {e}")
-    return Clip(str(sample.id), path, int(t[0]), int(e[0]), repeat, sample)
+                         f"encoder_hidden_states [L,H]; got {list(t)}, {list(c)}, {list(e)}")
+    return Clip(str(sample.id), path, int(t[0]), int(e[0]), repeat, sample, (int(t[1]), int(c[1]), int(e[1])))
 
 
 # ----------------------------------------------------------------------------------------------------------
