@@ -16,6 +16,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import os
+import re
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -154,11 +155,19 @@ class PreprocessResult:
     def warning_lines(self) -> list[str]:
         """Per-file warnings and the dataset report, as the CLI and the node show them."""
         lines = [f"warning {path}: {text}" for path, text in self.warnings]
-        return lines + (quality.report_lines(self.quality) if self.quality else [])
+        return [one_line(t) for t in lines + (quality.report_lines(self.quality) if self.quality else [])]
 
     def report_lines(self) -> list[str]:
         """Skipped files, then :meth:`warning_lines`."""
-        return [f"skipped {f.path}: {f.reason}" for f in self.failures] + self.warning_lines()
+        return [one_line(f"skipped {f.path}: {f.reason}") for f in self.failures] + self.warning_lines()
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def one_line(text: str) -> str:
+    """``text`` with control characters escaped (``\\n``): a file named with a line break stays one line."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -678,6 +687,6 @@ def _nothing_usable(audio_dir: Path, failures: list[Failure]) -> str:
     if not failures:
         kinds = ", ".join(sorted(AUDIO_EXTENSIONS))
         return f"{audio_dir}: no audio files found (looked for {kinds}, in sub-folders too)"
-    lines = "\n".join(f"  {f.path}: {f.reason}" for f in failures[:50])
+    lines = "\n".join(one_line(f"  {f.path}: {f.reason}") for f in failures[:50])
     more = f"\n  … and {len(failures) - 50} more" if len(failures) > 50 else ""
     return f"{audio_dir}: no usable audio files; every one was skipped:\n{lines}{more}"
