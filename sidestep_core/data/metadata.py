@@ -368,6 +368,14 @@ def _read_text(path: Path, warnings: list[str]) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
+def read_text_file(path: Path, warnings: list[str]) -> str:
+    """A user's text file other than a sidecar (``--lyrics-file``), read as sidecars are: only a regular file
+    (a FIFO would wait forever, ``/dev/zero`` never end), at most 1 MiB, UTF-8 or a legacy encoding with a note."""
+    if not _sidecar_exists(path):
+        raise MetadataError(f"{path}: no such file")
+    return _read_text(path, warnings)
+
+
 def _canonical(key: str) -> Optional[str]:
     return _ALIAS.get(re.sub(r"[\s-]+", "_", key.strip().lower()))
 
