@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Mapping, Optional
 
@@ -40,11 +41,24 @@ def _write(path: Path, data: bytes) -> None:
         os.fsync(fh.fileno())
 
 
+@contextmanager
+def naming(path: str | Path):
+    """OS errors inside name ``path`` when they name no file: a failed ``write()`` on an open file (a full disk,
+    a file-size limit) carries no name, and a message without one does not say where."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename or exc.errno is None:
+            raise
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
+
+
 def atomic_write_bytes(dest: str | Path, data: bytes) -> None:
     dest = Path(dest)
     tmp = _temp_in(dest)
     try:
-        _write(tmp, data)
+        with naming(dest):
+            _write(tmp, data)
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
@@ -56,7 +70,7 @@ def atomic_write_stream(dest: str | Path, fill: Callable[[BinaryIO], None]) -> N
     dest = Path(dest)
     tmp = _temp_in(dest)
     try:
-        with open(tmp, "wb") as fh:
+        with naming(dest), open(tmp, "wb") as fh:
             fill(fh)
             fh.flush()
             os.fsync(fh.fileno())

@@ -215,6 +215,54 @@ def test_not_adapters(tmp_path):
         read_adapter_weights(tmp_path / "set.safetensors")
 
 
+_Q = "diffusion_model.decoder.layers.0.self_attn.q_proj"
+_TO_Q = "transformer.layers.0.self_attn.to_q"
+_NAN = torch.full((64, 4), float("nan"))
+DAMAGED = {  # tensors (ComfyUI names; diffusers names for the last ones), metadata, the message
+    "ranks differ": ({f"{_Q}.lora_up.weight": torch.zeros(64, 3), f"{_Q}.lora_down.weight": torch.zeros(4, 64)}, {},
+                     "the lora factors do not fit together"),
+    "1-D factor": ({f"{_Q}.lora_up.weight": torch.zeros(64, 4), f"{_Q}.lora_down.weight": torch.zeros(4)}, {},
+                   "the lora factors do not fit together"),
+    "rank 0": ({f"{_Q}.lora_up.weight": torch.zeros(64, 0), f"{_Q}.lora_down.weight": torch.zeros(0, 64)}, {},
+               "is empty"),
+    "NaN": ({f"{_Q}.lora_up.weight": _NAN, f"{_Q}.lora_down.weight": torch.zeros(4, 64)}, {},
+            "up holds NaN or infinite values"),
+    "two alphas": ({f"{_Q}.lora_up.weight": torch.zeros(64, 4), f"{_Q}.lora_down.weight": torch.zeros(4, 64),
+                    f"{_Q}.alpha": torch.tensor([1.0, 2.0])}, {}, "alpha holds 2 values, not one"),
+    "infinite alpha": ({f"{_Q}.lora_up.weight": torch.zeros(64, 4), f"{_Q}.lora_down.weight": torch.zeros(4, 64),
+                        f"{_Q}.alpha": torch.tensor(float("inf"))}, {}, "alpha is inf"),
+    "LoHa ranks differ": ({f"{_Q}.hada_w1_a": torch.zeros(64, 2), f"{_Q}.hada_w1_b": torch.zeros(2, 64),
+                           f"{_Q}.hada_w2_a": torch.zeros(64, 3), f"{_Q}.hada_w2_b": torch.zeros(2, 64)}, {},
+                          "the loha factors do not fit together"),
+    "LoKr factor halves differ": ({f"{_Q}.lokr_w1_a": torch.zeros(8, 2), f"{_Q}.lokr_w1_b": torch.zeros(3, 8),
+                                   f"{_Q}.lokr_w2": torch.zeros(8, 8)}, {}, "the lokr factors do not fit together"),
+    "diffusers: lora_A alone": ({f"{_TO_Q}.lora_A.weight": torch.zeros(4, 64)}, {}, "has no lora_B beside it"),
+    "diffusers: metadata not JSON": ({f"{_TO_Q}.lora_A.weight": torch.zeros(4, 64),
+                                      f"{_TO_Q}.lora_B.weight": torch.zeros(64, 4)},
+                                     {"lora_adapter_metadata": "{"}, "unreadable lora_adapter_metadata"),
+    "diffusers: ranks differ": ({f"{_TO_Q}.lora_A.weight": torch.zeros(4, 64),
+                                 f"{_TO_Q}.lora_B.weight": torch.zeros(64, 2)}, {}, "factors do not fit together"),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGED))
+def test_a_damaged_adapter_file_is_refused_in_one_line(tmp_path, dit, capsys, case):
+    """Hand-edited, foreign or half-broken files: refused while reading, naming the file and the module, with
+    exit 2 from the CLI — never a traceback from the maths later, never a NaN "verified" export."""
+    from sidestep_core.cli import main
+
+    tensors, meta, message = DAMAGED[case]
+    path = tmp_path / "damaged.safetensors"
+    save_file(tensors, str(path), meta or None)
+    with pytest.raises(AdapterFormatError, match=re.escape(message)):
+        read_adapter_weights(path)
+    capsys.readouterr()
+    assert main(["export", str(path), "--out", str(tmp_path / "x.safetensors"), "--checkpoint", str(dit)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "x.safetensors").exists()
+
+
 def test_dora_scale_forms(dit):
     base = {"diffusion_model.decoder.layers.0.self_attn.q_proj.lora_up.weight": torch.randn(64, 2),
             "diffusion_model.decoder.layers.0.self_attn.q_proj.lora_down.weight": torch.randn(2, 64)}

@@ -208,3 +208,25 @@ def test_cli_entries(monkeypatch, tiny_original, tmp_path):
     assert json.loads((tmp_path / "cmp" / "compare.json").read_text())["renders"][0]["label"] == "base"
     assert cli.main(["generate", "--checkpoint", ck, "--caption", "x", "--out", str(tmp_path / "x.wav"),
                      "--device", "cpu"]) == 2  # user error: reported, exit code 2
+
+
+def test_a_lyrics_file_is_read_like_a_sidecar(tiny_original, tmp_path, capsys):
+    """``--lyrics-file`` saved by Windows Notepad (Windows-1252) ended in a bare UnicodeDecodeError line naming no
+    file; a FIFO waited forever and /dev/zero was read until the memory ran out. Now a legacy encoding is read with
+    a note, and anything but a regular text file is one line and exit 2, before the model loads."""
+    import os
+
+    from sidestep_core import cli
+
+    ck = str(tiny_original / "acestep-v15-turbo")
+    args = ["--plain", "generate", "--checkpoint", ck, "--caption", "x", "--seconds", "0.2", "--device", "cpu",
+            "--out", str(tmp_path / "g.flac"), "--lyrics-file"]
+    os.mkfifo(tmp_path / "fifo.txt")
+    for path, reason in ((tmp_path / "fifo.txt", "not a regular file"), ("/dev/zero", "not a regular file"),
+                         (tmp_path / "missing.txt", "no such file")):
+        assert cli.main([*args, str(path)]) == 2
+        assert capsys.readouterr().err == f"error: {path}: {reason}\n"
+    notepad = tmp_path / "lyrics.txt"
+    notepad.write_bytes("[verse]\r\ncafé, señor\r\n".encode("cp1252"))
+    assert cli.main([*args, str(notepad)]) == 0
+    assert "note: lyrics.txt is not UTF-8; read as Windows-1252" in capsys.readouterr().err

@@ -119,6 +119,45 @@ def test_wrong_json_types_never_reach_the_prompts(tmp_path):
     assert {"path": str(ds), "warning": warning} in m["warnings"]
 
 
+@pytest.mark.slow
+def test_every_copy_of_a_failing_file_is_named_and_a_mangled_manifest_is_only_a_cache(tmp_path, capsys):
+    """Files of identical content and metadata are encoded once: when that fails, each of them is listed (before,
+    only the one encoded was, and the others vanished without a word), one line each even for a name with a line
+    break. An earlier manifest whose hash index or failure list has another shape (another version, a hand edit)
+    is re-derived instead of ending the run."""
+    ck = tiny_checkpoint("original")
+    audio, out = tmp_path / "audio", tmp_path / "cache"
+    write_audio(audio / "a.wav", tone(SECONDS, 48000), 48000)
+    (audio / "empty.wav").write_bytes(b"")
+    (audio / "empty.flac").write_bytes(b"")
+    (audio / "sub").mkdir()
+    (audio / "sub" / "noise.mp3").write_text("not audio")
+    (audio / "noise.mp3").write_text("not audio")
+    (audio / "line\nbreak.mp3").write_text("not audio")  # its message is one line all the same
+    assert _run(["--checkpoint", ck.root, "--audio-dir", audio, "--out", out]) == 0
+    first = json.loads((out / "manifest.json").read_text())
+    failed = {f["path"]: f["reason"] for f in first["failed"]}
+    assert failed == {"empty.flac": "empty file (0 bytes)", "empty.wav": "empty file (0 bytes)",
+                      "noise.mp3": failed["noise.mp3"], "sub/noise.mp3": failed["noise.mp3"],
+                      "line\nbreak.mp3": failed["noise.mp3"]}
+    lines = capsys.readouterr().out.splitlines()
+    for name in failed:
+        shown = name.replace("\n", "\\n")
+        assert any(ln.startswith(f"skipped {shown}: ") for ln in lines), shown
+
+    first["audio_index"] = ["not", "a", "mapping"]
+    first["failed"] = [{"key": 3}, "x", {"key": first["failed"][0]["key"], "reason": None}]
+    (out / "manifest.json").write_text(json.dumps(first))
+    assert _run(["--checkpoint", ck.root, "--audio-dir", audio, "--out", out]) == 0
+    again = json.loads((out / "manifest.json").read_text())
+    assert {f["path"]: f["reason"] for f in again["failed"]} == failed
+    assert again["stats"]["reused"] == 1 and sorted(again["audio_index"]) == sorted([*failed, "a.wav"])
+    for junk in ({"a.wav": "x", "empty.wav": {"size": "big"}}, None):
+        again["audio_index"] = junk
+        (out / "manifest.json").write_text(json.dumps(again))
+        assert preprocess(ck.root, audio, out).reused == 1
+
+
 def test_said_early_with_exit_two(tmp_path, capsys):
     """A folder that is no model, an empty or unusable audio folder, an output that cannot be a folder: one line,
     exit 2, before anything is loaded or written."""
@@ -147,12 +186,14 @@ def test_said_early_with_exit_two(tmp_path, capsys):
     unusable = tmp_path / "unusable"
     unusable.mkdir()
     os.mkfifo(unusable / "pipe.wav")
+    os.mkfifo(unusable / "line\nbreak.wav")
     os.symlink("/dev/null", unusable / "null.flac")
     write_audio(unusable / "y.wav", tone(SECONDS, 48000), 48000)
     (unusable / "y.txt").write_bytes(b"\x00\x01 binary")
     code, err = run("--checkpoint", ck.root, "--audio-dir", unusable, "--out", tmp_path / "o3")
     assert code == 2 and "no usable audio files" in err and "pipe.wav: not a regular file" in err
     assert "null.flac: not a regular file (a character device)" in err and "y.wav: unreadable metadata" in err
+    assert "\n  line\\nbreak.wav: not a regular file" in err
 
     code, err = run("--checkpoint", ck.root, "--audio-dir", audio, "--out", audio)
     assert code == 2 and "must not be the audio folder" in err

@@ -312,6 +312,39 @@ def test_a_sidecar_that_is_a_fifo_does_not_hang(tmp_path):
     assert not items and "not a regular file" in failures[0].reason
 
 
+def test_sidecar_links_follow_the_audio_link_rule(tmp_path):
+    """A downloaded dataset whose ``song.lyrics.txt`` links to a private file must not put that file into the
+    prompts and the manifest: a sidecar link out of the folder fails its song (allowed on request, as audio links
+    are); links inside are read. Messages name the sidecar as written, not its target."""
+    import os
+
+    root = tmp_path / "songs"
+    secret = tmp_path / "private" / "notes.txt"
+    secret.parent.mkdir()
+    secret.write_text("caption: my bank password\n")
+    for name in ("a", "b", "c", "d", "e"):
+        _touch(root / f"{name}.wav")
+    os.symlink(secret, root / "a.lyrics.txt")
+    os.symlink(secret, root / "b.txt")
+    os.symlink(secret, root / "c.labels.txt")
+    (root / "shared").mkdir()
+    (root / "shared" / "cap.txt").write_text("caption: shared caption\n")
+    os.symlink("shared/cap.txt", root / "d.txt")
+    os.symlink("/dev/zero", root / "e.caption.txt")
+    items, failures, _ = collect_items(root)
+    reasons = {f.path: f.reason for f in failures}
+    assert [i.id for i in items] == ["d.wav"] and items[0].meta.caption == "shared caption"
+    for name, sidecar in (("a", "a.lyrics.txt"), ("b", "b.txt"), ("c", "c.labels.txt")):
+        assert reasons[f"{name}.wav"] == (f"unreadable metadata: {sidecar}: a symbolic link to {secret}, outside "
+                                          "the audio folder (allow outside paths to use it)")
+    assert reasons["e.wav"] == "unreadable metadata: e.caption.txt: not a regular file"
+    ds = root / "dataset.json"
+    ds.write_text(json.dumps([{"audio_path": "c.wav", "caption": "from json"}]))
+    assert collect_items(root, dataset_json=ds)[1][0].reason.startswith("unreadable metadata: c.labels.txt: a symb")
+    allowed = {i.id: i for i in collect_items(root, allow_outside=True)[0]}
+    assert sorted(allowed) == ["a.wav", "b.wav", "c.wav", "d.wav"] and allowed["b.wav"].meta.caption == "my bank password"
+
+
 def test_json_paths_longer_than_the_file_system_allows(tmp_path):
     _touch(tmp_path / "a.wav")
     path = tmp_path / "d.json"

@@ -127,6 +127,27 @@ def test_full_disk_during_a_checkpoint_keeps_the_last_good_one(tiny_original, tw
     assert "resumed from" in capsys.readouterr().err and [r["step"] for r in _rows(out)] == list("123456")
 
 
+def test_a_file_size_limit_during_a_checkpoint_names_the_file(tiny_original, two_clips, tmp_path):
+    """A real failing write (RLIMIT_FSIZE: EFBIG from write(), as a full disk gives ENOSPC) carries no file name;
+    the message names the file all the same, and the interrupted save leaves nothing behind."""
+    out = tmp_path / "o"
+    code = (
+        "import resource, sys\n"
+        "from sidestep_core.cli import main\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, resource.RLIM_INFINITY))\n"  # the adapter is 57 kB
+        "sys.exit(main(['train', *sys.argv[1:]]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, *_args(tiny_original, two_clips, out, "--max-steps", "2",
+                                                               "--save-every", "1")],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {out / 'checkpoints'}/.step_1.tmp-") and last.endswith(
+        "/adapter_model.safetensors: file too large"), last
+    assert "Traceback" not in proc.stderr
+    assert not (out / "checkpoints").exists() or not list((out / "checkpoints").iterdir())
+
+
 # ----------------------------------------------------------------------------------------------------------
 # damaged and tampered training state
 # ----------------------------------------------------------------------------------------------------------
@@ -163,6 +184,41 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tiny_origina
     assert run_cli(*_args(tiny_original, two_clips, out, "--max-steps", "5", "--resume", "auto")) == 0
     err = capsys.readouterr().err
     assert f"skipping {out / 'checkpoints' / 'step_4'}: damaged training state" in err and reason in err, err
+    assert f"resumed from {out / 'checkpoints' / 'step_2'} at step 2" in err
+    assert [r["step"] for r in _rows(out)] == list("12345")
+
+
+def _nan_weights(folder: Path) -> None:
+    path = folder / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    key = sorted(tensors)[0]
+    tensors[key] = tensors[key] * float("nan")
+    save_file(tensors, str(path))
+
+
+ADAPTER_DAMAGE = {
+    "truncated weights": (lambda f: (f / "adapter_model.safetensors").write_bytes(
+        (f / "adapter_model.safetensors").read_bytes()[:100]), "adapter_model.safetensors: cannot read adapter weights"),
+    "weights deleted": (lambda f: (f / "adapter_model.safetensors").unlink(), "no adapter found"),
+    "config not JSON": (lambda f: (f / "adapter_config.json").write_text("{"), "unreadable PEFT adapter config"),
+    "NaN weights": (_nan_weights, "holds NaN or infinite values"),
+}
+
+
+@pytest.mark.parametrize("case", list(ADAPTER_DAMAGE))
+def test_a_checkpoint_with_damaged_adapter_files_is_skipped_like_damaged_state(tiny_original, two_clips, tmp_path,
+                                                                                capsys, case):
+    """Resume loads the checkpoint's adapter files too: a damaged one (a failing disk, a hand edit) makes
+    ``--resume auto`` fall back to the previous checkpoint instead of ending the run."""
+    damage, reason = ADAPTER_DAMAGE[case]
+    out = tmp_path / "o"
+    train(fast_config(max_steps=4, save_every=2, keep_checkpoints=0), tiny_original, two_clips, out)
+    damage(out / "checkpoints" / "step_4")
+    assert not is_valid(out / "checkpoints" / "step_4") and is_valid(out / "checkpoints" / "step_2")
+    capsys.readouterr()
+    assert run_cli(*_args(tiny_original, two_clips, out, "--max-steps", "5", "--resume", "auto")) == 0
+    err = capsys.readouterr().err
+    assert f"skipping {out / 'checkpoints' / 'step_4'}: " in err and reason in err, err
     assert f"resumed from {out / 'checkpoints' / 'step_2'} at step 2" in err
     assert [r["step"] for r in _rows(out)] == list("12345")
 
@@ -337,6 +393,32 @@ def test_the_time_estimate_matches_the_measured_step_time(tiny_original, tmp_pat
     assert 1 / 1.5 < plan["seconds_per_step"] / measured < 1.5, (plan["seconds_per_step"], measured)
 
 
+@pytest.mark.parametrize("mangle", ["latin-1 row", "binary junk", "one endless line"])
+def test_a_loss_csv_mangled_by_another_program_does_not_stop_the_resume(tiny_original, two_clips, tmp_path, capsys,
+                                                                         mangle):
+    """loss.csv is only a log; opened and saved by a spreadsheet (another encoding), or damaged, it used to end the
+    resume with a bare UnicodeDecodeError line naming no file. The rows that still parse are kept."""
+    from sidestep_core.training.chart import read_loss_csv
+
+    out = tmp_path / "o"
+    train(fast_config(max_steps=2, save_every=2), tiny_original, two_clips, out)
+    path = out / "loss.csv"
+    if mangle == "latin-1 row":
+        path.write_bytes(path.read_bytes() + "note,café au lait\n".encode("latin-1"))
+    elif mangle == "binary junk":
+        path.write_bytes(bytes(range(256)) * 8)
+    else:
+        path.write_bytes(path.read_bytes() + b'"' + b"x" * 200_000)  # past the csv module's field limit
+    capsys.readouterr()
+    assert run_cli(*_args(tiny_original, two_clips, out, "--max-steps", "4", "--save-every", "2",
+                          "--resume", "auto")) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    steps = [int(r["step"]) for r in _rows(out) if r["step"].isdigit()]
+    assert steps[-2:] == [3, 4] and (steps == [1, 2, 3, 4] or mangle == "binary junk"), steps
+    assert read_loss_csv(path)[0][-2:] == [3, 4]
+    assert (out / "loss.png").stat().st_size > 1000
+
+
 def test_every_run_folder_gets_a_loss_png(tiny_original, two_clips, tmp_path):
     from PIL import Image
 
@@ -352,6 +434,75 @@ def test_every_run_folder_gets_a_loss_png(tiny_original, two_clips, tmp_path):
     with Image.open(png) as img:
         assert img.format == "PNG" and img.size == (768, 384)
         assert len(set(img.convert("RGB").getdata())) > 3  # a drawn curve, not a blank image
+
+
+def test_a_manifest_edited_or_written_elsewhere_cannot_blow_up_the_run(tiny_original, tmp_path, capsys):
+    """Preprocessing caps ``repeat`` at MAX_REPEAT, but training trusted the manifest: repeat 10**12 made the epoch
+    plan a list of 10**13 visits (the process was killed for memory) and Infinity an OverflowError. A
+    format_version that is no number was a traceback."""
+    from sidestep_core.data.metadata import MAX_REPEAT
+    from sidestep_core.training.data import open_dataset
+
+    data = make_cache(tmp_path / "cache", frames=(40, 56, 48), cond_len=(6, 9, 7))
+    manifest = json.loads((data / "manifest.json").read_text())
+    for entry, repeat in zip(manifest["samples"], (10**12, float("inf"), 3)):
+        entry["repeat"] = repeat
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    assert [c.repeat for c in open_dataset(data).clips] == [MAX_REPEAT, 1, 3]
+    assert run_cli(*_args(tiny_original, data, tmp_path / "run", "--max-steps", "1")) == 0
+
+    for version in ([1], "one"):
+        manifest["format_version"] = version
+        (data / "manifest.json").write_text(json.dumps(manifest))
+        capsys.readouterr()
+        assert run_cli(*_args(tiny_original, data, tmp_path / "run2", "--max-steps", "1")) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: {data / 'manifest.json'}: format_version {str(version)!r} is not a number; re-run " \
+                      "preprocessing\n", err
+
+
+class _Evil:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # would create the file if it were ever unpickled
+
+
+def test_a_legacy_pt_folder_trains_and_its_bad_files_are_named(tiny_original, tmp_path, capsys):
+    """ACE-Step / Side-Step ``.pt`` folders are a documented input, but training on one ended in a traceback
+    (the model check read sample 0 as safetensors). Their hostile files are each one line: a pickle with code
+    in it (never run), tensors of the wrong rank or of another model's width."""
+    import torch
+
+    folder = tmp_path / "legacy"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+
+    def sample(frames=40, cond=9, hidden=64, extra_dim=False):
+        lat = torch.randn(frames, 64, *((2,) if extra_dim else ()), generator=g)
+        return {"target_latents": lat, "attention_mask": torch.ones(frames),
+                "encoder_hidden_states": torch.randn(cond, hidden, generator=g),
+                "encoder_attention_mask": torch.ones(cond), "context_latents": torch.randn(frames, 128, generator=g),
+                "metadata": {"caption": "x"}}
+
+    torch.save(sample(), folder / "a.pt")
+    torch.save(sample(48, 7), folder / "b.pt")
+    torch.save(sample(extra_dim=True), folder / "rank3.pt")
+    torch.save(sample(hidden=32), folder / "width.pt")
+    marker = tmp_path / "pwned"
+    torch.save({"x": _Evil(str(marker))}, folder / "evil.pt")
+    out = tmp_path / "run"
+    assert run_cli(*_args(tiny_original, folder, out, "--max-steps", "4")) == 0
+    said = capsys.readouterr()
+    text = said.out + said.err
+    assert "Traceback" not in text and not marker.exists() and len(_rows(out)) == 4
+    assert f"skipped {folder / 'evil.pt'}: not a readable sample ({folder / 'evil.pt'}: holds Python objects other " \
+           "than tensors (not loaded, for safety))" in text
+    assert f"skipped {folder / 'rank3.pt'}: expected target_latents [T,64]" in text
+    assert f"skipped {folder / 'width.pt'}: widths [64, 128, 32] differ from the rest of the dataset's " \
+           "[64, 128, 64]" in text
+    assert all(line.count("skipped") <= 1 for line in text.splitlines())  # one line each
 
 
 def test_a_damaged_or_missing_cache_sample_is_named_and_the_run_goes_on(tiny_original, tmp_path, capsys):

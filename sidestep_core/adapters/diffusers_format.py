@@ -19,6 +19,7 @@ and non-PEFT DoRA computed on the base model given, so exact only there.
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Mapping, Optional
@@ -31,7 +32,7 @@ from .comfy_export import BaseWeights, ExportError, _base_getter
 from .delta import delta_weight
 from .merge import low_rank_factors
 from .names import is_target
-from .weights import AdapterShapeError, AdapterWeights, ModuleWeights
+from .weights import AdapterFormatError, AdapterShapeError, AdapterWeights, ModuleWeights
 
 PREFIX = "transformer."
 _SEGMENTS = {"q_proj": "to_q", "k_proj": "to_k", "v_proj": "to_v", "o_proj": "to_out.0", "q_norm": "norm_q",
@@ -123,21 +124,36 @@ def read_diffusers(path: str | Path) -> AdapterWeights:
     and by 1 without it."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        conf = _lora_config(f.metadata() or {})
-        sd = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # a truncated file
+        raise AdapterFormatError(f"{path}: cannot read adapter tensors ({exc})") from exc
+    try:
+        conf = _lora_config(meta)
+    except (ValueError, AttributeError) as exc:
+        raise AdapterFormatError(f"{path}: unreadable lora_adapter_metadata ({exc})") from exc
     modules = {}
     for key in sd:
         if key.endswith(".lora_A.weight"):
             module = key[len(PREFIX): -len(".lora_A.weight")]
-            down, up = sd[key], sd[f"{PREFIX}{module}.lora_B.weight"]
+            up = sd.get(f"{PREFIX}{module}.lora_B.weight")
+            if up is None:
+                raise AdapterFormatError(f"{path}: {key} has no lora_B beside it")
             mag = sd.get(f"{PREFIX}{module}.lora_magnitude_vector")
-            rank = down.shape[0]
-            alpha = float(_pattern_value(conf.get("alpha_pattern"), module, conf.get("lora_alpha", rank)))
-            scale = alpha / (rank ** 0.5 if conf.get("use_rslora") else rank)
-            modules[target_name(module)] = ModuleWeights(
-                "lora", {"up": up, "down": down}, scale=scale, alpha=alpha,
-                dora=mag, dora_mode=None if mag is None else "row_merged")
+            mw = ModuleWeights("lora", {"up": up, "down": sd[key]}, dora=mag,
+                               dora_mode=None if mag is None else "row_merged")
+            mw.check_tensors(f"{path}: {module}")
+            rank = mw.rank()
+            try:
+                mw.alpha = float(_pattern_value(conf.get("alpha_pattern"), module, conf.get("lora_alpha", rank)))
+            except (TypeError, ValueError, AttributeError, re.error) as exc:
+                raise AdapterFormatError(f"{path}: unreadable lora_adapter_metadata ({exc})") from exc
+            if not math.isfinite(mw.alpha):
+                raise AdapterFormatError(f"{path}: {module}: alpha is {mw.alpha}")
+            mw.scale = mw.alpha / (rank ** 0.5 if conf.get("use_rslora") else rank)
+            modules[target_name(module)] = mw
     foreign = [n for n in modules if not is_target(f"decoder.{n}")]
     if foreign or not modules:
         raise AdapterShapeError(f"{path}: a diffusers LoRA for another model ({len(foreign)} of {len(modules)} modules "

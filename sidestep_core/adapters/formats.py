@@ -259,7 +259,11 @@ def _build_module(parts: dict[str, torch.Tensor], root: str, fmt: str, peft_conf
         raise AdapterFormatError(f"{here}: mixes adapter types ({', '.join(sorted(kinds))})")
     tensors = {c.split(":", 1)[1]: t for c, t in parts.items() if not c.startswith(("meta:", "bias:"))}
     alpha_t = parts.get("meta:alpha")
+    if alpha_t is not None and alpha_t.numel() != 1:
+        raise AdapterFormatError(f"{here}: alpha holds {alpha_t.numel()} values, not one")
     alpha = float(alpha_t.float().item()) if alpha_t is not None else None
+    if alpha is not None and not math.isfinite(alpha):
+        raise AdapterFormatError(f"{here}: alpha is {alpha}")
     dora = parts.get("meta:dora")
     bias = parts.get("bias:bias")
     kind = kinds.pop() if kinds else "bias"

@@ -125,6 +125,27 @@ class ModuleWeights:
             b = self.tensors["blocks"]
             if b.ndim != 3 or b.shape[1] != b.shape[2]:
                 raise AdapterFormatError(f"{where}: OFT blocks must be [n, b, b], got {tuple(b.shape)}")
+        self._check_values(where)
+
+    def _check_values(self, where: str) -> None:
+        """Refuse what would fail or poison the maths later (a hand-edited, truncated-and-padded or foreign file):
+        empty tensors, factors that do not multiply (the module's own maths run on shapes alone), NaN/Inf."""
+        from .delta import additive_delta
+
+        named = {**self.tensors, "dora": self.dora, "bias": self.bias_diff}
+        for name, t in named.items():
+            if t is None:
+                continue
+            if t.numel() == 0:
+                raise AdapterFormatError(f"{where}: {name} is empty (shape {tuple(t.shape)})")
+            if t.is_floating_point() and not bool(torch.isfinite(t.float()).all()):  # fp8 has no isfinite
+                raise AdapterFormatError(f"{where}: {name} holds NaN or infinite values")
+        if self.kind in ("lora", "lokr", "loha"):
+            shapes = {k: tuple(v.shape) for k, v in self.tensors.items()}
+            try:
+                additive_delta(self.to(device="meta"), (-1,), device="meta")
+            except (RuntimeError, IndexError, ValueError) as exc:
+                raise AdapterFormatError(f"{where}: the {self.kind} factors do not fit together ({shapes})") from exc
 
     def to(self, dtype: Optional[torch.dtype] = None, device=None) -> "ModuleWeights":
         def cv(x):

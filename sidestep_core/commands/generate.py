@@ -50,7 +50,8 @@ def register(subparsers, name: str = "generate") -> argparse.ArgumentParser:
     g = p.add_argument_group("prompt")
     g.add_argument("--caption", required=True, help="caption / tags describing the music")
     g.add_argument("--lyrics", default="", help="lyrics (empty: instrumental)")
-    g.add_argument("--lyrics-file", help="read the lyrics from this text file")
+    g.add_argument("--lyrics-file", help="read the lyrics from this text file (UTF-8; UTF-16 with a BOM and "
+                   "Windows-1252 / Latin-1 are read with a note, as sidecars are)")
     g.add_argument("--seconds", type=float, default=30.0, help="duration in seconds (default: 30)")
     g.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
     g.add_argument("--bpm", help="tempo, e.g. 120")
@@ -105,13 +106,14 @@ def register(subparsers, name: str = "generate") -> argparse.ArgumentParser:
 def _prompt(args):
     from ..inference.generate import Prompt
 
+    from ..data.metadata import read_text_file
+
     lyrics = args.lyrics
     if args.lyrics_file:
-        path = Path(args.lyrics_file).expanduser()
-        try:
-            lyrics = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ValueError(f"{path}: cannot read lyrics ({exc.strerror or exc})") from exc
+        notes: list[str] = []
+        lyrics = read_text_file(Path(args.lyrics_file).expanduser(), notes)  # a MetadataError names the file
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
     return Prompt(caption=args.caption, lyrics=lyrics, seconds=args.seconds, seed=args.seed, bpm=args.bpm,
                   keyscale=args.keyscale, timesignature=args.timesignature, language=args.language).validate()
 

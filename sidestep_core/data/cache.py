@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -60,13 +59,15 @@ class AudioHashIndex:
     """sha256 of audio files, reused while a file's size and mtime are unchanged (no re-reading on re-runs)."""
 
     def __init__(self, previous: Optional[dict] = None):
-        self._old = previous or {}
+        # an index of another shape (another version, an edit) is only a cache: unusable entries are re-hashed
+        self._old = {k: v for k, v in previous.items() if isinstance(v, dict)} if isinstance(previous, dict) else {}
         self.entries: dict[str, dict] = {}
 
     def sha256(self, path: Path, rel: str) -> str:
         st = path.stat()
         old = self._old.get(rel) or self.entries.get(rel)
-        if old and old.get("size") == st.st_size and old.get("mtime_ns") == st.st_mtime_ns and old.get("sha256"):
+        if (old and old.get("size") == st.st_size and old.get("mtime_ns") == st.st_mtime_ns
+                and isinstance(old.get("sha256"), str)):
             digest = old["sha256"]
         else:
             digest = file_sha256(path)
@@ -95,19 +96,7 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     from safetensors.torch import save
 
     data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
-    with _naming(path):
-        atomic_write_bytes(path, data)
-
-
-@contextmanager
-def _naming(path: Path):
-    """OS errors of a write name the file (a failed ``write()`` on an open file carries no name)."""
-    try:
-        yield
-    except OSError as exc:
-        if exc.filename or exc.errno is None:
-            raise
-        raise OSError(exc.errno, exc.strerror, str(path)) from exc
+    atomic_write_bytes(path, data)
 
 
 def read_record(path: Path) -> Optional[dict]:
@@ -150,8 +139,7 @@ def prompt_style(folder: Path) -> str:
 
 def write_manifest(folder: Path, manifest: dict) -> Path:
     path = folder / MANIFEST
-    with _naming(path):
-        atomic_write_json(path, manifest)
+    atomic_write_json(path, manifest)
     return path
 
 
@@ -216,7 +204,11 @@ def load_dataset(path: str | Path) -> list[Sample]:
         raise ValueError(f"{folder}: preprocessed tensor folder does not exist")
     manifest = read_manifest(folder)
     if manifest is not None and manifest.get("format") == FORMAT:
-        version = int(manifest.get("format_version", 0))
+        try:
+            version = int(manifest.get("format_version", 0))
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(f"{folder / MANIFEST}: format_version {str(manifest['format_version'])[:40]!r} is not "
+                             "a number; re-run preprocessing") from None
         if version > FORMAT_VERSION:
             raise ValueError(f"{folder / MANIFEST}: cache format {version} is newer than this version understands")
         samples = []

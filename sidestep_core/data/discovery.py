@@ -77,7 +77,7 @@ def _relative_message(exc: Exception, root: Path) -> str:
     text = str(exc)
     head, sep, rest = text.partition(": ")
     if sep and Path(head).is_absolute():
-        return f"{relpath(Path(head), root)}: {rest}"
+        return f"{_lexical(Path(head), root)}: {rest}"  # the name as written: a link's own, not its target's
     return text
 
 
@@ -190,7 +190,8 @@ def _from_folder(audio_dir: Path, exclude: Iterable[Path], allow_outside: bool) 
     for path in paths:
         rel = _lexical(path, audio_dir)
         try:
-            meta = fill_from_labels(read_sidecars(path) or SampleMeta(), path)
+            inside = None if allow_outside else audio_dir
+            meta = fill_from_labels(read_sidecars(path, inside) or SampleMeta(), path, inside)
         except MetadataError as exc:
             failures.append(Failure(rel, f"unreadable metadata: {_relative_message(exc, audio_dir)}"))
             continue
@@ -255,7 +256,7 @@ def _from_json(
         seen[rel] = count
         sample_id = rel if count == 1 else f"{rel}#{count}"
         try:
-            meta = fill_from_labels(json_entry_meta(entry), path)
+            meta = fill_from_labels(json_entry_meta(entry), path, None if allow_outside else audio_dir)
         except MetadataError as exc:
             failures.append(Failure(rel, f"unreadable metadata: {_relative_message(exc, audio_dir)}"))
             continue

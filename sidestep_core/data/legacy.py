@@ -8,6 +8,7 @@ do not.
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -23,8 +24,13 @@ def _load(path: Path) -> dict:
             if "mmap" not in str(exc):
                 raise
             data = torch.load(path, map_location="cpu", weights_only=True)  # pre-zip serialisation format
-    except Exception as exc:  # pickle errors, truncated zip, objects refused by weights_only
-        raise ValueError(f"{path}: cannot be read as a preprocessed tensor file ({exc})") from exc
+    except Exception as exc:  # truncated zip, not a torch file, objects refused by weights_only
+        if isinstance(exc, pickle.UnpicklingError) and "weights only" in str(exc).lower():
+            # torch's message goes on for lines, and suggests loading the file unsafely
+            raise ValueError(f"{path}: holds Python objects other than tensors (not loaded, for safety)") from exc
+        text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        reason = text if any(ch.isalpha() for ch in text) else f"{type(exc).__name__} {text}".strip()
+        raise ValueError(f"{path}: cannot be read as a preprocessed tensor file ({reason})") from exc
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a dict of tensors")
     return data

@@ -368,6 +368,14 @@ def _read_text(path: Path, warnings: list[str]) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
+def read_text_file(path: Path, warnings: list[str]) -> str:
+    """A user's text file other than a sidecar (``--lyrics-file``), read as sidecars are: only a regular file
+    (a FIFO would wait forever, ``/dev/zero`` never end), at most 1 MiB, UTF-8 or a legacy encoding with a note."""
+    if not _sidecar_exists(path):
+        raise MetadataError(f"{path}: no such file")
+    return _read_text(path, warnings)
+
+
 def _canonical(key: str) -> Optional[str]:
     return _ALIAS.get(re.sub(r"[\s-]+", "_", key.strip().lower()))
 
@@ -421,10 +429,10 @@ def missing_label_fields(meta: SampleMeta) -> list[str]:
     return [k for k in LABEL_FIELDS if (not meta.caption.strip() if k == "caption" else getattr(meta, k) is None)]
 
 
-def read_labels(audio: Path) -> Optional[dict[str, str]]:
-    """The fields of ``song.labels.txt``, or None when there is none."""
+def read_labels(audio: Path, inside: Optional[Path] = None) -> Optional[dict[str, str]]:
+    """The fields of ``song.labels.txt``, or None when there is none (``inside``: see :func:`read_sidecars`)."""
     path = sidecar_paths(audio)["labels"]
-    if not _sidecar_exists(path):
+    if not _sidecar_exists(path, inside):
         return None
     warnings: list[str] = []
     text = "\n".join(ln for ln in _read_text(path, warnings).split("\n") if not ln.lstrip().startswith("#"))
@@ -432,9 +440,9 @@ def read_labels(audio: Path) -> Optional[dict[str, str]]:
     return {k: v for k, v in fields.items() if k in LABEL_FIELDS and v.strip()}
 
 
-def fill_from_labels(meta: SampleMeta, audio: Path) -> SampleMeta:
+def fill_from_labels(meta: SampleMeta, audio: Path, inside: Optional[Path] = None) -> SampleMeta:
     """``meta`` with its missing fields taken from the song's generated labels (never replacing a given value)."""
-    labels = read_labels(audio)
+    labels = read_labels(audio, inside)
     if not labels:
         return meta
     filled = meta_from_fields(labels, "labels")
@@ -446,19 +454,20 @@ def fill_from_labels(meta: SampleMeta, audio: Path) -> SampleMeta:
     return meta
 
 
-def read_sidecars(audio: Path) -> Optional[SampleMeta]:
-    """Metadata from the sidecar files of ``audio``, or None when it has none."""
+def read_sidecars(audio: Path, inside: Optional[Path] = None) -> Optional[SampleMeta]:
+    """Metadata from the sidecar files of ``audio``, or None when it has none. With ``inside`` (the dataset
+    folder), a sidecar that is a symbolic link must point into it, as audio links must."""
     paths = sidecar_paths(audio)
     fields: dict[str, Any] = {}
     used: list[str] = []
     warnings: list[str] = []
-    if _sidecar_exists(paths["txt"]):
+    if _sidecar_exists(paths["txt"], inside):
         text = _read_text(paths["txt"], warnings)
         parsed = parse_sidecar_text(text)
         fields.update(parsed if parsed is not None else {"lyrics": text.strip()})
         used.append(paths["txt"].name)
     for key in ("caption", "lyrics"):  # the upstream pair overrides song.txt for its own field
-        if _sidecar_exists(paths[key]):
+        if _sidecar_exists(paths[key], inside):
             fields[key] = _read_text(paths[key], warnings).strip()
             used.append(paths[key].name)
     if not used:
@@ -466,9 +475,10 @@ def read_sidecars(audio: Path) -> Optional[SampleMeta]:
     return meta_from_fields(fields, "sidecar:" + "+".join(used), warnings)
 
 
-def _sidecar_exists(path: Path) -> bool:
+def _sidecar_exists(path: Path, inside: Optional[Path] = None) -> bool:
     """A sidecar is a regular file; anything else by that name (a FIFO, a device, a link loop) is an error
-    instead of a hang or a traceback."""
+    instead of a hang or a traceback, and so is a link out of ``inside`` (a downloaded dataset whose
+    ``song.lyrics.txt`` links to a private file would put that file into the prompts and the manifest)."""
     try:
         st = path.stat()
     except OSError as exc:
@@ -477,6 +487,11 @@ def _sidecar_exists(path: Path) -> bool:
         raise MetadataError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
     if not stat.S_ISREG(st.st_mode):
         raise MetadataError(f"{path}: not a regular file")
+    if inside is not None and path.is_symlink():
+        target = path.resolve()
+        if not target.is_relative_to(Path(inside).resolve()):
+            raise MetadataError(f"{path}: a symbolic link to {target}, outside the audio folder (allow outside "
+                                "paths to use it)")
     return True
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import os
+import re
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -154,11 +155,19 @@ class PreprocessResult:
     def warning_lines(self) -> list[str]:
         """Per-file warnings and the dataset report, as the CLI and the node show them."""
         lines = [f"warning {path}: {text}" for path, text in self.warnings]
-        return lines + (quality.report_lines(self.quality) if self.quality else [])
+        return [one_line(t) for t in lines + (quality.report_lines(self.quality) if self.quality else [])]
 
     def report_lines(self) -> list[str]:
         """Skipped files, then :meth:`warning_lines`."""
-        return [f"skipped {f.path}: {f.reason}" for f in self.failures] + self.warning_lines()
+        return [one_line(f"skipped {f.path}: {f.reason}") for f in self.failures] + self.warning_lines()
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def one_line(text: str) -> str:
+    """``text`` with control characters escaped (``\\n``): a file named with a line break stays one line."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -486,16 +495,22 @@ def preprocess(
         return out / sample_filename(key)
 
     done_records = {p.key: read_record(final_path(p.key)) for p in plans}
-    unique: dict[str, _Plan] = {}
+    same_key: dict[str, list[_Plan]] = {}  # files of identical audio and metadata are encoded once
     for p in plans:
-        unique.setdefault(p.key, p)
-    todo = [p for k, p in unique.items() if done_records.get(k) is None]
+        same_key.setdefault(p.key, []).append(p)
+    todo = [group[0] for k, group in same_key.items() if done_records.get(k) is None]
     passes: list[PassReport] = []
     failed_keys: set[str] = set()
+
+    def fail(key: str, reason: str) -> None:
+        """A sample that failed while encoding: every file holding it is listed (not only the one encoded)."""
+        failures.extend(Failure(p.item.rel, reason, key) for p in same_key[key])
+        failed_keys.add(key)
     # Files that failed while encoding fail the same way while nothing about them changed: report, don't retry.
     known_bad = {}
     if previous.get("format") == FORMAT:
-        known_bad = {f["key"]: f["reason"] for f in previous.get("failed", []) if isinstance(f, dict) and f.get("key")}
+        known_bad = {f["key"]: f["reason"] for f in _list(previous.get("failed"))
+                     if isinstance(f, dict) and isinstance(f.get("key"), str) and isinstance(f.get("reason"), str)}
     for p in plans:
         if p.key in known_bad:
             failures.append(Failure(p.item.rel, known_bad[p.key], p.key))
@@ -539,8 +554,7 @@ def preprocess(
                         reason = str(exc)
                         prefix = f"{plan.item.path}: "
                         reason = reason[len(prefix):] if reason.startswith(prefix) else reason
-                        failures.append(Failure(plan.item.rel, reason, plan.key))
-                        failed_keys.add(plan.key)
+                        fail(plan.key, reason)
                         continue
                     for note in record["notes"] + record["audio_warnings"]:
                         report.note("pass1", plan.item.rel, note)
@@ -572,8 +586,7 @@ def preprocess(
                     record.pop("_tensors", None)
                     tensors = _pass2_item(inter, record, model, sil, cfg.prompt_style)
                 except ValueError as exc:
-                    failures.append(Failure(plan.item.rel, str(exc), plan.key))
-                    failed_keys.add(plan.key)
+                    fail(plan.key, str(exc))
                     continue
                 record["dtype"] = str(dtype).removeprefix("torch.")
                 write_tensors(final_path(plan.key), tensors, record)
@@ -657,6 +670,11 @@ def preprocess(
     return PreprocessResult(out, path, len(samples), encoded, reused, failures, passes, warnings, dataset_report)
 
 
+def _list(value) -> list:
+    """A list from an earlier manifest, or none when it holds something else (another version, an edit)."""
+    return value if isinstance(value, list) else []
+
+
 def _inside_or_same(path: Path, folder: Path) -> bool:
     try:
         path.resolve().relative_to(folder.resolve())
@@ -669,6 +687,6 @@ def _nothing_usable(audio_dir: Path, failures: list[Failure]) -> str:
     if not failures:
         kinds = ", ".join(sorted(AUDIO_EXTENSIONS))
         return f"{audio_dir}: no audio files found (looked for {kinds}, in sub-folders too)"
-    lines = "\n".join(f"  {f.path}: {f.reason}" for f in failures[:50])
+    lines = "\n".join(one_line(f"  {f.path}: {f.reason}") for f in failures[:50])
     more = f"\n  … and {len(failures) - 50} more" if len(failures) > 50 else ""
     return f"{audio_dir}: no usable audio files; every one was skipped:\n{lines}{more}"

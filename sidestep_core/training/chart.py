@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import csv
 import io
 import math
 from pathlib import Path
 from typing import Optional, Sequence
 
 from ..fsutil import atomic_write_bytes
+from .logs import read_csv_rows
 
 BG = (24, 24, 28)
 GRID = (60, 60, 68)
@@ -22,38 +22,39 @@ MARK = (230, 90, 200)
 def read_loss_csv(path: Path) -> tuple[list[int], list[float], list[float]]:
     """(steps, loss, smoothed loss) from the trainer's ``loss.csv``; empty lists when it is missing."""
     steps, loss, smooth = [], [], []
-    if not Path(path).is_file():
-        return steps, loss, smooth
-    with open(path, newline="") as fh:
-        for row in csv.DictReader(fh):
-            try:
-                s, v = int(row["step"]), float(row["loss"])
-            except (KeyError, TypeError, ValueError):
-                continue
-            steps.append(s)
-            loss.append(v)
-            try:
-                smooth.append(float(row.get("smoothed_loss") or v))
-            except ValueError:
-                smooth.append(v)
+    for row in _dict_rows(path):
+        try:
+            s, v = int(row["step"]), float(row["loss"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        steps.append(s)
+        loss.append(v)
+        try:
+            smooth.append(float(row.get("smoothed_loss") or v))
+        except ValueError:
+            smooth.append(v)
     return steps, loss, smooth
 
 
 def read_val_loss(path: Path) -> tuple[list[int], list[float]]:
     """(steps, validation loss) of the rows of ``loss.csv`` that have one (runs with a validation split)."""
     steps, val = [], []
-    if not Path(path).is_file():
-        return steps, val
-    with open(path, newline="") as fh:
-        for row in csv.DictReader(fh):
-            try:
-                s, v = int(row["step"]), float(row.get("val_loss") or "nan")
-            except (KeyError, TypeError, ValueError):
-                continue
-            if math.isfinite(v):
-                steps.append(s)
-                val.append(v)
+    for row in _dict_rows(path):
+        try:
+            s, v = int(row["step"]), float(row.get("val_loss") or "nan")
+        except (KeyError, TypeError, ValueError):
+            continue
+        if math.isfinite(v):
+            steps.append(s)
+            val.append(v)
     return steps, val
+
+
+def _dict_rows(path: Path) -> list[dict[str, str]]:
+    if not Path(path).is_file():
+        return []
+    header, *rows = read_csv_rows(path) or [[]]
+    return [dict(zip(header, row)) for row in rows]
 
 
 def render_loss_image(steps: Sequence[int], loss: Sequence[float], smoothed: Optional[Sequence[float]] = None,

@@ -11,6 +11,8 @@ once every K epochs.
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -18,6 +20,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 from safetensors import safe_open
+
+from ..data.metadata import MAX_REPEAT
 
 FRAMES_PER_SECOND = 25  # 48 kHz / 1920
 REQUIRED = ("target_latents", "encoder_hidden_states", "context_latents")
@@ -31,6 +35,7 @@ class Clip:
     cond_len: int  # L of encoder_hidden_states
     repeat: int = 1  # visits per epoch (the dataset's per-sample "repeat")
     sample: Any = None  # the data.cache.Sample it came from (legacy .pt samples are read through it)
+    widths: tuple[int, ...] = ()  # of target_latents, context_latents, encoder_hidden_states
 
 
 @dataclass(frozen=True)
@@ -131,6 +136,12 @@ def open_dataset(path: str | Path) -> LatentDataset:
             skipped.append(str(exc))
     if not clips:
         raise ValueError(f"{root}: no readable preprocessed sample ({'; '.join(skipped)})")
+    # files of another model's cache mixed in (copied over, a manifest edited) would fail mid-run when drawn: the
+    # widths most clips share are the dataset's (the model is checked against them before training)
+    common = Counter(c.widths for c in clips).most_common(1)[0][0]
+    skipped += [f"{c.path}: widths {list(c.widths)} differ from the rest of the dataset's {list(common)}"
+                for c in clips if c.widths != common]
+    clips = [c for c in clips if c.widths == common]
     manifest = read_manifest(root) or {}
     trigger = str(manifest.get("trigger_tag") or "")
     if not trigger:  # the tag the samples share, if they all have one
@@ -142,7 +153,9 @@ def open_dataset(path: str | Path) -> LatentDataset:
 def _clip(sample: Any) -> Clip:
     path = Path(sample.path)
     repeat = sample.metadata.get("repeat") if sample.format == "sidestep" else None
-    repeat = int(repeat) if isinstance(repeat, (int, float)) and repeat >= 1 else 1
+    # preprocessing lowers repeat to MAX_REPEAT; a manifest edited or written elsewhere is held to it too (10**12
+    # visits per epoch would be a list that fills the memory; Infinity would not even convert)
+    repeat = min(int(repeat), MAX_REPEAT) if isinstance(repeat, (int, float)) and 1 <= repeat < math.inf else 1
     if not path.is_file():
         raise ValueError(f"{path}: listed in the dataset but missing")
     if path.suffix != ".safetensors":
@@ -150,8 +163,8 @@ def _clip(sample: Any) -> Clip:
             data = sample.load()
         except Exception as exc:
             raise ValueError(f"{path}: not a readable sample ({exc})") from exc
-        return Clip(str(sample.id), path, int(data["target_latents"].shape[0]),
-                    int(data["encoder_hidden_states"].shape[0]), repeat, sample)
+        t, c, e = (tuple(data[k].shape) for k in ("target_latents", "context_latents", "encoder_hidden_states"))
+        return _checked_clip(sample, path, t, c, e, repeat)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             keys = set(f.keys())
@@ -165,10 +178,14 @@ def _clip(sample: Any) -> Clip:
         raise
     except Exception as exc:
         raise ValueError(f"{path}: not a readable safetensors sample ({exc})") from exc
+    return _checked_clip(sample, path, t, c, e, repeat)
+
+
+def _checked_clip(sample: Any, path: Path, t, c, e, repeat: int) -> Clip:
     if len(t) != 2 or len(c) != 2 or c[0] != t[0] or len(e) != 2:
         raise ValueError(f"{path}: expected target_latents [T,64], context_latents [T,128], "
-                         f"encoder_hidden_states [L,H]; got {t}, {c}, {e}")
-    return Clip(str(sample.id), path, int(t[0]), int(e[0]), repeat, sample)
+                         f"encoder_hidden_states [L,H]; got {list(t)}, {list(c)}, {list(e)}")
+    return Clip(str(sample.id), path, int(t[0]), int(e[0]), repeat, sample, (int(t[1]), int(c[1]), int(e[1])))
 
 
 # ----------------------------------------------------------------------------------------------------------

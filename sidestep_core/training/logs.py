@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..fsutil import atomic_write_bytes
+from ..fsutil import atomic_write_bytes, naming
 
 log = logging.getLogger("sidestep.train")
 
@@ -48,27 +48,42 @@ class CsvLog:
         self._fh = open(self.path, "a", newline="", encoding="utf-8")
         self._w = csv.writer(self._fh)
         if new:
-            self._w.writerow(CSV_FIELDS)
-            self._fh.flush()
+            with naming(self.path):
+                self._w.writerow(CSV_FIELDS)
+                self._fh.flush()
 
     def _truncate_after(self, step: int) -> None:
         if not self.path.exists():
             return
-        with open(self.path, newline="", encoding="utf-8") as fh:
-            rows = list(csv.reader(fh))
-        if not rows:
-            return
-        keep = [rows[0]] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step]
+        rows = read_csv_rows(self.path)
+        ours = bool(rows) and rows[0][:1] == ["step"]  # a file saved over by a spreadsheet may have lost it
+        keep = [rows[0] if ours else list(CSV_FIELDS)]
+        keep += [r for r in rows[1 if ours else 0:] if r and r[0].isdigit() and int(r[0]) <= step]
         buf = io.StringIO()
         csv.writer(buf).writerows(keep)
         atomic_write_bytes(self.path, buf.getvalue().encode("utf-8"))
 
     def write(self, **row) -> None:
-        self._w.writerow([_fmt(row.get(k)) for k in CSV_FIELDS])
-        self._fh.flush()
+        with naming(self.path):
+            self._w.writerow([_fmt(row.get(k)) for k in CSV_FIELDS])
+            self._fh.flush()
 
     def close(self) -> None:
         self._fh.close()
+
+
+def read_csv_rows(path: Path) -> list[list[str]]:
+    """The rows of a ``loss.csv``. It is only a log: a file another program saved in another encoding or mangled
+    gives the rows that still parse (undecodable bytes replaced, reading stopped at a line the csv module refuses)
+    instead of ending the run that reads it."""
+    rows: list[list[str]] = []
+    with open(path, newline="", encoding="utf-8", errors="replace") as fh:
+        try:
+            for row in csv.reader(fh):
+                rows.append(row)
+        except csv.Error:
+            pass
+    return rows
 
 
 def _fmt(v) -> str:

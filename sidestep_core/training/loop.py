@@ -324,20 +324,15 @@ class _Trainer:
             )
 
     def _check_dataset_fits(self, decoder) -> None:
-        clip = self.dataset.clips[0]
-        from safetensors import safe_open
-
-        with safe_open(str(clip.path), framework="pt", device="cpu") as f:
-            lat = f.get_slice("target_latents").get_shape()
-            ctx = f.get_slice("context_latents").get_shape()
-            cond = f.get_slice("encoder_hidden_states").get_shape()
+        clip = self.dataset.clips[0]  # all clips share its widths (open_dataset leaves out those that differ)
+        lat, ctx, cond = clip.widths
         want_lat = self.model_config.audio_acoustic_hidden_dim
         want_ctx = self.model_config.in_channels - want_lat
         want_cond = decoder.condition_embedder.in_features
-        if lat[1] != want_lat or ctx[1] != want_ctx or cond[1] != want_cond:
+        if lat != want_lat or ctx != want_ctx or cond != want_cond:
             raise ValueError(
-                f"{clip.path}: preprocessed for a different model (latents {lat[1]}, context {ctx[1]}, condition "
-                f"width {cond[1]}; this model needs {want_lat}, {want_ctx}, {want_cond})"
+                f"{clip.path}: preprocessed for a different model (latents {lat}, context {ctx}, condition "
+                f"width {cond}; this model needs {want_lat}, {want_ctx}, {want_cond})"
             )
 
     # ----- resume -----

@@ -192,9 +192,31 @@ def read_checkpoint(folder: Path) -> dict[str, Any]:
     except Exception as exc:
         raise CheckpointStateError(f"{tpath}: unreadable training tensors ({exc})") from exc
     try:
-        return _decode(doc["state"], tensors)
+        state = _decode(doc["state"], tensors)
     except KeyError as exc:
         raise CheckpointStateError(f"{tpath}: tensor {exc} referenced by {jpath.name} is missing") from exc
+    if isinstance(state, dict):
+        _check_adapter_files(folder, state)
+    return state
+
+
+def _check_adapter_files(folder: Path, state: dict[str, Any]) -> None:
+    """The adapters a checkpoint's state says it holds must be there, readable and finite: resume loads them, so a
+    damaged one makes the whole checkpoint damaged (and ``--resume auto`` falls back past it)."""
+    from ..planner.lm_adapter import LM_FOLDER, read_lm_adapter
+    from .adapters import read_adapter
+
+    for present, where, read in ((state.get("adapter") is not None, folder, read_adapter),
+                                 (state.get("lm") is not None, folder / LM_FOLDER, read_lm_adapter)):
+        if not present:
+            continue
+        try:
+            tensors = read(where).tensors
+        except ValueError as exc:  # missing, truncated, not safetensors, an unreadable config
+            raise CheckpointStateError(str(exc)) from None
+        for key, t in tensors.items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise CheckpointStateError(f"{where}: adapter tensor {key} holds NaN or infinite values")
 
 
 # Optimizer state tensors shaped like their parameter (AdamW, Prodigy, momentum; Prodigy's p0 and s may be sliced).
