@@ -35,7 +35,8 @@ from .. import LOG_SHOWN, __version__
 from ..config import TrainConfig
 from ..fsutil import RunLock, atomic_write_json, clean_stale_temps
 from . import state as st
-from .adapters import Adapter, AdapterMismatchError, inject_adapter, load_adapter_weights, metadata_json
+from .adapters import Adapter, AdapterMismatchError, inject_adapter, load_adapter_weights, metadata_json, \
+    unapplied_dropout
 from .data import FRAMES_PER_SECOND, LatentDataset, load_batch, open_dataset, plan_epoch, split_validation, \
     validation_items
 from .ema import EMA
@@ -286,6 +287,8 @@ class _Trainer:
 
         _seed_everything(cfg.seed)  # adapter initialisation
         self.adapter = inject_adapter(decoder, cfg)
+        if unapplied_dropout(cfg):
+            self.say(unapplied_dropout(cfg), logging.WARNING)
         decoder.checkpoint_ratio = cfg.checkpointing_ratio if cfg.gradient_checkpointing else 0.0
         decoder.checkpoint_selective = cfg.selective_checkpointing
         if cfg.torch_compile:
