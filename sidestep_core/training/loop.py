@@ -472,7 +472,8 @@ class _Trainer:
             notes.append(f"warmup_steps {cfg.warmup_steps} is not applied: a started run keeps its warmup "
                          f"({self.schedule['warmup']} steps)")
         data = [k for k in ("seed", "batch_size", "gradient_accumulation", "crop_seconds", "timestep_mode",
-                            "cfg_ratio") if k in old and old[k] != getattr(cfg, k)]
+                            "timestep_mu", "timestep_sigma", "cfg_ratio", "val_split", "precision",
+                            "base_precision") if k in old and old[k] != getattr(cfg, k)]
         if data:
             notes.append(f"{', '.join(data)} changed: applied from step {self.step}, so the run will not repeat an "
                          "uninterrupted one")
