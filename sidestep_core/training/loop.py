@@ -294,6 +294,10 @@ class _Trainer:
         if cfg.torch_compile:
             decoder.compile_layers()
         self.holding.attach(self.adapter, self.device, self.say)  # trainable tensors to the device, start streaming
+        if cfg.selective_checkpointing and not round(decoder.checkpoint_ratio * len(decoder.layers)):
+            self.say("selective_checkpointing changes nothing: no decoder layer is checkpointed "
+                     f"(gradient_checkpointing {'on' if cfg.gradient_checkpointing else 'off'}, checkpointing_ratio "
+                     f"{cfg.checkpointing_ratio} of {len(decoder.layers)} layers, no offload)", logging.WARNING)
         self.adapter.module.train()
         self.model = self.dist.wrap(self.adapter.module)
         self.params = self.adapter.parameters()
@@ -309,6 +313,9 @@ class _Trainer:
         decoder.recompute_last = recompute_last_layer(cfg.fused_backward, self.holding.offload_layers,
                                                       len(decoder.layers))
         self.ema = EMA.for_config(self.adapter, cfg)
+        if cfg.ema_start_step and self.ema is None:
+            self.say(f"ema_start_step {cfg.ema_start_step} changes nothing: no average is kept (ema_decay 0)",
+                     logging.WARNING)
         mu = cfg.timestep_mu if cfg.timestep_mu is not None else self.info.timestep_mu
         sigma = cfg.timestep_sigma if cfg.timestep_sigma is not None else self.info.timestep_sigma
         self.objective = Objective(cfg.timestep_mode, mu, sigma, cfg.cfg_ratio, self.null,
