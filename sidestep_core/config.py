@@ -57,7 +57,8 @@ class TrainConfig:
     adapter: str = _f("lora", "adapter type", choices=ADAPTERS, group="adapter")
     rank: int = _f(64, "rank (LoRA/DoRA r, LoKR/LoHA linear dim)", group="adapter")
     alpha: float = _f(128.0, "alpha (scale = alpha / rank)", group="adapter")
-    dropout: float = _f(0.1, "adapter dropout", group="adapter")
+    dropout: float = _f(0.1, "adapter dropout (LoRA and DoRA; LoKR, LoHA and OFT train without it, with a warning)",
+                        group="adapter")
     attention: str = _f("both", "attention projections to adapt (q/k/v/o of self-, cross- or both attentions)",
                         choices=ATTENTION, group="adapter")
     target_mlp: bool = _f(False, "also adapt the MLP projections (gate/up/down)", group="adapter")

@@ -56,15 +56,18 @@ def test_layers_stream_in_and_out_around_their_forward(tiny):
     streamer.close()
 
 
+@pytest.mark.parametrize("selective", [False, True])
 @pytest.mark.parametrize("bp", ["bf16", "nf4"])
-def test_forward_backward_is_bit_exact_with_offload(tiny, bp):
+def test_forward_backward_is_bit_exact_with_offload(tiny, bp, selective):
+    """Selective checkpointing too: it replays a layer's ops by their count, and the streaming hooks inside the
+    layer copy other layers in its backward re-run than in its forward (that failed in backward)."""
     ck, _ = tiny
     outs = []
     for n in (0, 2, 4):
         decoder = load_base(ck, base_precision=bp, dtype=torch.bfloat16).model.decoder
         torch.manual_seed(0)
         adapter = inject_adapter(decoder, fast_config(adapter="lora", rank=4))
-        decoder.checkpoint_ratio = 1.0
+        decoder.checkpoint_ratio, decoder.checkpoint_selective = 1.0, selective
         decoder.recompute_last = n == len(decoder.layers)  # as Holding.attach sets it: streamed layers are re-run
         adapter.module.train()
         streamer = LayerStreamer(list(decoder.layers[:n]), torch.device("cpu")) if n else None

@@ -178,3 +178,25 @@ def test_short_run_loss_is_close_to_bf16(tiny, tmp_path, bp):
     rel = [abs(a - b) / b for a, b in zip(got.losses, ref.losses)]
     assert max(rel) <= LOSS_TOLERANCE[bp], rel
     assert got.losses != ref.losses  # the base really is quantized
+
+
+@pytest.mark.parametrize("kind", ("lokr", "loha", "oft"))
+def test_lycoris_adapters_train_without_dropout_on_every_base_and_say_so(tiny, tmp_path, kind):
+    """LyCORIS's LoKr and LoHa apply no dropout over a plain linear (their rebuild forward) but did over a quantized
+    one (their bypass forward), so the same settings trained differently per base precision while the metadata
+    claimed the dropout; OFT ignored it everywhere. Now none on every base, and the run says so."""
+    ck, ds = tiny
+    said = []
+
+    def run(dropout, bp):
+        cfg = fast_config(adapter=kind, base_precision=bp, precision="bf16", max_steps=2, dropout=dropout)
+        return train(cfg, ck, ds, tmp_path / f"{dropout}-{bp}",
+                     progress=lambda e: e["event"] == "log" and said.append(e["message"]))
+
+    for bp in ("bf16", "int8"):
+        asked, none = read_adapter(run(0.5, bp).final_dir), read_adapter(run(0.0, bp).final_dir)
+        assert asked.tensors.keys() == none.tensors.keys()
+        assert all(torch.equal(asked.tensors[k], none.tensors[k]) for k in none.tensors)
+        assert "dropout" not in json.loads(asked.metadata["sidestep_adapter_options"])
+    assert said.count(f"dropout 0.5 is not applied: LyCORIS's {kind} has no input dropout, so this adapter trains "
+                      "without it (dropout is for lora and dora)") == 2

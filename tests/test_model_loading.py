@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from sidestep_core.model import CheckpointError, load_acestep
+from sidestep_core.model.variants import detect_variant
 from sidestep_core.tiny import get_profile
 from sidestep_core.tiny.writer import dit_state
 
@@ -118,6 +119,12 @@ def test_variant_detection(tmp_path, state, folder_name, config_patch, stated, e
 def test_stated_variant_must_be_known(tmp_path, state):
     with pytest.raises(ValueError, match="unknown base variant"):
         load_acestep(write_folder(tmp_path / "m", state), variant="turbo-2")
+    # an XL variant for a 2B model (and the reverse) was taken as stated: XL in the adapters' metadata
+    with pytest.raises(ValueError, match="base variant xl-turbo: the checkpoint is a 2B model by its shape; state "
+                                         "turbo"):
+        load_acestep(write_folder(tmp_path / "m2", state), variant="xl-turbo")
+    with pytest.raises(ValueError, match="base variant sft: the checkpoint is an XL model by its shape; state xl-sft"):
+        detect_variant(get_profile("tiny-xl").dit, [], "sft")
 
 
 def test_identity_changes_with_the_weights(tmp_path, state):

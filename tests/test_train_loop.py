@@ -171,6 +171,21 @@ def test_gradient_checkpointing_changes_nothing_but_memory(tiny_original, two_cl
     assert on.losses == pytest.approx(off.losses, rel=1e-6)
 
 
+def test_settings_that_change_nothing_in_this_run_are_said(tiny_original, two_clips, tmp_path):
+    """Selective checkpointing with no layer checkpointed, an EMA start step with no EMA: said, not dropped silently;
+    with a checkpointed layer, or an EMA, nothing is said."""
+    said = []
+    progress = lambda e: e["event"] == "log" and said.append(e["message"])  # noqa: E731
+    cfg = fast_config(max_steps=1, selective_checkpointing=True, gradient_checkpointing=False, ema_start_step=3)
+    train(cfg, tiny_original, two_clips, tmp_path / "a", progress=progress)
+    assert ("selective_checkpointing changes nothing: no decoder layer is checkpointed (gradient_checkpointing off, "
+            "checkpointing_ratio 1.0 of 4 layers, no offload)") in said
+    assert "ema_start_step 3 changes nothing: no average is kept (ema_decay 0)" in said
+    said.clear()
+    train(cfg.replace(offload_layers="2", ema_decay=0.9), tiny_original, two_clips, tmp_path / "b", progress=progress)
+    assert not [m for m in said if "changes nothing" in m]
+
+
 @pytest.mark.parametrize("opt", ["adafactor", "prodigy", "adamw8bit"])
 def test_other_optimizers(tiny_original, two_clips, tmp_path, opt):
     cfg = fast_config(optimizer=opt, max_steps=2, learning_rate=1.0 if opt == "prodigy" else 1e-3)

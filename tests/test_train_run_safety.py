@@ -343,6 +343,19 @@ def test_resume_with_a_changed_learning_rate_uses_it(tiny_original, two_clips, t
     assert [float(r["lr"]) for r in _rows(out)] == [1e-2] * 3 + [5e-3] * 3
 
 
+def test_resume_names_a_changed_precision_base_precision_or_data_split(tiny_original, two_clips, tmp_path, capsys):
+    """They change the maths or the training set from the resume step: said, as the seed or batch size is."""
+    out = tmp_path / "o"
+    train(fast_config(max_steps=2, precision="bf16"), tiny_original, two_clips, out)
+    capsys.readouterr()
+    assert run_cli(*_args(tiny_original, two_clips, out, "--max-steps", "3", "--resume", "auto",
+                          "--base-precision", "int8", "--val-split", "0.5", "--timestep-mu", "0.2")) == 0
+    err = capsys.readouterr().err
+    assert ("resuming with changed settings: timestep_mu, val_split, precision, base_precision changed: applied "
+            "from step 2, so the run will not repeat an uninterrupted one") in err
+    assert json.loads((out / "training_config.json").read_text())["config"]["base_precision"] == "int8"
+
+
 def test_extending_a_run_continues_the_schedule_without_a_jump(tiny_original, two_clips, tmp_path, capsys):
     """Cosine over 6 steps, stopped at 3, resumed with --max-steps 12: the learning rate goes on from where it was
     and falls to its final value at step 12 (recomputing the curve for 12 steps would jump back up)."""

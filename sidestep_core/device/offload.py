@@ -13,11 +13,13 @@ On CPU the same code path runs with real copies between host tensors, so the tes
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import _disable_current_modes
 
 
 @dataclass
@@ -97,28 +99,36 @@ class LayerStreamer:
     # ----- hooks -----
     def _make_pre(self, i: int):
         def pre(module, args):
-            if i > self.last:
-                step = 1
-            elif i < self.last:
-                step = -1
-            else:  # the same layer again: backward's re-run of the last one, or a new forward from layer 0
-                step = 1 if i == 0 else -1
-            self.last = i
-            # Backward's re-run of a checkpointed layer may stop before the layer returns (no post-hook then).
-            for j in list(self.installed):
-                self._evict(j)
-            self._fetch(i)
-            transfer = self.pending.pop(i)
-            if self.cuda:
-                current = torch.cuda.current_stream(self.device)
-                current.wait_event(transfer.event)
-                for t in transfer.tensors:  # freed only after the compute stream is done with them
-                    t.record_stream(current)
-            self._install(i, transfer.tensors)
-            self.installed.add(i)
-            for k in range(1, self.ahead + 1):
-                self._fetch(i + step * k)
+            # Outside any dispatch mode around the layer: selective checkpointing replays a layer's ops by their
+            # count, and its re-run in backward copies other layers than its forward did (prefetch runs the other
+            # way), so it would refuse the re-run. The copies are no computation of the layer. (Compiled, the
+            # hooks are traced as they are.)
+            with contextlib.nullcontext() if torch.compiler.is_compiling() else _disable_current_modes():
+                self._stream_in(i)
         return pre
+
+    def _stream_in(self, i: int) -> None:
+        if i > self.last:
+            step = 1
+        elif i < self.last:
+            step = -1
+        else:  # the same layer again: backward's re-run of the last one, or a new forward from layer 0
+            step = 1 if i == 0 else -1
+        self.last = i
+        # Backward's re-run of a checkpointed layer may stop before the layer returns (no post-hook then).
+        for j in list(self.installed):
+            self._evict(j)
+        self._fetch(i)
+        transfer = self.pending.pop(i)
+        if self.cuda:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(transfer.event)
+            for t in transfer.tensors:  # freed only after the compute stream is done with them
+                t.record_stream(current)
+        self._install(i, transfer.tensors)
+        self.installed.add(i)
+        for k in range(1, self.ahead + 1):
+            self._fetch(i + step * k)
 
     def _make_post(self, i: int):
         def post(module, args, output):

@@ -52,6 +52,10 @@ def detect_variant(config: AceStepConfig, names: list[str], stated: Optional[str
         stated = stated.lower().replace("_", "-")
         if stated not in VARIANTS:
             raise ValueError(f"unknown base variant {stated!r}; choose one of {', '.join(VARIANTS)}")
+        if stated.startswith("xl-") != is_xl:  # the shape tells: the variant would give wrong metadata and advice
+            fam = stated.removeprefix("xl-")
+            raise ValueError(f"base variant {stated}: the checkpoint is {'an XL' if is_xl else 'a 2B'} model by its "
+                             f"shape; state {'xl-' + fam if is_xl else fam}")
         return stated
     fam = None
     version = str(config.model_version or config.extra.get("model_version") or "")

@@ -258,8 +258,11 @@ class Adapter:
 
 
 def adapter_options(cfg: TrainConfig) -> dict[str, Any]:
-    """The settings that define an adapter's shape and maths (stored in metadata and compared on resume)."""
-    opts: dict[str, Any] = {"rank": cfg.rank, "alpha": cfg.alpha, "dropout": cfg.dropout}
+    """The settings that define an adapter's shape and maths (stored in metadata and compared on resume). Dropout
+    only for LoRA / DoRA: LoKR, LoHA and OFT train without it (:func:`unapplied_dropout`)."""
+    opts: dict[str, Any] = {"rank": cfg.rank, "alpha": cfg.alpha}
+    if cfg.adapter in PEFT_KINDS:
+        opts["dropout"] = cfg.dropout
     if cfg.rank_pattern:
         opts["rank_pattern"] = dict(cfg.rank_pattern)
     if cfg.alpha_pattern:
@@ -270,9 +273,18 @@ def adapter_options(cfg: TrainConfig) -> dict[str, Any]:
     elif cfg.adapter == "loha":
         opts.update(use_tucker=cfg.loha_use_tucker, use_scalar=cfg.loha_use_scalar)
     elif cfg.adapter == "oft":
-        opts = {"block_size": cfg.oft_block_size, "constraint": cfg.oft_constraint, "rescaled": cfg.oft_rescaled,
-                "dropout": cfg.dropout}
+        opts = {"block_size": cfg.oft_block_size, "constraint": cfg.oft_constraint, "rescaled": cfg.oft_rescaled}
     return opts
+
+
+def unapplied_dropout(cfg: TrainConfig) -> Optional[str]:
+    """Why ``cfg.dropout`` is not applied (None: it is). LyCORIS's LoKr and LoHa apply no dropout in their rebuild
+    forward (used over plain linears) but do in their bypass forward (over quantized ones), and OFT's dropout is
+    ignored by its rebuild forward (kept over every base, ``keep_oft_rebuild``): so they get none, on every base."""
+    if cfg.dropout and cfg.adapter in LYCORIS_KINDS:
+        return (f"dropout {cfg.dropout} is not applied: LyCORIS's {cfg.adapter} has no input dropout, so this "
+                "adapter trains without it (dropout is for lora and dora)")
+    return None
 
 
 def inject_adapter(decoder: nn.Module, cfg: TrainConfig, targets: Optional[list[str]] = None) -> Adapter:
@@ -346,7 +358,7 @@ def _inject_lycoris(decoder: nn.Module, cfg: TrainConfig, targets: list[str]) ->
         kw.update(constraint=cfg.oft_constraint, rescaled=cfg.oft_rescaled)
     network = LycorisNetwork(
         decoder, multiplier=1.0, lora_dim=dim, conv_lora_dim=0, alpha=alpha, conv_alpha=alpha,
-        dropout=cfg.dropout, rank_dropout=0.0, module_dropout=0.0, network_module=algo, **kw,
+        dropout=0.0, rank_dropout=0.0, module_dropout=0.0, network_module=algo, **kw,
     )
     network.apply_to()
     made = sorted(m.lora_name for m in network.loras)

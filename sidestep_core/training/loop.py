@@ -35,7 +35,8 @@ from .. import LOG_SHOWN, __version__
 from ..config import TrainConfig
 from ..fsutil import RunLock, atomic_write_json, clean_stale_temps
 from . import state as st
-from .adapters import Adapter, AdapterMismatchError, inject_adapter, load_adapter_weights, metadata_json
+from .adapters import Adapter, AdapterMismatchError, inject_adapter, load_adapter_weights, metadata_json, \
+    unapplied_dropout
 from .data import FRAMES_PER_SECOND, LatentDataset, load_batch, open_dataset, plan_epoch, split_validation, \
     validation_items
 from .ema import EMA
@@ -286,11 +287,17 @@ class _Trainer:
 
         _seed_everything(cfg.seed)  # adapter initialisation
         self.adapter = inject_adapter(decoder, cfg)
+        if unapplied_dropout(cfg):
+            self.say(unapplied_dropout(cfg), logging.WARNING)
         decoder.checkpoint_ratio = cfg.checkpointing_ratio if cfg.gradient_checkpointing else 0.0
         decoder.checkpoint_selective = cfg.selective_checkpointing
         if cfg.torch_compile:
             decoder.compile_layers()
         self.holding.attach(self.adapter, self.device, self.say)  # trainable tensors to the device, start streaming
+        if cfg.selective_checkpointing and not round(decoder.checkpoint_ratio * len(decoder.layers)):
+            self.say("selective_checkpointing changes nothing: no decoder layer is checkpointed "
+                     f"(gradient_checkpointing {'on' if cfg.gradient_checkpointing else 'off'}, checkpointing_ratio "
+                     f"{cfg.checkpointing_ratio} of {len(decoder.layers)} layers, no offload)", logging.WARNING)
         self.adapter.module.train()
         self.model = self.dist.wrap(self.adapter.module)
         self.params = self.adapter.parameters()
@@ -306,6 +313,9 @@ class _Trainer:
         decoder.recompute_last = recompute_last_layer(cfg.fused_backward, self.holding.offload_layers,
                                                       len(decoder.layers))
         self.ema = EMA.for_config(self.adapter, cfg)
+        if cfg.ema_start_step and self.ema is None:
+            self.say(f"ema_start_step {cfg.ema_start_step} changes nothing: no average is kept (ema_decay 0)",
+                     logging.WARNING)
         mu = cfg.timestep_mu if cfg.timestep_mu is not None else self.info.timestep_mu
         sigma = cfg.timestep_sigma if cfg.timestep_sigma is not None else self.info.timestep_sigma
         self.objective = Objective(cfg.timestep_mode, mu, sigma, cfg.cfg_ratio, self.null,
@@ -464,7 +474,8 @@ class _Trainer:
             notes.append(f"warmup_steps {cfg.warmup_steps} is not applied: a started run keeps its warmup "
                          f"({self.schedule['warmup']} steps)")
         data = [k for k in ("seed", "batch_size", "gradient_accumulation", "crop_seconds", "timestep_mode",
-                            "cfg_ratio") if k in old and old[k] != getattr(cfg, k)]
+                            "timestep_mu", "timestep_sigma", "cfg_ratio", "val_split", "precision",
+                            "base_precision") if k in old and old[k] != getattr(cfg, k)]
         if data:
             notes.append(f"{', '.join(data)} changed: applied from step {self.step}, so the run will not repeat an "
                          "uninterrupted one")
