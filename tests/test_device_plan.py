@@ -117,6 +117,15 @@ def test_plan_command_prints_the_real_shape_table(capsys):
     assert "fused backward on" in out.splitlines()[0] and "nf4 base + fused backward " in out
 
 
+def test_plan_refuses_fp16_on_the_cpu_as_training_does(capsys):
+    from sidestep_core.cli import main
+
+    args = ["plan", "--shape", "2b", "--crop-seconds", "10", "--precision", "fp16"]
+    assert main([*args, "--device", "cpu"]) == 2
+    assert "fp16 needs a CUDA device" in capsys.readouterr().err
+    assert main([*args, "--device", "cuda", "--free", "64"]) == 0
+
+
 def test_plan_refuses_and_names_the_smallest_change_that_fits(capsys):
     from sidestep_core.cli import main
 

@@ -45,6 +45,7 @@ def register(subparsers, name: str = "plan") -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from ..device import check_compute_precision
     from ..device import plan as P
     from ..device.shapes import real_shape
     from .train import build_config
@@ -66,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
         P.free_memory(torch.device(cfg.device if cfg.device != "auto" else "cuda"))
         if torch.cuda.is_available() else None)
     target = "cpu" if device == "cpu" else "cuda"
+    check_compute_precision(cfg.precision, target)
     what = args.shape or cfg.checkpoint
     frames, cond_tokens = P.dataset_shape(cfg)
     cond_tokens = args.cond_tokens or cond_tokens

@@ -23,9 +23,16 @@ from .load import load_base
 from .offload import LayerStreamer
 from .quant import QuantLinear, keep_oft_rebuild
 
-__all__ = ["Holding", "LayerStreamer", "QuantLinear", "load_base", "load_frozen_base", "recompute_last_layer"]
+__all__ = ["Holding", "LayerStreamer", "QuantLinear", "check_compute_precision", "load_base", "load_frozen_base",
+           "recompute_last_layer"]
 
 Say = Callable[..., None]
+
+
+def check_compute_precision(precision: str, device_type: str) -> None:
+    """Refuse a compute precision the device cannot train in (training and ``sidestep plan`` say the same)."""
+    if precision == "fp16" and device_type != "cuda":
+        raise ValueError("precision: fp16 needs a CUDA device; use bf16 or fp32")
 
 
 def recompute_last_layer(fused_backward: bool, offload_layers: int, n_layers: int) -> bool:

@@ -215,10 +215,11 @@ class _Trainer:
 
     # ----- setup -----
     def setup(self) -> None:
+        from ..device import check_compute_precision
+
         cfg = self.cfg
         self.dtype = DTYPES[cfg.precision]
-        if cfg.precision == "fp16" and self.device.type != "cuda":
-            raise ValueError("precision: fp16 needs a CUDA device; use bf16 or fp32")
+        check_compute_precision(cfg.precision, self.device.type)
         if cfg.trains_lm and cfg.precision == "fp16":
             raise ValueError("precision: training the planner LM needs bf16 or fp32 (fp16 would need loss scaling)")
         if cfg.trains_lm and self.dist.world > 1:
