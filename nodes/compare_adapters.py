@@ -82,14 +82,6 @@ def _patches(row: C.Row, model, adapter: Optional[AdapterRef]) -> Optional[dict]
             release_memory()
 
 
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
 class CompareAdapters(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -103,11 +95,8 @@ class CompareAdapters(io.ComfyNode):
             return True
         try:
             C.parse_strengths(strengths)
-        except ValueError:
-            # no quotes: the front end's error panel shows an apostrophe as "&amp;amp;apos;"
-            bad = [s for s in strengths.replace(",", " ").split() if not _is_number(s)]
-            return (f"{', '.join(bad)} is not a number" if bad else "give at least one") + \
-                " (strengths are numbers separated by commas, e.g. 0.5, 0.8, 1.0)"
+        except ValueError as exc:
+            return str(exc)
         return True
 
     @classmethod

@@ -139,15 +139,21 @@ def parse_strengths(value: Union[str, Iterable[float]]) -> list[float]:
     """``"0.5, 0.8, 1"`` (or numbers) → ``[0.5, 0.8, 1.0]``, each once, in the order given."""
     items = re.split(r"[,\s]+", value.strip()) if isinstance(value, str) else list(value)
     out: list[float] = []
+    bad: list[str] = []
     for item in items:
         if item == "":
             continue
         try:
             s = float(item)
         except (TypeError, ValueError):
-            raise ValueError(f"strengths: {item!r} is not a number") from None
+            bad.append(str(item))
+            continue
         if s not in out:
             out.append(s)
+    # every value named, without quotes: ComfyUI's front end shows an apostrophe in a node error as "&amp;apos;"
+    if bad:
+        raise ValueError(f"strengths: {', '.join(bad)} is not a number (numbers separated by commas, e.g. 0.5, 0.8, "
+                         "1.0)")
     if not out:
         raise ValueError("strengths: give at least one, e.g. 0.5, 0.8, 1.0")
     return out

@@ -288,8 +288,8 @@ class _Trainer:
 
         _seed_everything(cfg.seed)  # adapter initialisation
         self.adapter = inject_adapter(decoder, cfg)
-        if unapplied_dropout(cfg):
-            self.say(unapplied_dropout(cfg), logging.WARNING)
+        if note := unapplied_dropout(cfg):
+            self.say(note, logging.WARNING)
         decoder.checkpoint_ratio = cfg.checkpointing_ratio if cfg.gradient_checkpointing else 0.0
         decoder.checkpoint_selective = cfg.selective_checkpointing
         if cfg.torch_compile:
