@@ -104,9 +104,8 @@ def register(subparsers, name: str = "generate") -> argparse.ArgumentParser:
 
 
 def _prompt(args):
-    from ..inference.generate import Prompt
-
     from ..data.metadata import read_text_file
+    from ..inference.generate import Prompt
 
     lyrics = args.lyrics
     if args.lyrics_file:

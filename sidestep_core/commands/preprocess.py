@@ -39,11 +39,11 @@ metadata per song (next to song.wav; without any, the song gets --default-captio
 
 what is skipped, what is kept with a warning:
   Files that cannot be used (unreadable, silent, corrupt, NaN samples, not a regular file, a link out of the
-  folder without --allow-outside-paths, its sidecar's too) are listed as "skipped" with the reason; the rest go on. Files kept
-  with something to know (truncated, clipped float samples, a metadata value of the wrong type ignored, text
-  cut, a legacy encoding, a followed link) are listed as "warning" and recorded in manifest.json. The run ends
-  with a dataset report (clipping, lossy files under 192 kbit/s, loudness spread, mixed sample rates,
-  duplicates, clip lengths, songs without caption or lyrics, too few songs): advice, never a refusal.
+  folder without --allow-outside-paths, its sidecar's too) are listed as "skipped" with the reason; the rest go
+  on. Files kept with something to know (truncated, clipped float samples, a metadata value of the wrong type
+  ignored, text cut, a legacy encoding, a followed link) are listed as "warning" and recorded in manifest.json.
+  The run ends with a dataset report (clipping, lossy files under 192 kbit/s, loudness spread, mixed sample
+  rates, duplicates, clip lengths, songs without caption or lyrics, too few songs): advice, never a refusal.
 
 exit codes: 0 done, 2 bad options, an unusable model, no usable audio, or an operating-system error on an
 input or output (the message names the path), 130 interrupted.
